@@ -1,0 +1,370 @@
+"""Encoders that A²MIM pre-trains: ResNet, ViT and ConvNeXt (PAPER.md §4).
+
+Every encoder here speaks the same small interface, so that `a2mim.py` never asks
+"which architecture is this?":
+
+    feat_bchw = encoder(x_bchw, token_fn=None, token_at=None)
+
+* `x_bchw`     the (already masked and filled) image, [B, 3, H, W].
+* `token_fn`   a callable `f(feat_bchw) -> feat_bchw` that the encoder applies exactly
+               once, to the feature map at the *token site* `token_at` (§3: this is where
+               the mask token is written). `None` = plain forward.
+* `feat_bchw`  the last feature map, [B, out_channels, H / out_stride, W / out_stride].
+
+and exposes these attributes:
+
+* `family`             "cnn" or "vit" — only used to pick the paper's per-family loss defaults.
+* `out_channels`, `out_stride` — what the decoder needs (§4: 1×1 conv + PixelShuffle(stride)).
+* `token_sites`        {name: (channels, stride)}, in network order — where a mask token may go.
+                       "stem" is accepted as an alias of the first site (SimMIM's choice);
+                       `default_token_site` is A²MIM's choice (§3).
+
+Build everything through `build_encoder(arch, img_size=224, **kw)`.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# Inputs this small (Fashion-MNIST, CIFAR) get a CIFAR-style stem: a 3×3 stride-1 conv and no
+# max-pool for ResNets, 4-px patches for ViTs. Otherwise a 32-px image would leave a 1×1 map.
+SMALL_INPUT = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet (§4): torchvision's ResNet, so that the weights load straight back into torchvision.
+# ---------------------------------------------------------------------------------------------
+
+RESNET_LAYERS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+    "resnet200": (Bottleneck, [3, 24, 36, 3]),  # not in torchvision; same blocks, deeper stage 2-3
+}
+
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet without `avgpool`/`fc`, plus a token hook before any stage.
+
+    Keys of `state_dict()` are exactly torchvision's (minus `fc.*`), see `torchvision_state_dict`.
+    Token sites: "layerK" = the input of stage K ("stem" = layer1's input). A²MIM uses
+    "layer4" (stride 16 at standard width, 14×14 at 224 px; §3).
+    """
+
+    family = "cnn"
+
+    def __init__(self, arch, *, width=64, small_stem=False):
+        block, layers = RESNET_LAYERS[arch]
+        super().__init__(block, layers)
+        if width != 64 or small_stem:
+            self._rebuild(block, layers, width, small_stem)
+        del self.avgpool, self.fc  # MIM never classifies; keeps the param count honest
+
+        # The released code zero-inits the last BN of every residual branch (§4), so each
+        # block starts as identity. torchvision's init already did kaiming/ones/zeros above.
+        for m in self.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+        stem_stride = 1 if small_stem else 4
+        chans = [width * block.expansion * 2**k for k in range(4)]
+        self.token_sites = {"layer1": (width, stem_stride)}
+        for k in range(1, 4):  # the input of layer{k+1} is the output of layer{k}
+            self.token_sites[f"layer{k + 1}"] = (chans[k - 1], stem_stride * 2 ** (k - 1))
+        self.default_token_site = "layer4"
+        self.out_channels, self.out_stride = chans[3], stem_stride * 8
+
+    def _rebuild(self, block, layers, width, small_stem):
+        """Re-make stem and stages at another width (for CPU-sized models) or a 32-px stem."""
+        self.inplanes = width
+        if small_stem:  # CIFAR-style: 3×3 stride-1 conv, no max-pool
+            self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        for k, n in enumerate(layers):
+            stage = self._make_layer(block, width * 2**k, n, stride=1 if k == 0 else 2)
+            setattr(self, f"layer{k + 1}", stage)
+        for m in self.modules():  # torchvision's own init, applied to the new modules
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x_bchw, token_fn=None, token_at=None):
+        token_at = _resolve_site(self, token_at)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x_bchw))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):
+            if token_fn is not None and name == token_at:
+                x = token_fn(x)
+            x = getattr(self, name)(x)
+        return x
+
+
+def torchvision_state_dict(encoder, num_classes=1000):
+    """Encoder weights as a state dict that `torchvision.models.<arch>()` loads with strict=True.
+
+    The encoder holds no classifier, so a freshly initialised one (torchvision's own init) is
+    added: fine-tuning recipes replace or re-train it anyway. ResNet and ConvNeXt only (a ViT has
+    no torchvision twin with relative position bias).
+    """
+    if isinstance(encoder, ResNet):
+        head = nn.Linear(encoder.out_channels, num_classes)
+        extra = {f"fc.{k}": v for k, v in head.state_dict().items()}
+    elif isinstance(encoder, ConvNeXt):
+        c = encoder.out_channels
+        head = nn.Sequential(LayerNorm2d(c, eps=1e-6), nn.Flatten(1), nn.Linear(c, num_classes))
+        nn.init.trunc_normal_(head[2].weight, std=0.02)  # torchvision's ConvNeXt head init
+        nn.init.zeros_(head[2].bias)
+        extra = {f"classifier.{k}": v for k, v in head.state_dict().items()}
+    else:
+        raise ValueError(f"only ResNet and ConvNeXt encoders export to torchvision, got {type(encoder).__name__}")
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    return {**state, **extra}
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling.
+# ---------------------------------------------------------------------------------------------
+
+CONVNEXT_DEPTHS = {
+    "convnext_tiny": ((3, 3, 9, 3), 96),
+    "convnext_small": ((3, 3, 27, 3), 96),
+    "convnext_base": ((3, 3, 27, 3), 128),
+}
+
+
+class ConvNeXt(torchvision.models.ConvNeXt):
+    """torchvision's ConvNeXt `features` (keys unchanged) without the classifier.
+
+    `features` = [stem, stage1, down, stage2, down, stage3, down, stage4]. Token sites:
+    "stageK" = the input of stage K (after its downsampling layer); A²MIM uses "stage4"
+    (stride 32, 7×7 at 224 px; §3). "stem" = the input of stage 1.
+    """
+
+    family = "cnn"
+
+    def __init__(self, arch, *, width=None, small_stem=False, drop_path=0.0):
+        depths, base = CONVNEXT_DEPTHS[arch]
+        dims = [(width or base) * 2**k for k in range(4)]
+        setting = [CNBlockConfig(dims[k], dims[k + 1] if k < 3 else None, depths[k]) for k in range(4)]
+        super().__init__(setting, stochastic_depth_prob=drop_path)
+        if small_stem:  # 32-px inputs: a stride-1 3×3 stem instead of the 4×4 patchify stem
+            self.features[0] = nn.Sequential(nn.Conv2d(3, dims[0], 3, padding=1), LayerNorm2d(dims[0], eps=1e-6))
+        del self.avgpool, self.classifier
+
+        s = 1 if small_stem else 4
+        self.token_sites = {f"stage{k + 1}": (dims[k], s * 2**k) for k in range(4)}
+        self.default_token_site = "stage4"
+        self.out_channels, self.out_stride = dims[3], s * 8
+
+    def forward(self, x_bchw, token_fn=None, token_at=None):
+        token_at = _resolve_site(self, token_at)
+        x = self.features[0](x_bchw)
+        for k in range(4):
+            if k > 0:
+                x = self.features[2 * k](x)  # downsampling before stage k+1
+            if token_fn is not None and token_at == f"stage{k + 1}":
+                x = token_fn(x)
+            x = self.features[2 * k + 1](x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# ViT (§4, "as in SimMIM's ViT"): patch 16, absolute position embedding + relative position bias,
+# LayerScale 0.1, drop path, qkv bias, final LayerNorm; cls token dropped at the output.
+# ---------------------------------------------------------------------------------------------
+
+VIT_CONFIGS = {  # depth, dim, heads, mlp hidden
+    "vit_tiny": (6, 192, 3, 768),     # ours, for 32-px CPU runs (not in the paper)
+    "vit_small": (8, 768, 8, 2304),   # the paper's "ViT-S": 8 layers, 768 wide (48.8 M), not DeiT-S
+    "vit_base": (12, 768, 12, 3072),
+    "vit_large": (24, 1024, 16, 4096),
+}
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT-style learned bias per head for every (query, key) offset, plus 3 cls entries.
+
+    Returns [heads, 1+N, 1+N], added to the attention logits (passed to SDPA as `attn_mask`).
+    """
+
+    def __init__(self, grid, heads):
+        super().__init__()
+        n_rel = (2 * grid - 1) ** 2
+        self.table = nn.Parameter(torch.zeros(n_rel + 3, heads))  # +3: cls→tok, tok→cls, cls→cls
+        nn.init.trunc_normal_(self.table, std=0.02)
+
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        coords = torch.stack([ys.flatten(), xs.flatten()])              # [2, N]
+        rel = (coords[:, :, None] - coords[:, None, :]) + (grid - 1)    # [2, N, N], in [0, 2g-2]
+        idx_nn = rel[0] * (2 * grid - 1) + rel[1]
+        n = grid * grid
+        idx = torch.empty(n + 1, n + 1, dtype=torch.long)
+        idx[1:, 1:] = idx_nn
+        idx[0, 1:], idx[1:, 0], idx[0, 0] = n_rel, n_rel + 1, n_rel + 2
+        self.register_buffer("index", idx, persistent=False)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1)  # [heads, 1+N, 1+N]
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path."""
+
+    def __init__(self, dim, heads, mlp, grid, *, drop_path=0.0, init_values=0.1):
+        super().__init__()
+        self.heads, self.drop_path = heads, drop_path
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=True), nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(grid, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+        self.gamma_1 = nn.Parameter(torch.full((dim,), init_values))  # LayerScale
+        self.gamma_2 = nn.Parameter(torch.full((dim,), init_values))
+
+    def attention(self, x_bnd):
+        B, N, D = x_bnd.shape
+        q, k, v = self.qkv(x_bnd).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.rel_pos_bias().to(q.dtype)  # [heads, N, N] broadcasts over the batch
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, N, D/heads]
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+    def forward(self, x_bnd):
+        x_bnd = x_bnd + drop_path(self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, self.training)
+        return x_bnd + drop_path(self.gamma_2 * self.mlp(self.norm2(x_bnd)), self.drop_path, self.training)
+
+
+class ViT(nn.Module):
+    """Vision Transformer returning its patch tokens as a map [B, D, H/p, W/p].
+
+    Token sites: "blockK" = the patch tokens entering block K; "block0" (= "stem") is the patch
+    embedding before cls token and position embedding are added — A²MIM's default (§3).
+    Deviations from the paper's ViT: none in structure; position embeddings are trunc-normal
+    initialised (SimMIM's choice), not sin-cos; relative position bias is per block (BEiT).
+    """
+
+    family = "vit"
+
+    def __init__(self, arch, *, img_size=224, patch_size=16, drop_path=0.1, init_values=0.1):
+        super().__init__()
+        depth, dim, heads, mlp = VIT_CONFIGS[arch]
+        self.grid = img_size // patch_size
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # linearly increasing stochastic depth
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, mlp, self.grid, drop_path=r, init_values=init_values) for r in rates
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self._init_weights()
+
+        self.token_sites = {f"block{k}": (dim, patch_size) for k in range(depth)}
+        self.default_token_site = "block0"
+        self.out_channels, self.out_stride = dim, patch_size
+
+    def _init_weights(self):
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight  # like a Linear on flattened patches (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    def forward(self, x_bchw, token_fn=None, token_at=None):
+        token_at = _resolve_site(self, token_at)
+        feat_bdhw = self.patch_embed(x_bchw)
+        B, D, h, w = feat_bdhw.shape
+        if (h, w) != (self.grid, self.grid):
+            raise ValueError(f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}")
+        if token_fn is not None and token_at == "block0":
+            feat_bdhw = token_fn(feat_bdhw)
+        x_bnd = torch.cat([self.cls_token.expand(B, -1, -1), feat_bdhw.flatten(2).transpose(1, 2)], dim=1)
+        x_bnd = x_bnd + self.pos_embed
+
+        for k, block in enumerate(self.blocks):
+            if token_fn is not None and k > 0 and token_at == f"block{k}":
+                patches = token_fn(_tokens_to_map(x_bnd[:, 1:], h, w))
+                x_bnd = torch.cat([x_bnd[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+            x_bnd = block(x_bnd)
+        return _tokens_to_map(self.norm(x_bnd)[:, 1:], h, w)  # cls token dropped (§4)
+
+
+def _tokens_to_map(x_bnd, h, w):
+    """[B, h·w, D] → [B, D, h, w]."""
+    return x_bnd.transpose(1, 2).reshape(x_bnd.shape[0], -1, h, w)
+
+
+def _resolve_site(encoder, token_at):
+    """`None` → the encoder's A²MIM default; "stem" → the first site (SimMIM's); else must exist."""
+    token_at = token_at or encoder.default_token_site
+    if token_at == "stem":
+        return next(iter(encoder.token_sites))
+    if token_at not in encoder.token_sites:
+        raise ValueError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(encoder.token_sites)}")
+    return token_at
+
+
+def token_site(encoder, token_at=None):
+    """(name, channels, stride) of the site where the mask token goes."""
+    name = _resolve_site(encoder, token_at)
+    return (name, *encoder.token_sites[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# The one entry point.
+# ---------------------------------------------------------------------------------------------
+
+ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
+
+
+def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
+    """Build an encoder by name (see `ARCHS`).
+
+    * `width`       ResNet base width (64 = standard; e.g. 16 for CPU runs) or ConvNeXt first-stage
+                    width (96/128 standard).
+    * `small_stem`  CIFAR-style stem; default: on when `img_size <= 64`.
+    * `patch_size`  ViT patch; default 16, or 4 when `img_size <= 64`.
+    * `drop_path`   ViT default 0.1 (§4), ConvNeXt default 0.
+    Raises ValueError naming the choices for an unknown arch, and for an image size the encoder
+    cannot tile exactly (the decoder must give back the input size).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    small = img_size <= SMALL_INPUT
+    small_stem = small if small_stem is None else small_stem
+    if arch in RESNET_LAYERS:
+        encoder = ResNet(arch, width=width or 64, small_stem=small_stem)
+    elif arch in CONVNEXT_DEPTHS:
+        encoder = ConvNeXt(arch, width=width, small_stem=small_stem, drop_path=drop_path or 0.0)
+    else:
+        patch_size = patch_size or (4 if small else 16)
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the ViT patch size {patch_size}")
+        dp = 0.1 if drop_path is None else drop_path
+        encoder = ViT(arch, img_size=img_size, patch_size=patch_size, drop_path=dp)
+    if img_size % encoder.out_stride:
+        raise ValueError(f"image size {img_size} must be divisible by the {arch} output stride {encoder.out_stride}")
+    encoder.arch, encoder.img_size = arch, img_size
+    return encoder
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
