@@ -36,7 +36,7 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     if not 0 < mask_ratio < 1:
         raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
     g = input_size // mask_patch_size
-    k = math.ceil(mask_ratio * g * g)
+    k = math.ceil(round(mask_ratio * g * g, 6))  # round first: 0.56·100 is 56.000000000000007 in floats
     noise_bl = torch.rand(batch_size, g * g, device=device, generator=generator)
     rank_bl = noise_bl.argsort(dim=1).argsort(dim=1)  # rank of each block's noise in its row
     return (rank_bl < k).float().view(batch_size, g, g)
@@ -240,6 +240,8 @@ class A2MIM(nn.Module):
             raise ValueError(f"unknown A2MIM option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['a2mim', 'cnn'])}")
         if cfg["fill"] not in ("mean", "zero"):
             raise ValueError(f"fill must be 'mean' or 'zero', got {cfg['fill']!r}")
+        if cfg["spatial"] not in ("focal_l1", "l1"):
+            raise ValueError(f"spatial loss must be 'focal_l1' or 'l1', got {cfg['spatial']!r}")
         self.method, self.cfg = method, cfg
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
 

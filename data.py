@@ -491,3 +491,169 @@ def set_epoch(loader, epoch):
         # Different per rank, so ranks do not share augmentation streams.
         rank = getattr(sampler, "rank", 0)
         loader.generator.manual_seed(getattr(sampler, "seed", 0) * 1_000_003 + epoch * 1009 + rank)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device-resident small datasets (issue 6)
+#
+# Fashion-MNIST, CIFAR and STL-10 fit on a GPU many times over (47, 150 and 138 MB as uint8), and
+# a GPU step of a small encoder is quicker than CPU workers can crop a batch. So `device_loader`
+# puts the uint8 array on the device once and augments whole batches there. It follows
+# build_transform("pretrain") + build_loader(train=True): the order is DistributedSampler's
+# (randperm seeded seed + epoch, shard rank::world, the last incomplete batch dropped; with one
+# process this is _EpochRandomSampler's order), crops are RandomResizedCrop's (scale (0.8, 1) CNN,
+# (0.67, 1) ViT, aspect (3/4, 4/3), up to 10 tries), flip p = 0.5. Two differences: the resize is
+# bilinear without antialiasing, so it equals the CPU one only when upsampling (always so for
+# 28/32-px data at 32 px and up), and the result is not rounded to uint8 before normalising.
+
+DEVICE_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
+
+
+def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4 / 3), *, generator=None,
+                               device=None, tries=10):
+    """RandomResizedCrop's boxes for a whole batch: (top_b, left_b, height_b, width_b), long [B].
+
+    torchvision draws up to `tries` (area fraction, log aspect) pairs per image and keeps the first
+    whose rounded box fits; here all tries are drawn at once and the first fit picked per image.
+    Images with no fit get torchvision's fallback, the central crop of the clamped aspect ratio.
+    """
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    u_2bt = torch.rand(2, batch_size, tries, generator=generator, device=device)
+    area_bt = height * width * (scale[0] + (scale[1] - scale[0]) * u_2bt[0])
+    aspect_bt = torch.exp(lo + (hi - lo) * u_2bt[1])
+    w_bt = torch.sqrt(area_bt * aspect_bt).round().long()  # round half to even, like Python's round
+    h_bt = torch.sqrt(area_bt / aspect_bt).round().long()
+    fits_bt = (w_bt > 0) & (w_bt <= width) & (h_bt > 0) & (h_bt <= height)
+    first_b1 = fits_bt.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
+    found_b = fits_bt.any(dim=1)
+
+    # The fallback box, the same for every image.
+    fw, fh = width, height
+    if width / height < min(ratio):
+        fh = int(round(width / min(ratio)))
+    elif width / height > max(ratio):
+        fw = int(round(height * max(ratio)))
+    h_b = torch.where(found_b, h_bt.gather(1, first_b1)[:, 0], fh)
+    w_b = torch.where(found_b, w_bt.gather(1, first_b1)[:, 0], fw)
+
+    # Offsets uniform over the integer positions where the box fits, like torch.randint.
+    u_2b = torch.rand(2, batch_size, generator=generator, device=device)
+    top_b = torch.minimum((u_2b[0] * (height - h_b + 1)).long(), height - h_b)
+    left_b = torch.minimum((u_2b[1] * (width - w_b + 1)).long(), width - w_b)
+    top_b = torch.where(found_b, top_b, (height - fh) // 2)
+    left_b = torch.where(found_b, left_b, (width - fw) // 2)
+    return top_b, left_b, h_b, w_b
+
+
+def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
+    """Crop box b out of image b and resize it to size × size: float [B, C, size, size].
+
+    Bilinear with F.interpolate's arithmetic (align_corners=False, no antialias) applied to each
+    crop: output pixel o reads crop pixel (o + ½)·h/size − ½, clamped to the crop, so the crop's
+    border pixels are repeated rather than its neighbours read. One grid_sample for the batch.
+    `flip_b` (bool [B]) mirrors the output horizontally. Values stay in the input's range.
+    """
+    B, _, H, W = img_bchw.shape
+    centre_s = torch.arange(size, device=img_bchw.device, dtype=torch.float32) + 0.5
+    h_b1, w_b1 = height_b[:, None].float(), width_b[:, None].float()
+    # Source coordinates in the full image, in pixels: [B, size] for rows and for columns.
+    ys_bs = top_b[:, None] + (centre_s * h_b1 / size - 0.5).clamp(min=torch.zeros_like(h_b1), max=h_b1 - 1)
+    xs_bs = left_b[:, None] + (centre_s * w_b1 / size - 0.5).clamp(min=torch.zeros_like(w_b1), max=w_b1 - 1)
+    if flip_b is not None:
+        xs_bs = torch.where(flip_b[:, None], xs_bs.flip(1), xs_bs)
+    # grid_sample's coordinates (align_corners=False): pixel p of n sits at (2p + 1)/n − 1.
+    gx_b1s, gy_bs1 = ((2 * xs_bs + 1) / W - 1)[:, None, :], ((2 * ys_bs + 1) / H - 1)[:, :, None]
+    grid_bss2 = torch.stack(torch.broadcast_tensors(gx_b1s, gy_bs1), dim=-1)
+    return torch.nn.functional.grid_sample(img_bchw.float(), grid_bss2, mode="bilinear",
+                                           padding_mode="border", align_corners=False)
+
+
+class DeviceLoader:
+    """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]), both on the images' device.
+
+    Pre-training augmentation on the device (see the section comment); `images_nchw` uint8
+    [N, 1 or 3, H, W] and `labels_n` must already be there. Like a DataLoader it has `__len__`
+    (batches per epoch and rank) and `set_epoch`; `sampler` is the loader itself, so that
+    `set_epoch(loader, epoch)` above works for both kinds of loader.
+    """
+
+    def __init__(self, images_nchw, labels_n, batch_size, *, img_size, family="cnn", seed=0, world_size=1,
+                 rank=0, num_classes=None, source=""):
+        _check_positive_int("batch_size", batch_size)
+        _check_positive_int("world_size", world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        if family not in ("cnn", "vit"):
+            raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
+        self.images_nchw, self.labels_n = images_nchw, labels_n
+        self.batch_size, self.img_size, self.seed = batch_size, img_size, seed
+        self.world_size, self.rank, self.epoch = world_size, rank, 0
+        self.scale = (0.67, 1.0) if family == "vit" else (0.8, 1.0)  # §6, as build_transform
+        self.num_classes, self.source = num_classes, str(source)
+        self.num_samples = len(images_nchw) // world_size  # per rank: DistributedSampler(drop_last=True)
+        if self.num_samples < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the {self.num_samples} samples per process, "
+                             f"so drop_last would leave no batch; lower the batch size")
+        self.sampler, self.generator = self, None  # see the class docstring
+        # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
+        std_13 = torch.tensor(IMAGENET_STD, device=images_nchw.device).view(1, 3, 1, 1)
+        mean_13 = torch.tensor(IMAGENET_MEAN, device=images_nchw.device).view(1, 3, 1, 1)
+        self.mul_13, self.add_13 = 1 / (255 * std_13), -mean_13 / std_13
+
+    def __len__(self):
+        return self.num_samples // self.batch_size
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def indices(self):
+        """This rank's sample order for the current epoch (on the CPU, as DistributedSampler's)."""
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order_n = torch.randperm(len(self.images_nchw), generator=gen)
+        return order_n[: self.num_samples * self.world_size][self.rank :: self.world_size]
+
+    def augment(self, img_bchw, generator=None):
+        """uint8 [B, C, H, W] → float [B, 3, S, S]: random resized crop, flip, normalise."""
+        B, _, H, W = img_bchw.shape
+        box = random_resized_crop_params(B, H, W, self.scale, generator=generator, device=img_bchw.device)
+        flip_b = torch.rand(B, generator=generator, device=img_bchw.device) < 0.5
+        crop_bcss = resized_crop(img_bchw, *box, self.img_size, flip_b)
+        return torch.addcmul(self.add_13, crop_bcss, self.mul_13)
+
+    def __iter__(self):
+        device = self.images_nchw.device
+        order_n = self.indices().to(device)
+        # Augmentation seed per (seed, epoch, rank), the formula set_epoch uses for the workers.
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
+        for b in range(len(self)):
+            idx_b = order_n[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.augment(self.images_nchw[idx_b], gen), self.labels_n[idx_b]
+
+
+def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn", seed=0, data_dir=None,
+                  world_size=1, rank=0, download=False, fake_size=512):
+    """The whole split of a small dataset on `device`, as a pre-training DeviceLoader.
+
+    Reads the files with the readers above (same places, same errors); `img_size` defaults to
+    the dataset's training size. world_size/rank shard it like DistributedSampler.
+    """
+    info = dataset_info(name)  # raises DataError on an unknown name
+    if name not in DEVICE_DATASETS:
+        raise DataError(f"{name} is too large to hold on the device; device_loader takes "
+                        f"{', '.join(DEVICE_DATASETS)} (use build_dataset + build_loader)")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    img_size = img_size or info["img_size"]
+    _check_positive_int("img_size", img_size)
+    if name == "fake":
+        fake = _FakeImages(split, fake_size, img_size, transform=lambda image: image)
+        images, labels_n, source = torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10, "generated"
+    elif name == "fashion-mnist":
+        images, labels_n, source = _read_fashion_mnist(split, data_dir, download)
+        images = images[:, None]  # [N, 1, 28, 28]: grey, becomes 3 channels when normalised
+    elif name == "stl10":
+        images, labels_n, source = _read_stl10(split, data_dir, download)
+    else:
+        images, labels_n, source = _read_cifar(name, split, data_dir, download)
+    return DeviceLoader(images.to(device), labels_n.to(device), batch_size, img_size=img_size, family=family,
+                        seed=seed, world_size=world_size, rank=rank, num_classes=info["num_classes"], source=source)

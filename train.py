@@ -211,7 +211,7 @@ DEFAULTS = dict(
     min_lr=1e-5, warmup_epochs=0.2, schedule="cosine", step_epoch=None, weight_decay=0.05,
     clip_grad=None, drop_path=None, token_lr_scale=0.1, precision="auto", workers=None, seed=0,
     out_dir="out", run_name=None, save_every=1, vis_every=200, log_every=20, compile=False,
-    max_steps=None, on_nonfinite="stop",
+    max_steps=None, on_nonfinite="stop", download=False,
 )
 
 # PAPER.md §6. lr = blr × global_batch / 512, so 3e-4 → 1.2e-3 and 1e-4 → 4e-4 at batch 2048.
@@ -240,6 +240,7 @@ def get_parser():
     a("--arch", choices=ARCHS, help="encoder (default resnet18 at width 16)")
     a("--data", help=f"dataset: {', '.join(data.DATASETS)} (default fashion-mnist)")
     a("--data-dir", help="where the dataset lives (see data.py for each layout)")
+    a("--download", action="store_true", default=None, help="let torchvision download fashion-mnist/cifar/stl10")
     a("--img-size", type=int, help="training resolution (default: the dataset's, 224 for ImageNet)")
     a("--width", type=int, help="ResNet base width / ConvNeXt first-stage width")
     a("--method", choices=("a2mim", "simmim"))
@@ -347,7 +348,7 @@ def mask_generator(cfg, env, step):
 
 # Settings that may change between the runs of one folder without making it "another run".
 NOT_IDENTITY = {"epochs", "workers", "log_every", "save_every", "vis_every", "compile", "max_steps",
-                "on_nonfinite", "run_name", "out_dir", "data_dir", "precision", "preset"}
+                "on_nonfinite", "run_name", "out_dir", "data_dir", "precision", "preset", "download"}
 
 
 class RunError(Exception):
@@ -526,7 +527,7 @@ def run(cfg, args, env):
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     family = "vit" if cfg["arch"].startswith("vit") else "cnn"
     train_set = data.build_dataset(cfg["data"], "train", data_dir=cfg["data_dir"], img_size=cfg["img_size"],
-                                   transform="pretrain", family=family)
+                                   transform="pretrain", family=family, download=cfg["download"])
     loader = data.build_loader(train_set, cfg["batch_size"], train=True, distributed=env.enabled,
                                workers=cfg["workers"], seed=cfg["seed"])
     if len(loader) < cfg["accum_steps"]:
