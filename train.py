@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -293,6 +294,11 @@ def resolve_config(args, world_size=1):
     cfg["global_batch"] = cfg["batch_size"] * world_size * cfg["accum_steps"]
     cfg["lr"] = cfg["blr"] * cfg["global_batch"] / 512
     cfg["preset"] = args.preset
+    if cfg["img_size"] % cfg["mask_patch_size"]:
+        raise ValueError(f"image size {cfg['img_size']} must be divisible by the mask block size {cfg['mask_patch_size']}")
+    for key in ("epochs", "batch_size", "accum_steps", "save_every", "log_every"):
+        if cfg[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
     return cfg
 
 
@@ -423,6 +429,18 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def trim_log(path, step):
+    """Keep the log records of steps before `step`: a run killed after its last checkpoint
+    logged steps that the resumed run will redo."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(f"{path}.tmp", path)
+
+
 class LossLog:
     """Keeps the step's loss tensors on the device and looks at them only every `log_every`
     steps, so a step never waits for the GPU; a NaN is still traced to the step it came from."""
@@ -549,8 +567,7 @@ def run(cfg, args, env):
     ckpt_path, log_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "log.jsonl")
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        if not resume_from and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh start (same settings, or --overwrite) gets a fresh log
+        trim_log(log_path, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
@@ -563,7 +580,11 @@ def run(cfg, args, env):
     while pos["epoch"] < cfg["epochs"]:
         data.set_epoch(loader, pos["epoch"])
         torch.manual_seed(cfg["seed"] + 1000 * (pos["epoch"] + 1) + env.rank)  # augmentation, drop path
-        train_epoch(model, loader, optimizer, scaler, cfg, env, pos, run_dir, log)
+        try:
+            train_epoch(model, loader, optimizer, scaler, cfg, env, pos, run_dir, log)
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise NonFiniteLoss(f"{e}: stopped, {kept} (--on-nonfinite skip skips such steps)") from None
         if pos["batch"] >= steps_per_epoch * cfg["accum_steps"]:
             pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
         broadcast_buffers(model, env)
@@ -580,6 +601,13 @@ def run(cfg, args, env):
     return unwrap(model)
 
 
+def one_line(err):
+    """The error's own sentence. One raised inside a DataLoader worker arrives wrapped in the
+    worker's traceback, as its last line, prefixed with the exception's qualified name."""
+    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return re.sub(r"^[\w.]+(Error|Loss): ", "", last)
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
@@ -589,7 +617,7 @@ def main(argv=None):
             return 0
         run(cfg, args, setup_distributed())
     except (data.DataError, CheckpointError, RunError, NonFiniteLoss, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         cleanup_distributed()
