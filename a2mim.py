@@ -277,3 +277,91 @@ class A2MIM(nn.Module):
             fft_weight=self.cfg["fft_weight"], fft_unmask_weight=self.cfg["fft_unmask_weight"],
         )
         return {**losses, "pred": pred_bchw, "mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# §9 The analysis behind the idea: multi-order interaction strength J^(m)
+# ---------------------------------------------------------------------------------------------
+
+
+def log_odds(logits_bk, labels_b):
+    """log p_y − log(1 − p_y) of the true class y, from logits [B, K] → [B]."""
+    true_b = logits_bk.gather(1, labels_b[:, None])[:, 0]
+    others_bk = logits_bk.scatter(1, labels_b[:, None], float("-inf"))
+    return true_b - torch.logsumexp(others_bk, dim=1)
+
+
+def _neighbour_pairs(grid, radius):
+    """All pairs (i, j), i < j, of grid cells within Chebyshev distance `radius` → [P, 2]."""
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    near = ((ys[:, None] - ys[None]).abs().maximum((xs[:, None] - xs[None]).abs()) <= radius).triu(1)
+    return near.nonzero()
+
+
+@torch.no_grad()
+def interaction_strength(model, images_bchw, labels_b, *, grid=8, orders=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0),
+                         pairs=16, contexts=16, radius=2, baseline=None, generator=None, chunk=1024):
+    """Multi-order interaction strength J^(m) of a classifier (§9; Deng et al., ICLR 2022).
+
+    The image is cut into n = grid² patches (the players). v(S) = log-odds of the true class when
+    only the patches in S are kept and the rest set to `baseline` (the mean colour: a tensor
+    broadcastable to [3, H, W]; default 0, the dataset mean after normalisation).
+        Δv(i, j, S) = v(S ∪ {i, j}) − v(S ∪ {i}) − v(S ∪ {j}) + v(S)
+        I^(m)(i, j) = E_{S ⊆ N∖{i,j}, |S| = m} Δv(i, j, S)
+        J^(m)       = E_x E_{(i,j)} |I^(m)(i, j)|,  then divided by its mean over the orders.
+    m = round(r·(n − 2)) for each ratio r in `orders`. Pairs: an int = that many per image drawn
+    from the neighbours within `radius` (the official tool: ~50 with radius 2), None = all those
+    neighbours, or an explicit LongTensor [P, 2] of (i, j) cell indices (row-major);
+    `contexts` random S per pair and order.
+    Everything for one image and order is one batched forward pass (in chunks of `chunk`).
+
+    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised}.
+    """
+    B, _, H, W = images_bchw.shape
+    n, cell = grid * grid, H // grid
+    baseline = torch.zeros(3, 1, 1, device=images_bchw.device) if baseline is None else baseline.to(images_bchw.device)
+    all_pairs = _neighbour_pairs(grid, radius)
+    I_abs = torch.zeros(len(orders))
+    for b in range(B):
+        if pairs is None or torch.is_tensor(pairs):
+            chosen = all_pairs if pairs is None else pairs
+        else:
+            chosen = all_pairs[torch.randperm(len(all_pairs), generator=generator)[:pairs]]
+        for o, ratio in enumerate(orders):
+            keep_pcn = _contexts(chosen, n, round(ratio * (n - 2)), contexts, generator)      # [P, C, n] S
+            # The four coalitions S, S∪{i}, S∪{j}, S∪{i,j}, as keep-masks [P, C, 4, n].
+            four = keep_pcn[:, :, None, :].repeat(1, 1, 4, 1)
+            idx_i, idx_j = chosen[:, 0], chosen[:, 1]
+            p = torch.arange(len(chosen))
+            four[p, :, 1, idx_i] = True
+            four[p, :, 2, idx_j] = True
+            four[p, :, 3, idx_i] = True
+            four[p, :, 3, idx_j] = True
+            v = _coalition_values(model, images_bchw[b], labels_b[b], four.view(-1, n), grid, cell, baseline, chunk)
+            v_pc4 = v.view(len(chosen), contexts, 4)
+            delta_pc = v_pc4[..., 3] - v_pc4[..., 1] - v_pc4[..., 2] + v_pc4[..., 0]
+            I_abs[o] += delta_pc.mean(dim=1).abs().mean().item() / B   # E_S inside |.|, E_pairs outside
+    return {"orders": torch.tensor(orders), "J": I_abs / I_abs.mean(), "I_abs": I_abs}
+
+
+def _contexts(pairs_p2, n, m, contexts, generator):
+    """`contexts` random subsets S of size m of the n players minus {i, j}, per pair → bool [P, C, n]."""
+    noise_pcn = torch.rand(len(pairs_p2), contexts, n, generator=generator)
+    p = torch.arange(len(pairs_p2))
+    noise_pcn[p, :, pairs_p2[:, 0]] = 2.0  # i and j rank last, so they are never drawn into S
+    noise_pcn[p, :, pairs_p2[:, 1]] = 2.0
+    rank_pcn = noise_pcn.argsort(dim=-1).argsort(dim=-1)
+    return rank_pcn < m
+
+
+def _coalition_values(model, img_chw, label, keep_kn, grid, cell, baseline, chunk):
+    """v(S) for K coalitions: patches outside S set to the baseline, log-odds of `label` → [K]."""
+    out = []
+    for keep in keep_kn.split(chunk):
+        keep_k1hw = keep.view(-1, 1, grid, grid).to(img_chw.dtype)
+        keep_k1hw = keep_k1hw.repeat_interleave(cell, 2).repeat_interleave(cell, 3).to(img_chw.device)
+        x_kchw = torch.lerp(baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw)
+        labels = torch.full((len(keep),), int(label), device=img_chw.device)
+        out.append(log_odds(model(x_kchw).float(), labels).cpu())
+    return torch.cat(out)

@@ -833,3 +833,75 @@ def test_a_few_adamw_steps_lower_the_a2mim_loss_on_a_fixed_batch(arch):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# §9 Multi-order interaction strength
+# ---------------------------------------------------------------------------------------------
+
+from a2mim import interaction_strength, log_odds  # noqa: E402
+
+
+def _present_bn(x_bchw, grid=8):
+    """Which of the grid cells of an all-ones image are kept (1) or set to the 0 baseline."""
+    return torch.nn.functional.adaptive_avg_pool2d(x_bchw.mean(1, keepdim=True), grid).flatten(1)
+
+
+def _toy_model(pair_w_nn, triple_b):
+    """v(S) = Σ_{i<j ∈ S} w_ij + b·C(|S|, 3), as the logit of class 0 against a 0 logit, so the
+    log-odds is exactly v. Then Δv(i, j, S) = w_ij + b·|S| for every context S, so
+    I^(m)(i, j) = w_ij + b·m exactly."""
+
+    def model(x_bchw):
+        x_bn = _present_bn(x_bchw)
+        pairs_b = 0.5 * ((x_bn @ pair_w_nn) * x_bn).sum(1)   # w symmetric with zero diagonal
+        k = x_bn.sum(1)
+        v = pairs_b + triple_b * k * (k - 1) * (k - 2) / 6
+        return torch.stack([v, torch.zeros_like(v)], dim=1)
+
+    return model
+
+
+def _symmetric_weights(n, seed):
+    w = torch.randn(n, n, generator=gen(seed), dtype=torch.float64).float() * 0.3
+    w = (w + w.T) / 2
+    return w.fill_diagonal_(0)
+
+
+def test_log_odds_of_a_two_class_model_is_the_logit_difference():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    torch.testing.assert_close(log_odds(logits, torch.tensor([0, 1])), torch.tensor([3.0, 0.0]))
+
+
+def test_interaction_strength_matches_analytic_values_of_a_toy_model():
+    n, b = 64, 0.01
+    w = _symmetric_weights(n, 0)
+    images, labels = torch.ones(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
+    out = interaction_strength(_toy_model(w, b), images, labels, grid=8, pairs=None, contexts=3,
+                               generator=gen(0))
+    from a2mim import _neighbour_pairs
+    pairs = _neighbour_pairs(8, 2)
+    m = torch.round(out["orders"] * (n - 2))
+    expected = torch.stack([(w[pairs[:, 0], pairs[:, 1]] + b * mi).abs().mean() for mi in m])
+    torch.testing.assert_close(out["I_abs"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["J"], expected / expected.mean(), rtol=1e-4, atol=1e-4)
+
+
+def test_interaction_strength_is_invariant_to_the_order_in_which_players_are_listed():
+    w = _symmetric_weights(64, 1)
+    model, images, labels = _toy_model(w, -0.02), torch.ones(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    pairs = torch.tensor([[0, 1], [9, 18], [20, 27], [35, 44], [50, 60]])
+    listed = interaction_strength(model, images, labels, pairs=pairs, contexts=4, generator=gen(0))
+    shuffled = pairs[torch.randperm(len(pairs), generator=gen(3))].flip(1)  # other order, (j, i) for (i, j)
+    relisted = interaction_strength(model, images, labels, pairs=shuffled, contexts=4, generator=gen(7))
+    torch.testing.assert_close(listed["J"], relisted["J"], rtol=1e-4, atol=1e-5)
+
+
+def test_interaction_strength_of_a_real_encoder_is_finite_and_normalised():
+    encoder = tiny("resnet18")
+    head = torch.nn.Linear(encoder.out_channels, 10)
+    model = lambda x: head(encoder(x).mean((2, 3)))  # noqa: E731
+    encoder.eval()
+    out = interaction_strength(model, randn(2, 3, 32, 32), torch.tensor([1, 2]), orders=(0.0, 0.5, 1.0),
+                               pairs=4, contexts=4, generator=gen(0))
+    assert torch.isfinite(out["J"]).all() and out["J"].mean().item() == pytest.approx(1.0)
