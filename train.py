@@ -105,14 +105,20 @@ class CheckpointError(Exception):
     """A file that is not one of our checkpoints, or one for another model."""
 
 
-def save_checkpoint(path, state):
-    """Write to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`."""
+def atomic_save(path, obj):
+    """torch.save to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def save_checkpoint(path, state):
+    """A train.py checkpoint: the state plus the format marker that load_checkpoint checks."""
+    atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})
 
 
 def load_checkpoint(path, *, arch=None):
@@ -171,12 +177,12 @@ def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None):
     return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
 
 
-def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=None):
-    """Per-step lr: linear warm-up, then cosine down to `min_lr`, or a ×0.1 step at `step_at`."""
+def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=()):
+    """Per-step lr: linear warm-up, then cosine down to `min_lr`, or ×0.1 at each step in `step_at`."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "step":
-        return lr * (0.1 if step_at is not None and step >= step_at else 1.0)
+        return lr * 0.1 ** sum(step >= s for s in step_at)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -336,7 +342,7 @@ def build_optimizer(model, cfg, env):
 
 def schedule_kwargs(cfg, steps_per_epoch):
     total = cfg["epochs"] * steps_per_epoch  # --max-steps stops early but keeps this schedule
-    step_at = cfg["step_epoch"] * steps_per_epoch if cfg["step_epoch"] else None
+    step_at = [cfg["step_epoch"] * steps_per_epoch] if cfg["step_epoch"] else []
     return dict(lr=cfg["lr"], total_steps=total, warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
                 schedule=cfg["schedule"], min_lr=cfg["min_lr"], step_at=step_at)
 
