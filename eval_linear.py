@@ -55,7 +55,7 @@ from tqdm import tqdm
 import data
 from models import ARCHS, ResNet, build_encoder, torchvision_state_dict
 from train import (PRECISIONS, CheckpointError, atomic_save, autocast, cleanup_distributed, load_checkpoint, lr_at,
-                   param_groups, resolve_precision, set_lr, setup_distributed)
+                   one_line, param_groups, resolve_precision, set_lr, setup_distributed)
 
 DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")  # train.py's default run
 
@@ -689,7 +689,7 @@ def main(argv=None):
         if env.is_main:
             report(cfg, result, time.time() - start)
     except (data.DataError, CheckpointError, EvalError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     finally:
         cleanup_distributed()

@@ -545,6 +545,9 @@ def train_epoch(model, loader, optimizer, scaler, cfg, env, pos, run_dir, log):
     log.flush(pos["epoch"], lr)
 
 
+IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
+
+
 def run(cfg, args, env):
     """Build everything, restore if resuming, train epoch by epoch, checkpoint."""
     run_dir, resume_from = prepare_run_dir(cfg, args)
@@ -552,8 +555,13 @@ def run(cfg, args, env):
     family = "vit" if cfg["arch"].startswith("vit") else "cnn"
     train_set = data.build_dataset(cfg["data"], "train", data_dir=cfg["data_dir"], img_size=cfg["img_size"],
                                    transform="pretrain", family=family, download=cfg["download"])
+    # On a CPU the in-memory datasets load faster in the main process than worker processes
+    # fighting the training threads for the same cores; elsewhere data.py picks the workers.
+    workers = cfg["workers"]
+    if workers is None and env.device.type == "cpu" and cfg["data"] in IN_MEMORY_DATASETS:
+        workers = 0
     loader = data.build_loader(train_set, cfg["batch_size"], train=True, distributed=env.enabled,
-                               workers=cfg["workers"], seed=cfg["seed"])
+                               workers=workers, seed=cfg["seed"])
     if len(loader) < cfg["accum_steps"]:
         raise RunError(f"{cfg['data']} has {len(train_set)} training images: too few for one step of "
                        f"{cfg['batch_size']} × {cfg['accum_steps']} per process")
