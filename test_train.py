@@ -239,3 +239,10 @@ def test_non_checkpoint_file_is_refused_with_one_sentence(tmp_path):
     torch.save({"weights": torch.zeros(1)}, bad)
     with pytest.raises(train.CheckpointError, match="not an A²MIM checkpoint"):
         train.load_checkpoint(bad)
+
+
+def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
+    cfg = resolved("--data", "fake", "--fill", "zero", "--token-at", "stem", "--token-mode", "add", "--fft-weight", "0")
+    model = train.build_model(cfg, train.Dist())
+    assert (model.cfg["fill"], model.token_at, model.cfg["token_mode"], model.cfg["fft_weight"]) == ("zero", "layer1", "add", 0.0)
+    assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == ("focal_l1", 1e-3)  # untouched CNN defaults

@@ -219,7 +219,10 @@ DEFAULTS = dict(
     clip_grad=None, drop_path=None, token_lr_scale=0.1, precision="auto", workers=None, seed=0,
     out_dir="out", run_name=None, save_every=1, vis_every=200, log_every=20, compile=False,
     max_steps=None, on_nonfinite="stop", download=False,
+    # A2MIM options for ablations; None = the per-family default of a2mim.DEFAULTS (§3, §5).
+    fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_unmask_weight=None,
 )
+ABLATION_KEYS = ("fill", "token_at", "token_mode", "spatial", "fft_weight", "fft_unmask_weight")
 
 # PAPER.md §6. lr = blr × global_batch / 512, so 3e-4 → 1.2e-3 and 1e-4 → 4e-4 at batch 2048.
 CNN_RECIPE = dict(
@@ -276,6 +279,12 @@ def get_parser():
     a("--compile", action="store_true", default=None)
     a("--max-steps", type=int, help="stop after this many optimiser steps (tests, benchmarks)")
     a("--on-nonfinite", choices=("stop", "skip"), help="a NaN/inf loss stops the run, or skips that step")
+    a("--fill", choices=("mean", "zero"), help="ablation: fill of the masked input")
+    a("--token-at", help="ablation: token site, e.g. 'stem', 'layer3' (default: the method's)")
+    a("--token-mode", choices=("gate", "add", "replace"), help="ablation: how the token is written")
+    a("--spatial", choices=("focal_l1", "l1"), help="ablation: pixel loss")
+    a("--fft-weight", type=float, help="ablation: λ of the Fourier loss (0 = off)")
+    a("--fft-unmask-weight", type=float, help="ablation: w of the 'mixed' image")
     a("--preset", choices=("none", "official"), default="none", help="'official' = the paper's recipe for --arch")
     a("--resume", help="checkpoint to resume from (a run folder resumes itself automatically)")
     a("--overwrite", action="store_true", help="start afresh in an output folder that holds another run")
@@ -325,7 +334,9 @@ def encoder_kwargs(cfg):
 
 def build_model(cfg, env):
     encoder = build_encoder(**encoder_kwargs(cfg))
-    model = A2MIM(encoder, method=cfg["method"], mask_patch_size=cfg["mask_patch_size"], mask_ratio=cfg["mask_ratio"])
+    overrides = {k: cfg[k] for k in ABLATION_KEYS if cfg[k] is not None}
+    model = A2MIM(encoder, method=cfg["method"], mask_patch_size=cfg["mask_patch_size"],
+                  mask_ratio=cfg["mask_ratio"], **overrides)
     model.to(env.device)
     if encoder.family == "cnn" and env.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)  # faster convs under bf16
