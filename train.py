@@ -394,8 +394,11 @@ def prepare_run_dir(cfg, args):
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.exists(cfg_path) or args.overwrite:
         return run_dir, None
-    with open(cfg_path) as f:
-        previous = json.load(f)
+    try:
+        with open(cfg_path) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        raise RunError(f"{cfg_path} is unreadable; pass --overwrite to start afresh in {run_dir}") from None
     if run_identity(previous) != run_identity(cfg):
         diff = sorted(k for k in run_identity(cfg) if previous.get(k) != cfg[k])
         raise RunError(f"{run_dir} holds a different run (differs in {', '.join(diff)}); "
@@ -593,8 +596,10 @@ def run(cfg, args, env):
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
         trim_log(log_path, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+        cfg_path = os.path.join(run_dir, "config.json")
+        with open(f"{cfg_path}.tmp", "w") as f:  # atomic, like the checkpoint
             json.dump(cfg, f, indent=2)
+        os.replace(f"{cfg_path}.tmp", cfg_path)
         what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
         print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({len(train_set)} images, {cfg['img_size']} px), "
               f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
