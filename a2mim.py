@@ -3,8 +3,9 @@
     §2 masking       mask_blocks, mean_fill (zero_fill = SimMIM), resize_mask
     §3 mask token    MaskToken — added to an intermediate feature map, not to the input
     §4 decoder       Decoder — 1×1 conv + PixelShuffle back to pixels
-    §5 losses        focal_l1_loss, frequency_loss, a2mim_loss
+    §5 losses        focal_l1_loss, focal_weight, frequency_loss, mixed_image, a2mim_loss
        the model     A2MIM — encoder + token + decoder + loss; `method="simmim"` for the baseline
+    §9 analysis      interaction_strength — the multi-order interactions behind the idea
 
 Section numbers refer to ../shared/PAPER.md, which summarises the paper *and* the released
 OpenMixup code; where the two differ we follow the code and say so. Tensor names carry their
@@ -150,13 +151,22 @@ def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     return err * (2 * torch.sigmoid(alpha * err) - 1) ** gamma
 
 
+def focal_weight(dist_chw):
+    """Focal frequency weight W = log(1 + √D) / its single global maximum, NaN → 0, clamped to
+    [0, 1], without gradient (§5 step 4): frequencies that are badly reconstructed count more."""
+    with torch.no_grad():
+        weight_chw = torch.log1p(dist_chw.sqrt())
+        weight_chw = weight_chw / weight_chw.max()  # one global maximum, as released
+        return torch.nan_to_num(weight_chw, nan=0.0).clamp(0, 1)  # 0/0 when pred == target
+
+
 def frequency_loss(pred_bchw, target_bchw):
     """Focal frequency loss on batch-averaged spectra (§5; Jiang et al., ICCV 2021). Scalar.
 
     1. F = orthonormal 2-D FFT per channel, averaged over the batch (the code's `ave_spectrum`).
        The FFT is linear, so the mean of the spectra is the spectrum of the mean image: one FFT
        per batch instead of one per image.
-    2. D = |F̄(pred) − F̄(target)|²; weight W = log(1 + √D) / max, no gradient (§5 step 4).
+    2. D = |F̄(pred) − F̄(target)|²; weight W = focal_weight(D), no gradient (§5 step 4).
     3. loss = mean(W · D).
     Always in float32: bf16/fp16 spectra are far too coarse, so autocast is switched off here.
     """
@@ -165,11 +175,18 @@ def frequency_loss(pred_bchw, target_bchw):
         mean_target_chw = target_bchw.float().mean(dim=0)
         diff_chw = torch.fft.fft2(mean_pred_chw - mean_target_chw, norm="ortho")  # linear: F(a)−F(b)=F(a−b)
         dist_chw = diff_chw.real**2 + diff_chw.imag**2
-        with torch.no_grad():
-            weight_chw = torch.log1p(dist_chw.sqrt())
-            weight_chw = weight_chw / weight_chw.max()  # one global maximum, as released
-            weight_chw = torch.nan_to_num(weight_chw, nan=0.0).clamp(0, 1)  # 0/0 when pred == target
-        return (weight_chw * dist_chw).mean()
+        return (focal_weight(dist_chw) * dist_chw).mean()
+
+
+def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
+    """The Fourier term's input (§5 step 1): x̃ = M·x̂ + (1−M)·[w·x̂ + (1−w)·(½·sg(x̂) + ½·x)].
+
+    Outside the mask: half the (detached) prediction and half the target, so the visible region
+    neither dominates the spectrum nor is ignored; only a w-share of it carries gradient.
+    """
+    w = fft_unmask_weight
+    outside_bchw = w * pred_bchw + (1 - w) * (0.5 * pred_bchw.detach() + 0.5 * target_bchw)
+    return torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
 
 
 def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_unmask_weight=1e-3):
@@ -177,10 +194,7 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
 
     * L_spa: ℓ averaged over masked pixels and the 3 channels: Σ ℓ·M / (ΣM + 1e-5) / 3.
       ℓ = focal-L1 (CNNs) or L1 (ViT, SimMIM).
-    * L_freq (λ = `fft_weight`) compares the target with the 'mixed' image
-        x̃ = M·x̂ + (1−M)·[w·x̂ + (1−w)·(½·sg(x̂) + ½·x)],  w = `fft_unmask_weight`,
-      i.e. outside the mask half the (detached) prediction and half the target, so the visible
-      region neither dominates the spectrum nor is ignored; only a w-share of it carries gradient.
+    * L_freq (λ = `fft_weight`) compares the target with `mixed_image` (w = `fft_unmask_weight`).
     `mask` at any grid; it is upsampled to the pixels.
     """
     # The loss is always computed in float32: under bf16 autocast the decoder output is bf16,
@@ -197,10 +211,7 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
     loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / channels
 
     if fft_weight > 0:
-        outside_bchw = fft_unmask_weight * pred_bchw + (1 - fft_unmask_weight) * (
-            0.5 * pred_bchw.detach() + 0.5 * target_bchw
-        )
-        mixed_bchw = torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
+        mixed_bchw = mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight)
         loss_freq = frequency_loss(mixed_bchw, target_bchw)
     else:  # SimMIM, or the "no Fourier loss" ablation: skip the FFT entirely
         loss_freq = torch.zeros((), device=pred_bchw.device)
