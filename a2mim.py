@@ -134,7 +134,13 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, feat_bchw):
-        return self.shuffle(self.conv(feat_bchw))
+        # The 1×1 conv as a matmul over channels (same weights, same maths): PyTorch's CPU 1×1-conv
+        # kernels are ~2× slower at ResNet-50 shapes, the largest A²MIM overhead (bench.py --profile).
+        B, _, h, w = feat_bchw.shape
+        s = self.shuffle.upscale_factor
+        pix_bhwo = F.linear(feat_bchw.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias)
+        # channel o = c·s² + i·s + j → pixel (c, y·s + i, x·s + j): exactly PixelShuffle's order
+        return pix_bhwo.view(B, h, w, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * s, w * s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -553,7 +553,7 @@ def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
     border pixels are repeated rather than its neighbours read. One grid_sample for the batch.
     `flip_b` (bool [B]) mirrors the output horizontally. Values stay in the input's range.
     """
-    B, _, H, W = img_bchw.shape
+    H, W = img_bchw.shape[-2:]
     centre_s = torch.arange(size, device=img_bchw.device, dtype=torch.float32) + 0.5
     h_b1, w_b1 = height_b[:, None].float(), width_b[:, None].float()
     # Source coordinates in the full image, in pixels: [B, size] for rows and for columns.
@@ -647,7 +647,8 @@ def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn
     _check_positive_int("img_size", img_size)
     if name == "fake":
         fake = _FakeImages(split, fake_size, img_size, transform=lambda image: image)
-        images, labels_n, source = torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10, "generated"
+        images, labels_n = torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10
+        source = "generated"
     elif name == "fashion-mnist":
         images, labels_n, source = _read_fashion_mnist(split, data_dir, download)
         images = images[:, None]  # [N, 1, 28, 28]: grey, becomes 3 channels when normalised

@@ -383,7 +383,9 @@ def test_decoder_is_a_1x1_conv_to_3s2_channels_with_zero_bias_and_pixel_shuffle(
     assert out.shape == (1, 3, 8, 12)
     # pixel (c, 4i+a, 4j+b) comes from conv channel c·16 + 4a + b at cell (i, j)
     conv = dec.conv(feat)
-    assert torch.equal(out[0, 2, 4 * 1 + 3, 4 * 2 + 1], conv[0, 2 * 16 + 4 * 3 + 1, 1, 2])
+    torch.testing.assert_close(out[0, 2, 4 * 1 + 3, 4 * 2 + 1], conv[0, 2 * 16 + 4 * 3 + 1, 1, 2])
+    # the whole output equals conv + PixelShuffle (the decoder computes the conv as a matmul)
+    torch.testing.assert_close(out, torch.nn.PixelShuffle(4)(conv), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,3 +246,13 @@ def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
     model = train.build_model(cfg, train.Dist())
     assert (model.cfg["fill"], model.token_at, model.cfg["token_mode"], model.cfg["fft_weight"]) == ("zero", "layer1", "add", 0.0)
     assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == ("focal_l1", 1e-3)  # untouched CNN defaults
+
+
+def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
+    """--device-data on (the GPU default for small datasets) keeps the resume guarantee."""
+    common = [*TINY, "--epochs", "2", "--width", "8", "--device-data", "on"]
+    assert train.main([*common, "--out-dir", str(tmp_path / "a")]) == 0
+    assert train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "10"]) == 0
+    assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
+    assert_same_weights(weights(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt"),
+                        weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt"))

@@ -218,7 +218,7 @@ DEFAULTS = dict(
     min_lr=1e-5, warmup_epochs=0.2, schedule="cosine", step_epoch=None, weight_decay=0.05,
     clip_grad=None, drop_path=None, token_lr_scale=0.1, precision="auto", workers=None, seed=0,
     out_dir="out", run_name=None, save_every=1, vis_every=200, log_every=20, compile=False,
-    max_steps=None, on_nonfinite="stop", download=False,
+    max_steps=None, on_nonfinite="stop", download=False, device_data="auto",
     # A2MIM options for ablations; None = the per-family default of a2mim.DEFAULTS (§3, §5).
     fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_unmask_weight=None,
 )
@@ -285,6 +285,8 @@ def get_parser():
     a("--spatial", choices=("focal_l1", "l1"), help="ablation: pixel loss")
     a("--fft-weight", type=float, help="ablation: λ of the Fourier loss (0 = off)")
     a("--fft-unmask-weight", type=float, help="ablation: w of the 'mixed' image")
+    a("--device-data", choices=("auto", "on", "off"),
+      help="hold fashion-mnist/cifar/stl10 on the device and augment there (auto: on CUDA)")
     a("--preset", choices=("none", "official"), default="none", help="'official' = the paper's recipe for --arch")
     a("--resume", help="checkpoint to resume from (a run folder resumes itself automatically)")
     a("--overwrite", action="store_true", help="start afresh in an output folder that holds another run")
@@ -371,7 +373,7 @@ def mask_generator(cfg, env, step):
 
 # Settings that may change between the runs of one folder without making it "another run".
 NOT_IDENTITY = {"epochs", "workers", "log_every", "save_every", "vis_every", "compile", "max_steps",
-                "on_nonfinite", "run_name", "out_dir", "data_dir", "precision", "preset", "download"}
+                "on_nonfinite", "run_name", "out_dir", "data_dir", "precision", "preset", "download", "device_data"}
 
 
 class RunError(Exception):
@@ -562,11 +564,18 @@ def train_epoch(model, loader, optimizer, scaler, cfg, env, pos, run_dir, log):
 IN_MEMORY_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
 
 
-def run(cfg, args, env):
-    """Build everything, restore if resuming, train epoch by epoch, checkpoint."""
-    run_dir, resume_from = prepare_run_dir(cfg, args)
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+def build_train_loader(cfg, env):
+    """The pre-training batches and the number of images. Small datasets on a GPU live on the
+    device as uint8 and are augmented there, batched (data.device_loader), so the GPU never
+    waits for CPU workers; everything else goes through a DataLoader."""
     family = "vit" if cfg["arch"].startswith("vit") else "cnn"
+    on_device = cfg["device_data"] == "on" or (
+        cfg["device_data"] == "auto" and env.device.type == "cuda" and cfg["data"] in data.DEVICE_DATASETS)
+    if on_device:
+        loader = data.device_loader(cfg["data"], "train", cfg["batch_size"], env.device, img_size=cfg["img_size"],
+                                    family=family, seed=cfg["seed"], data_dir=cfg["data_dir"],
+                                    world_size=env.world_size, rank=env.rank, download=cfg["download"])
+        return loader, len(loader.images_nchw)
     train_set = data.build_dataset(cfg["data"], "train", data_dir=cfg["data_dir"], img_size=cfg["img_size"],
                                    transform="pretrain", family=family, download=cfg["download"])
     # On a CPU the in-memory datasets load faster in the main process than worker processes
@@ -576,8 +585,16 @@ def run(cfg, args, env):
         workers = 0
     loader = data.build_loader(train_set, cfg["batch_size"], train=True, distributed=env.enabled,
                                workers=workers, seed=cfg["seed"])
+    return loader, len(train_set)
+
+
+def run(cfg, args, env):
+    """Build everything, restore if resuming, train epoch by epoch, checkpoint."""
+    run_dir, resume_from = prepare_run_dir(cfg, args)
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    loader, n_images = build_train_loader(cfg, env)
     if len(loader) < cfg["accum_steps"]:
-        raise RunError(f"{cfg['data']} has {len(train_set)} training images: too few for one step of "
+        raise RunError(f"{cfg['data']} has {n_images} training images: too few for one step of "
                        f"{cfg['batch_size']} × {cfg['accum_steps']} per process")
     model = build_model(cfg, env)
     optimizer = build_optimizer(model, cfg, env)
@@ -601,7 +618,7 @@ def run(cfg, args, env):
             json.dump(cfg, f, indent=2)
         os.replace(f"{cfg_path}.tmp", cfg_path)
         what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
-        print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({len(train_set)} images, {cfg['img_size']} px), "
+        print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images, {cfg['img_size']} px), "
               f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
               f"lr {cfg['lr']:.3g}: {what} in {run_dir}")
 

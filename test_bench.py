@@ -1,0 +1,261 @@
+"""Tests for issue 6 (performance): the one-FFT Fourier loss, bench.py, and data.device_loader."""
+
+import struct
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
+from torchvision.transforms import v2
+
+import a2mim
+import bench
+import data
+from a2mim import frequency_loss, mask_blocks
+from data import DeviceLoader, device_loader, random_resized_crop_params, resized_crop
+
+MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# The Fourier loss: one FFT of the batch-mean error equals the per-image-spectra definition
+
+
+def per_image_spectra_frequency_loss(pred_bchw, target_bchw):
+    """The straightforward definition (§5): FFT every image, average the complex spectra over the
+    batch, D = |F̄(pred) − F̄(target)|², W = log(1 + √D) / max W (no gradient), loss = mean(W·D)."""
+    spec_pred = torch.fft.fft2(pred_bchw, norm="ortho").mean(dim=0)
+    spec_target = torch.fft.fft2(target_bchw, norm="ortho").mean(dim=0)
+    dist = (spec_pred - spec_target).abs() ** 2
+    weight = torch.log1p(dist.sqrt()).detach()
+    weight = torch.nan_to_num(weight / weight.max(), nan=0.0).clamp(0, 1)
+    return (weight * dist).mean()
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 32, 32), (5, 3, 28, 20), (1, 3, 7, 7)])
+def test_one_fft_of_the_batch_mean_equals_averaging_per_image_spectra_value_and_gradient(shape):
+    target = randn(*shape, seed=2)
+    pred = randn(*shape, seed=1).requires_grad_()
+    fast, slow = frequency_loss(pred, target), per_image_spectra_frequency_loss(pred, target)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5, abs=1e-7)
+    (grad_fast,) = torch.autograd.grad(fast, pred)
+    (grad_slow,) = torch.autograd.grad(slow, pred)
+    torch.testing.assert_close(grad_fast, grad_slow, rtol=1e-5, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py
+
+
+# One thread: on a busy 2-core machine, two threads per op can wait on each other for ages.
+TINY = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size", "4", "--warmup", "1", "--repeats", "2",
+        "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # bench --threads sets it for the whole process
+
+
+def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(capsys):
+    assert bench.main(TINY + ["--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "machine:" in out and "torch" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(bench.VARIANTS)}
+    assert float(rows["supervised"][2]) > 0 and float(rows["a2mim"][2]) > 0  # median ms, min ms, img/s
+    assert "ratio a2mim / supervised: step time" in out
+    assert "| resnet18 w8 | 32 | 4 | fp32 | cpu |" in out
+
+
+def test_bench_reports_the_peak_memory_of_each_step_and_their_ratio(capsys):
+    assert bench.main(TINY + ["--arch", "vit_tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("supervised", "a2mim"))]
+    assert len(rows) == 2 and all(row.endswith("MiB") for row in rows)
+    assert float(out.split("peak memory ")[1].split()[0]) > 0.5  # the ratio
+
+
+def test_cpu_peak_memory_grows_with_the_batch_as_activations_do():
+    args = bench.get_parser().parse_args(TINY)
+    cfg, env, precision = bench.resolve(args)
+    peaks = []
+    for batch in (4, 32):
+        img, labels = bench.make_batch(cfg | {"batch_size": batch}, env)
+        peaks.append(bench.peak_memory("supervised", cfg, env, precision, img, labels)[0])
+    if peaks[0] is None:
+        pytest.skip("no glibc mallinfo2 here")
+    assert 2 * peaks[0] < peaks[1]
+
+
+def test_bench_a2mim_step_draws_a_fresh_mask_inside_every_step_and_updates_the_weights(monkeypatch):
+    drawn = []
+
+    def recording_mask_blocks(*args, **kwargs):
+        drawn.append(kwargs["device"])
+        drawn.append(mask_blocks(*args, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(a2mim, "mask_blocks", recording_mask_blocks)
+    cfg, env, precision = bench.resolve(bench.get_parser().parse_args(TINY))
+    model, optimizer = bench.build("a2mim", cfg, env)
+    step = bench.make_step("a2mim", model, optimizer, cfg, env, precision, *bench.make_batch(cfg, env))
+    before = model.decoder.conv.weight.detach().clone()
+    step()
+    step()
+    (device0, mask0), (device1, mask1) = drawn[:2], drawn[2:]
+    assert device0 == device1 == env.device and not torch.equal(mask0, mask1)
+    assert not torch.equal(before, model.decoder.conv.weight)
+    assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none) ends the step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_on_cuda_without_a_gpu_is_one_sentence_and_exit_code_2(capsys):
+    assert bench.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# data.device_loader: the pre-training pipeline on the device, for the small datasets
+
+
+def write_fashion_idx(folder, n, seed=0):
+    """Fashion-MNIST's IDX files (uncompressed) with random 28×28 images, label = i % 10."""
+    images = torch.randint(0, 256, (n, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", torch.arange(n) % 10)):
+        array = array.to(torch.uint8)
+        header = bytes((0, 0, 0x08, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
+        (folder / name).write_bytes(header + array.numpy().tobytes())
+    return images
+
+
+def numbered_loader(n, batch_size, **kw):
+    """A DeviceLoader over n blank 8×8 images whose label is their index."""
+    return DeviceLoader(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n), batch_size, img_size=8, **kw)
+
+
+def test_device_loader_yields_normalised_3_channel_float_batches_resized_from_28_to_32(tmp_path):
+    write_fashion_idx(tmp_path, 40)
+    loader = device_loader("fashion-mnist", "train", 16, "cpu", data_dir=tmp_path)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 2  # 40 // 16, the last 8 dropped
+    img, labels = batches[0]
+    assert img.shape == (16, 3, 32, 32) and img.dtype == torch.float32 and labels.dtype == torch.long
+    pixels = img * STD + MEAN  # back to 0..1
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    torch.testing.assert_close(pixels[:, 0], pixels[:, 2])  # grey replicated to three channels
+    assert loader.num_classes == 10 and ((labels >= 0) & (labels < 10)).all()
+
+
+def test_device_loader_is_the_same_for_the_same_seed_and_epoch_and_differs_for_another_epoch(tmp_path):
+    write_fashion_idx(tmp_path, 32)
+
+    def epoch(e, seed=0):
+        loader = device_loader("fashion-mnist", "train", 8, "cpu", data_dir=tmp_path, seed=seed)
+        data.set_epoch(loader, e)  # the DataLoader helper works for this loader too
+        return [torch.cat(parts) for parts in zip(*loader)]
+
+    (img0, lab0), (img0b, lab0b), (img1, lab1) = epoch(0), epoch(0), epoch(1)
+    assert torch.equal(img0, img0b) and torch.equal(lab0, lab0b)
+    assert not torch.equal(img0, img1)
+    assert not torch.equal(epoch(0, seed=1)[0], img0)
+
+
+def test_device_loader_order_is_the_cpu_loaders_order_for_one_process():
+    loader = numbered_loader(50, 10, seed=3)
+    ds = torch.utils.data.TensorDataset(torch.zeros(50))
+    cpu_loader = data.build_loader(ds, 10, workers=0, seed=3)
+    for e in (0, 4):
+        data.set_epoch(loader, e)
+        data.set_epoch(cpu_loader, e)
+        assert torch.cat([labels for _, labels in loader]).tolist() == list(cpu_loader.sampler)
+
+
+def test_device_loader_shards_of_two_ranks_are_disjoint_cover_the_epoch_and_match_distributed_sampler():
+    n, world = 41, 2
+    shards = []
+    for rank in range(world):
+        loader = numbered_loader(n, 4, seed=7, world_size=world, rank=rank)
+        loader.set_epoch(2)
+        shards.append(torch.cat([labels for _, labels in loader]).tolist())
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7, drop_last=True)
+        sampler.set_epoch(2)
+        assert loader.indices().tolist() == list(sampler)
+    assert len(shards[0]) == len(shards[1]) == 20  # 41 // 2 = 20 per rank, 5 full batches of 4
+    assert not set(shards[0]) & set(shards[1])
+    assert len(set(shards[0]) | set(shards[1])) == 40  # all but the one sample drop_last leaves out
+    # with the dataset divisible by world × batch, the two shards cover every sample
+    covered = [numbered_loader(48, 4, world_size=2, rank=r) for r in range(2)]
+    assert sorted(sum((torch.cat([lab for _, lab in ld]).tolist() for ld in covered), [])) == list(range(48))
+
+
+def test_crop_of_the_whole_image_without_flip_is_the_plain_bilinear_resize():
+    img = torch.randint(0, 256, (3, 2, 28, 28), dtype=torch.uint8)
+    whole = [torch.zeros(3, dtype=torch.long)] * 2 + [torch.full((3,), 28)] * 2
+    for size in (32, 28, 20):  # up, same, down
+        expected = F.interpolate(img.float(), size=size, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(resized_crop(img, *whole, size), expected, rtol=0, atol=1e-3)
+    flipped = resized_crop(img, *whole, 32, torch.tensor([True, False, True]))
+    expected = F.interpolate(img.float(), size=32, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(flipped[[0, 2]], expected[[0, 2]].flip(-1), rtol=0, atol=1e-3)
+    torch.testing.assert_close(flipped[1], expected[1], rtol=0, atol=1e-3)
+
+
+def test_crop_of_a_box_is_the_bilinear_resize_of_that_box_alone_not_of_its_neighbours():
+    img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    top, left, h, w = torch.tensor([3, 0]), torch.tensor([5, 9]), torch.tensor([25, 32]), torch.tensor([27, 21])
+    out = resized_crop(img, top, left, h, w, 32)
+    for b in range(2):
+        box = img[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
+        expected = F.interpolate(box, size=32, mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-3)
+
+
+def test_whole_image_crop_matches_the_cpu_pipelines_resize_to_within_uint8_rounding():
+    grey = torch.randint(0, 256, (1, 1, 28, 28), dtype=torch.uint8)
+    loader = DeviceLoader(grey, torch.zeros(1, dtype=torch.long), 1, img_size=32)
+    whole = [torch.tensor([0]), torch.tensor([0]), torch.tensor([28]), torch.tensor([28])]
+    ours = torch.addcmul(loader.add_13, resized_crop(grey, *whole, 32), loader.mul_13)[0]
+    cpu = data.build_transform("none", 32)(grey[0].expand(3, -1, -1))  # what build_dataset does
+    assert (ours - cpu).abs().max() <= 1.01 / 255 / min(data.IMAGENET_STD)
+
+
+@pytest.mark.parametrize("family,scale", [("cnn", (0.8, 1.0)), ("vit", (0.67, 1.0))])
+def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop(family, scale):
+    torch.manual_seed(0)
+    tv = v2.RandomResizedCrop(32, scale=scale)
+    image = torch.zeros(1, 28, 28)
+    ref = torch.tensor([list(tv.make_params([image]).values()) for _ in range(4000)])  # top, left, h, w
+    ours = torch.stack(random_resized_crop_params(20000, 28, 28, scale, generator=torch.Generator().manual_seed(1)), 1)
+    assert ours.min() >= 0 and ((ours[:, 0] + ours[:, 2]) <= 28).all() and ((ours[:, 1] + ours[:, 3]) <= 28).all()
+    for k in range(4):  # each coordinate's histogram within sampling noise of torchvision's
+        hist_ref = torch.bincount(ref[:, k], minlength=29).float() / len(ref)
+        hist_ours = torch.bincount(ours[:, k], minlength=29).float() / len(ours)
+        assert (hist_ref - hist_ours).abs().max() < 0.03, k
+    area = (ours[:, 2] * ours[:, 3]).float() / 28**2
+    assert area.min() >= scale[0] - 0.05 and area.max() <= 1.0
+
+
+def test_device_loader_flips_half_of_the_images():
+    half = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    half[..., 14:] = 255  # right half white
+    loader = DeviceLoader(half.expand(4000, -1, -1, -1), torch.zeros(4000, dtype=torch.long), 4000, img_size=32)
+    img = loader.augment(loader.images_nchw, torch.Generator().manual_seed(0))
+    flipped = (img[:, 0, :, :16].mean(dim=(1, 2)) > img[:, 0, :, 16:].mean(dim=(1, 2))).float().mean()
+    assert 0.46 < flipped < 0.54
+
+
+def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
+    img, labels = next(iter(device_loader("fake", "train", 8, "cpu", fake_size=16, family="vit")))
+    assert img.shape == (8, 3, 32, 32) and labels.shape == (8,)
+    with pytest.raises(data.DataError, match="too large"):
+        device_loader("imagenet", "train", 8, "cpu")
+    with pytest.raises(ValueError, match="exceeds"):
+        numbered_loader(10, 6, world_size=2)
