@@ -293,7 +293,7 @@ def build_loaded_encoder(source, cfg):
 
 
 def export_torchvision(encoder, path):
-    """Write `encoder` so that `torchvision.models.<arch>().load_state_dict(torch.load(path))` works.
+    """Write `encoder` so that `torchvision.models.<arch>().load_state_dict(torch.load(path, weights_only=True))` works.
 
     Only encoders that *are* torchvision's model fit: standard width and the standard stem (a
     ResNet's 7×7 conv + max-pool), i.e. pre-trained at img_size > 64 at the standard width.
