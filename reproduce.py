@@ -1,0 +1,336 @@
+"""Reproduce the README "Results" tables on Fashion-MNIST with one command (issue 8).
+
+    python reproduce.py --budget full                  # the main table, ≤ 2.5 h on a 2-core CPU (estimate below)
+    python reproduce.py --budget full --only ablations # the ResNet ablations, ~1 h more
+    python reproduce.py --budget full --table --plot   # print the tables, write results/loss_curves.png
+    python reproduce.py                                # smoke budget: all 16 steps, tiny, ~5 min (ResNet only ~2)
+
+What runs: train.py pre-trains each encoder of EXPERIMENTS (A²MIM and SimMIM, same budget and
+settings for both), then eval_linear.py evaluates every checkpoint and a random-init baseline per
+arch: a linear probe on the full training set, and fine-tuning on 100 labels per class (1,000
+images) for seeds 1, 2, 3 (`--seed S --subset-seed S`: the subset and the run change together).
+Results are eval_linear.py's own JSON lines (`--results`); this script only adds results/runs.jsonl
+(command, seconds, machine) and reads everything back for `--table` and `--plot`.
+
+Every step is a subprocess (`python3 train.py ...`), so threads and memory start clean each time.
+Finished work is skipped: a checkpoint that reached its epochs (or --max-steps), a result line
+with the same checkpoint, mode, label count and seed. So after an interruption, run the same
+command again; train.py resumes a half-finished run from its folder by itself.
+
+The smoke budget writes to results/smoke and out/repro_smoke, never into the real results.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+# ---------------------------------------------------------------------------------------------
+# What to run. Same pre-training settings for both methods: the comparison is not tuned for one.
+# ---------------------------------------------------------------------------------------------
+
+# Main table: (arch, method) pairs pre-trained on Fashion-MNIST at 32 px.
+EXPERIMENTS = [
+    dict(name="a2mim_resnet18", arch="resnet18", method="a2mim", args=["--width", "16"]),
+    dict(name="simmim_resnet18", arch="resnet18", method="simmim", args=["--width", "16"]),
+    dict(name="a2mim_vit_tiny", arch="vit_tiny", method="a2mim", args=[]),
+    dict(name="simmim_vit_tiny", arch="vit_tiny", method="simmim", args=[]),
+]
+RANDOM_INIT = {"resnet18": ["--width", "16"], "vit_tiny": []}  # the baseline encoder per arch
+
+# Ablations (§5 of the paper, ResNet only): one change each against the A²MIM default
+# (mask block 4 px = img/8, ratio 0.6, Fourier loss on, mean fill, token at layer4's input, γ gate).
+ABLATIONS = [
+    dict(name="default", change="none (A²MIM defaults)", args=[]),
+    dict(name="mask2", change="mask block 2 px", args=["--mask-patch-size", "2"]),
+    dict(name="mask8", change="mask block 8 px", args=["--mask-patch-size", "8"]),
+    dict(name="ratio0.4", change="mask ratio 0.4", args=["--mask-ratio", "0.4"]),
+    dict(name="ratio0.8", change="mask ratio 0.8", args=["--mask-ratio", "0.8"]),
+    dict(name="no_fft", change="Fourier loss off", args=["--fft-weight", "0"]),
+    dict(name="zero_fill", change="zero fill", args=["--fill", "zero"]),
+    dict(name="token_stem", change="token at the stem", args=["--token-at", "stem"]),
+    dict(name="no_gamma", change="γ gate off (add)", args=["--token-mode", "add"]),
+]
+
+# Budgets. Time estimates for `full` on an idle 2-core CPU, from the default job (2 epochs of
+# ResNet-18/16 = 4 min 47 s, so ~145 s an epoch; vit_tiny ~3.5× slower, ~510 s an epoch):
+#   pre-training  ResNet 2 × 5 epochs ≈ 24 min; ViT 2 × 3 epochs ≈ 51 min
+#   probes        6 × features of 70k images: ResNet ~1 min, ViT ~3 min each ≈ 12 min
+#   fine-tunes    6 encoders × 3 seeds × 20 epochs of 1,000 images + one 10k val pass
+#                 (measured: ~8 s ResNet, ~25 s ViT): ResNet ~1 min, ViT ~3 min each ≈ 36 min
+#   main table ≈ 123 min + 28 process start-ups (~5 s each) ≈ 2 h 6 min ≤ 2.5 h. Estimates until run:
+#   results/runs.jsonl records the real seconds of every step.
+#   ablations: 9 × (2 epochs ≈ 5 min + probe 1 min + 1 fine-tune 1 min) ≈ 63 min, separately.
+BUDGETS = {
+    "smoke": dict(
+        pretrain={"resnet18": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
+                  "vit_tiny": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"]},
+        ablation_pretrain=["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
+        probe=["--epochs", "1", "--labels-per-class", "10"],
+        finetune=["--epochs", "1", "--batch-size", "50"], labels_per_class=10, seeds=[1],
+        results_dir=os.path.join("results", "smoke"), runs_dir=os.path.join("out", "repro_smoke")),
+    "full": dict(
+        pretrain={"resnet18": ["--epochs", "5"], "vit_tiny": ["--epochs", "3"]},
+        ablation_pretrain=["--epochs", "2"],
+        probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
+        finetune=["--epochs", "20"], labels_per_class=100, seeds=[1, 2, 3],
+        results_dir="results", runs_dir=os.path.join("out", "repro")),
+}
+MAIN_RESULTS, ABLATION_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl"
+
+
+class StepFailed(Exception):
+    """A sub-command exited non-zero: one sentence, exit 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The job list: every command of a budget, in order, with what marks it as done.
+# ---------------------------------------------------------------------------------------------
+
+
+def pretrain_job(name, arch, args, budget_args, runs_dir, data):
+    cmd = ["train.py", "--arch", arch, *args, "--data", data, *budget_args,
+           "--out-dir", runs_dir, "--run-name", name]
+    return dict(kind="pretrain", name=name, cmd=cmd, checkpoint=os.path.join(runs_dir, name, "checkpoint.pt"),
+                epochs=int(_flag(cmd, "--epochs")), max_steps=int(_flag(cmd, "--max-steps") or 0))
+
+
+def eval_jobs(name, source, b, results, data, seeds):
+    """One probe and one fine-tune per seed for an encoder; `source` = eval_linear's encoder flags."""
+    jobs = [dict(kind="eval", name=name, mode="probe", seed=1, labels=_labels(b["probe"]), results=results,
+                 cmd=["eval_linear.py", *source, "--data", data, *b["probe"], "--seed", "1", "--results", results])]
+    for s in seeds:
+        ft = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *b["finetune"]]
+        jobs.append(dict(kind="eval", name=name, mode="finetune", seed=s, labels=b["labels_per_class"],
+                         results=results, cmd=["eval_linear.py", *source, "--data", data, *ft, "--seed", str(s),
+                                               "--subset-seed", str(s), "--results", results]))
+    return jobs
+
+
+def build_jobs(args):
+    b = BUDGETS[args.budget]
+    jobs = []
+    if args.only in ("main", "all"):
+        results = os.path.join(args.results_dir, MAIN_RESULTS)
+        for e in (e for e in EXPERIMENTS if e["arch"] in args.archs):
+            pre = pretrain_job(e["name"], e["arch"], ["--method", e["method"], *e["args"]],
+                               b["pretrain"][e["arch"]], args.runs_dir, args.data)
+            jobs += [pre, *eval_jobs(e["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"])]
+        for arch in (a for a in RANDOM_INIT if a in args.archs):
+            source = ["--init", "random", "--arch", arch, *RANDOM_INIT[arch]]
+            jobs += eval_jobs(f"random_{arch}", source, b, results, args.data, b["seeds"])
+    if args.only in ("ablations", "all") and "resnet18" in args.archs:
+        results = os.path.join(args.results_dir, ABLATION_RESULTS)
+        for a in ABLATIONS:
+            pre = pretrain_job(f"ablation_{a['name']}", "resnet18", ["--method", "a2mim", "--width", "16", *a["args"]],
+                               b["ablation_pretrain"], args.runs_dir, args.data)
+            jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"][:1])]
+    return jobs
+
+
+def _flag(cmd, flag):
+    return cmd[cmd.index(flag) + 1] if flag in cmd else None
+
+
+def _labels(flags):
+    value = _flag(flags, "--labels-per-class")
+    return int(value) if value else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Skipping finished work, running the rest.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def result_key(record):
+    """What identifies one evaluation: encoder (checkpoint path, or 'random <arch>'), mode, labels, seed."""
+    encoder = record["checkpoint"] or f"random {record['arch']}"
+    return encoder, record["mode"], record["labels_per_class"], record["config"]["seed"]
+
+
+def job_key(job):
+    cmd = job["cmd"]
+    encoder = _flag(cmd, "--checkpoint") or f"random {_flag(cmd, '--arch')}"
+    return encoder, job["mode"], job["labels"], job["seed"]
+
+
+def is_done(job):
+    if job["kind"] == "eval":
+        return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
+    if not os.path.exists(job["checkpoint"]):
+        return False
+    import torch  # only here: the rest of this script needs no torch
+
+    state = torch.load(job["checkpoint"], map_location="cpu", weights_only=False)
+    return state["epoch"] >= job["epochs"] or bool(job["max_steps"]) and state["step"] >= job["max_steps"]
+
+
+def machine():
+    name = platform.processor()
+    if not name and os.path.exists("/proc/cpuinfo"):  # platform.processor() is often empty on Linux
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return f"{name or platform.machine()}, {os.cpu_count()} cores"
+
+
+def run_job(job, runs_log, budget):
+    """Run one command in this folder; record its wall-clock in runs.jsonl, or raise StepFailed."""
+    cmd = [sys.executable, *job["cmd"]]
+    shown = "python3 " + shlex.join(job["cmd"])
+    print(f"\n>>> {shown}", flush=True)
+    start = time.time()
+    rc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    seconds = time.time() - start
+    if rc != 0:
+        raise StepFailed(f"`{shown}` exited with status {rc} (its output is above); fix it and rerun, finished steps are kept")
+    os.makedirs(os.path.dirname(runs_log) or ".", exist_ok=True)
+    with open(runs_log, "a") as f:
+        f.write(json.dumps(dict(name=job["name"], kind=job["kind"], command=shown, seconds=round(seconds, 1),
+                                budget=budget, machine=machine(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back: markdown tables and loss curves.
+# ---------------------------------------------------------------------------------------------
+
+
+def lookup(jobs, results_by_key, name, mode):
+    """top-1 of the named encoder's results in one mode, in seed order (missing ones left out)."""
+    keys = [job_key(j) for j in jobs if j["kind"] == "eval" and j["name"] == name and j["mode"] == mode]
+    return [results_by_key[k]["top1"] for k in keys if k in results_by_key]
+
+
+def mean_std(values):
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+
+
+def print_tables(jobs, args):
+    b = BUDGETS[args.budget]
+    results = {}
+    for name in (MAIN_RESULTS, ABLATION_RESULTS):
+        results |= {result_key(r): r for r in read_jsonl(os.path.join(args.results_dir, name))}
+    ft = f"{10 * b['labels_per_class']}-label fine-tune top-1"
+    rows = [(e["arch"], e["method"], e["name"]) for e in EXPERIMENTS] + [(a, "random init", f"random_{a}") for a in RANDOM_INIT]
+    rows = [r for r in rows if any(j["name"] == r[2] for j in jobs)]
+    if rows:
+        print(f"\n## Fashion-MNIST, budget {args.budget}\n\n| arch | pre-training | linear probe top-1 | {ft} |\n|---|---|---|---|")
+        for arch, method, name in rows:
+            print(f"| {arch} | {method} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
+                  f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
+    abl = [a for a in ABLATIONS if any(j["name"] == f"ablation_{a['name']}" for j in jobs)]
+    if abl:
+        print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | {ft} |\n|---|---|---|")
+        for a in abl:
+            name = f"ablation_{a['name']}"
+            print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
+                  f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
+    runs = read_jsonl(os.path.join(args.results_dir, "runs.jsonl"))
+    if runs:
+        print(f"\n## Commands and wall-clock ({runs[-1]['machine']})\n\n| seconds | command |\n|---|---|")
+        for r in runs:
+            print(f"| {r['seconds']:.0f} | `{r['command']}` |")
+        print(f"| {sum(r['seconds'] for r in runs):.0f} | total |")
+
+
+def plot_losses(jobs, path):
+    """One panel per pre-training run: total loss and its spatial / Fourier parts against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(j["name"], read_jsonl(os.path.join(os.path.dirname(j["checkpoint"]), "log.jsonl")))
+            for j in jobs if j["kind"] == "pretrain"]
+    runs = [(name, log) for name, log in runs if log]
+    if not runs:
+        print("no pre-training logs yet: nothing to plot")
+        return
+    cols = min(4, len(runs))
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, log) in zip(axes.flat, runs):
+        steps = [r["step"] for r in log]
+        for key in ("loss", "loss_spatial", "loss_freq"):
+            if all(key in r for r in log):
+                ax.plot(steps, [r[key] for r in log], label=key, lw=1, marker="o" if len(log) < 20 else None, ms=2)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    print(f"wrote {path} ({len(runs)} runs, {os.path.getsize(path) // 1024} KB)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--budget", choices=tuple(BUDGETS), default="smoke", help="smoke: a few steps of everything; full: the README table")
+    a("--only", choices=("main", "ablations", "all"), default="main", help="which table to run (default main)")
+    a("--archs", nargs="+", choices=tuple(RANDOM_INIT), default=list(RANDOM_INIT), help="restrict to these encoders")
+    a("--data", default="fashion-mnist", help="dataset for every step (tests use 'fake')")
+    a("--results-dir", help="JSONL results, runs.jsonl, plot (default: the budget's, results/ or results/smoke/)")
+    a("--runs-dir", help="pre-training run folders (default: the budget's; with --results-dir: RESULTS_DIR/runs)")
+    a("--table", action="store_true", help="print the markdown tables and exit (no training)")
+    a("--plot", action="store_true", help="write RESULTS_DIR/loss_curves.png and exit (no training)")
+    a("--dry-run", action="store_true", help="print the commands that would run, and exit")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    b = BUDGETS[args.budget]
+    args.runs_dir = args.runs_dir or (os.path.join(args.results_dir, "runs") if args.results_dir else b["runs_dir"])
+    args.results_dir = args.results_dir or b["results_dir"]
+    jobs = build_jobs(args)
+    if args.table or args.plot:
+        if args.table:
+            print_tables(jobs, args)
+        if args.plot:
+            plot_losses(jobs, os.path.join(args.results_dir, "loss_curves.png"))
+        return 0
+    if args.dry_run:
+        print("\n".join(f"{'done ' if is_done(j) else 'todo '} python3 {shlex.join(j['cmd'])}" for j in jobs))
+        return 0
+    start, ran = time.time(), 0
+    try:
+        for job in jobs:
+            if is_done(job):
+                print(f"skip (done): python3 {shlex.join(job['cmd'])}")
+                continue
+            run_job(job, os.path.join(args.results_dir, "runs.jsonl"), args.budget)
+            ran += 1
+    except StepFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{args.budget} budget: ran {ran} of {len(jobs)} steps in {time.time() - start:.0f} s; results in "
+          f"{args.results_dir}. Tables: python3 reproduce.py --budget {args.budget} --only {args.only} --table")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""reproduce.py drives train.py and eval_linear.py; these tests run its smoke budget on fake data."""
+import json
+import os
+
+import pytest
+
+import reproduce
+
+ARGS = ["--budget", "smoke", "--only", "main", "--archs", "resnet18", "--data", "fake"]
+
+
+def lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of the ResNet rows: 2 pre-trainings, 3 probes, 3 fine-tunes (~1 min)."""
+    out = tmp_path_factory.mktemp("repro")
+    assert reproduce.main([*ARGS, "--results-dir", str(out)]) == 0
+    return out
+
+
+def test_probe_and_finetune_line_for_a2mim_simmim_and_random_init(smoke):
+    records = lines(smoke / "fashion_mnist.jsonl")
+    probes = {(r["init"], r["config"]["pretrain_method"]) for r in records if r["mode"] == "probe"}
+    assert probes == {("checkpoint", "a2mim"), ("checkpoint", "simmim"), ("random", None)}
+    finetunes = [r for r in records if r["mode"] == "finetune"]
+    assert len(finetunes) == 3 and all(r["config"]["seed"] == r["config"]["subset_seed"] == 1 for r in finetunes)
+
+
+def test_rerun_skips_every_finished_step(smoke, capsys):
+    before = [len(lines(smoke / name)) for name in ("fashion_mnist.jsonl", "runs.jsonl")]
+    assert before[1] == 8  # every step ran once and was timed
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke)]) == 0
+    assert [len(lines(smoke / name)) for name in ("fashion_mnist.jsonl", "runs.jsonl")] == before
+    assert capsys.readouterr().out.count("skip (done)") == 8
+
+
+def test_table_has_one_row_per_arch_and_method(smoke, capsys):
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--table"]) == 0
+    out = capsys.readouterr().out
+    for method in ("a2mim", "simmim", "random init"):
+        rows = [line for line in out.splitlines() if line.startswith(f"| resnet18 | {method} |")]
+        assert len(rows) == 1 and "—" not in rows[0], out
+    assert "python3 train.py --arch resnet18 --method a2mim" in out  # the exact commands, timed
+
+
+def test_plot_writes_a_small_png_of_the_loss_parts(smoke):
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--plot"]) == 0
+    png = smoke / "loss_curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size <= 150 * 1024
+
+
+def test_failing_step_stops_with_exit_2_naming_the_command(tmp_path, capsys):
+    assert reproduce.main([*ARGS[:-1], "no-such-data", "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "`python3 train.py" in err and "exited with status 2" in err
+    assert not os.path.exists(tmp_path / "runs.jsonl")
+
+
+def test_smoke_budget_never_writes_into_the_full_results():
+    smoke, full = reproduce.BUDGETS["smoke"], reproduce.BUDGETS["full"]
+    assert smoke["results_dir"] != full["results_dir"] and smoke["runs_dir"] != full["runs_dir"]
+    assert full["seeds"] == [1, 2, 3] and full["labels_per_class"] == 100
