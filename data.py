@@ -317,6 +317,7 @@ class _FakeImages(Dataset):
         return self.size
 
     def __getitem__(self, index):
+        index = int(index)  # a Subset built from a tensor passes 0-d tensors
         if not 0 <= index < self.size:
             raise IndexError(f"fake index {index} outside 0..{self.size - 1}")
         label = index % self.num_classes
