@@ -170,9 +170,9 @@ def is_done(job):
         return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
     if not os.path.exists(job["checkpoint"]):
         return False
-    import torch  # only here: the rest of this script needs no torch
+    from train import load_checkpoint  # only here: the rest of this script needs no torch
 
-    state = torch.load(job["checkpoint"], map_location="cpu", weights_only=False)
+    state = load_checkpoint(job["checkpoint"])  # weights_only=True, our format checked
     return state["epoch"] >= job["epochs"] or bool(job["max_steps"]) and state["step"] >= job["max_steps"]
 
 
