@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import train
-from models import ARCHS, SMALL_INPUT, build_encoder
+from models import ARCHS, SMALL_INPUT, arch_family, build_encoder
 
 VARIANTS = ("supervised", "a2mim")
 
@@ -243,7 +243,7 @@ def peak_memory(variant, cfg, env, precision, img, labels, compile_model=False):
 
 def build_loaders(args, cfg, env):
     """{description: loader} for --loader: the CPU DataLoader, and data.device_loader if it applies."""
-    family = "vit" if cfg["arch"].startswith("vit") else "cnn"
+    family = arch_family(cfg["arch"])
     S, B = cfg["img_size"], cfg["batch_size"]
     ds = data.build_dataset(args.loader, "train", data_dir=args.data_dir, img_size=S, family=family,
                             download=args.download)

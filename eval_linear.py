@@ -53,7 +53,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import data
-from models import ARCHS, ResNet, build_encoder, torchvision_state_dict
+from models import ARCHS, ResNet, arch_family, build_encoder, torchvision_state_dict
 from train import (PRECISIONS, CheckpointError, atomic_save, autocast, cleanup_distributed, load_checkpoint, lr_at,
                    one_line, param_groups, resolve_precision, set_lr, setup_distributed)
 
@@ -167,7 +167,7 @@ def resolve_config(args, source, world_size):
     """Merge the layers, fill family defaults, derive global batch and lr, check combinations."""
     mode = "finetune" if args.finetune else "probe"
     arch = source["encoder_kwargs"]["arch"]
-    family = "vit" if arch.startswith("vit") else "cnn"
+    family = arch_family(arch)
     cli = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS[mode]}
     if cli.get("data", source["data"]) != source["data"]:
         source = source | dict(data_dir=None)  # the checkpoint's data dir belongs to its own dataset

@@ -335,6 +335,11 @@ def token_site(encoder, token_at=None):
 ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
 
 
+def arch_family(arch):
+    """"vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
+    return "vit" if arch in VIT_CONFIGS else "cnn"
+
+
 def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
     """Build an encoder by name (see `ARCHS`).
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import data
 from a2mim import A2MIM
-from models import ARCHS, build_encoder
+from models import ARCHS, arch_family, build_encoder
 
 # ---------------------------------------------------------------------------------------------
 # Distributed set-up: one code path for 1 CPU process, 8 GPUs, or many nodes (torchrun env vars).
@@ -568,7 +568,7 @@ def build_train_loader(cfg, env):
     """The pre-training batches and the number of images. Small datasets on a GPU live on the
     device as uint8 and are augmented there, batched (data.device_loader), so the GPU never
     waits for CPU workers; everything else goes through a DataLoader."""
-    family = "vit" if cfg["arch"].startswith("vit") else "cnn"
+    family = arch_family(cfg["arch"])
     on_device = cfg["device_data"] == "on" or (
         cfg["device_data"] == "auto" and env.device.type == "cuda" and cfg["data"] in data.DEVICE_DATASETS)
     if on_device:
