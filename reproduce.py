@@ -27,7 +27,10 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 
 # ---------------------------------------------------------------------------------------------
 # What to run. Same pre-training settings for both methods: the comparison is not tuned for one.
@@ -71,16 +74,27 @@ BUDGETS = {
                   "vit_tiny": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"]},
         ablation_pretrain=["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
         probe=["--epochs", "1", "--labels-per-class", "10"],
-        finetune=["--epochs", "1", "--batch-size", "50"], labels_per_class=10, seeds=[1],
+        finetune=["--epochs", "1", "--batch-size", "50"], ablation_finetune=["--epochs", "1", "--batch-size", "50"],
+        labels_per_class=10, seeds=[1],
+        sweep=dict(pretrain=["--epochs", "1", "--max-steps", "5", "--vis-every", "0"], epochs=1,
+                   batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
         results_dir=os.path.join("results", "smoke"), runs_dir=os.path.join("out", "repro_smoke")),
     "full": dict(
         pretrain={"resnet18": ["--epochs", "5"], "vit_tiny": ["--epochs", "3"]},
         ablation_pretrain=["--epochs", "2"],
         probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
-        finetune=["--epochs", "20"], labels_per_class=100, seeds=[1, 2, 3],
+        # Fine-tuning recipe: picked on RANDOM INIT alone (so it cannot favour either method) from
+        # a grid of batch {32, 128} x blr {1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2}, 20 epochs, 2 seeds,
+        # on an H100 (results/ft_sweep.jsonl; README "Results"): the best mean of ResNet-18/16 and
+        # ViT-tiny. eval_linear's default (batch 128, blr 1e-3) left random init ~35 points short.
+        finetune=["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"], labels_per_class=100, seeds=[1, 2, 3],
+        # The ablations ran before that sweep, with eval_linear's default recipe (what the README reports).
+        ablation_finetune=["--epochs", "20"],
+        sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20,
+                   batch_sizes=[32, 128], blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
         results_dir="results", runs_dir=os.path.join("out", "repro")),
 }
-MAIN_RESULTS, ABLATION_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl"
+MAIN_RESULTS, ABLATION_RESULTS, SWEEP_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl", "ft_sweep.jsonl"
 
 
 class StepFailed(Exception):
@@ -99,12 +113,12 @@ def pretrain_job(name, arch, args, budget_args, runs_dir, data):
                 epochs=int(_flag(cmd, "--epochs")), max_steps=int(_flag(cmd, "--max-steps") or 0))
 
 
-def eval_jobs(name, source, b, results, data, seeds):
+def eval_jobs(name, source, b, results, data, seeds, finetune_args):
     """One probe and one fine-tune per seed for an encoder; `source` = eval_linear's encoder flags."""
     jobs = [dict(kind="eval", name=name, mode="probe", seed=1, labels=_labels(b["probe"]), results=results,
                  cmd=["eval_linear.py", *source, "--data", data, *b["probe"], "--seed", "1", "--results", results])]
     for s in seeds:
-        ft = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *b["finetune"]]
+        ft = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *finetune_args]
         jobs.append(dict(kind="eval", name=name, mode="finetune", seed=s, labels=b["labels_per_class"],
                          results=results, cmd=["eval_linear.py", *source, "--data", data, *ft, "--seed", str(s),
                                                "--subset-seed", str(s), "--results", results]))
@@ -119,16 +133,45 @@ def build_jobs(args):
         for e in (e for e in EXPERIMENTS if e["arch"] in args.archs):
             pre = pretrain_job(e["name"], e["arch"], ["--method", e["method"], *e["args"]],
                                b["pretrain"][e["arch"]], args.runs_dir, args.data)
-            jobs += [pre, *eval_jobs(e["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"])]
+            jobs += [pre, *eval_jobs(e["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"], b["finetune"])]
         for arch in (a for a in RANDOM_INIT if a in args.archs):
             source = ["--init", "random", "--arch", arch, *RANDOM_INIT[arch]]
-            jobs += eval_jobs(f"random_{arch}", source, b, results, args.data, b["seeds"])
+            jobs += eval_jobs(f"random_{arch}", source, b, results, args.data, b["seeds"], b["finetune"])
     if args.only in ("ablations", "all") and "resnet18" in args.archs:
         results = os.path.join(args.results_dir, ABLATION_RESULTS)
         for a in ABLATIONS:
             pre = pretrain_job(f"ablation_{a['name']}", "resnet18", ["--method", "a2mim", "--width", "16", *a["args"]],
                                b["ablation_pretrain"], args.runs_dir, args.data)
-            jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"][:1])]
+            jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"],
+                                         b["ablation_finetune"])]
+    if args.only == "sweep":
+        jobs += sweep_jobs(args, b)
+    return jobs
+
+
+def sweep_jobs(args, b):
+    """The fine-tuning recipe search: every (batch, blr) of the grid for random init and for short
+    A²MIM / SimMIM pre-trainings of the ResNet. The main table's recipe is the grid point with the
+    best random-init mean (so the choice cannot favour either method); the rest is reported too."""
+    sw, results = b["sweep"], os.path.join(args.results_dir, SWEEP_RESULTS)
+    jobs, sources = [], []
+    if "resnet18" in args.archs:
+        for method in ("a2mim", "simmim"):
+            pre = pretrain_job(f"sweep_{method}_resnet18", "resnet18", ["--method", method, "--width", "16"],
+                               sw["pretrain"], args.runs_dir, args.data)
+            jobs.append(pre)
+            sources.append((pre["name"], ["--checkpoint", pre["checkpoint"]]))
+    sources += [(f"sweep_random_{a}", ["--init", "random", "--arch", a, *RANDOM_INIT[a]]) for a in RANDOM_INIT if a in args.archs]
+    for seed in sw["seeds"]:
+        for batch in sw["batch_sizes"]:
+            for blr in sw["blrs"]:
+                for name, source in sources:
+                    flags = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), "--epochs", str(sw["epochs"]),
+                             "--batch-size", str(batch), "--blr", f"{blr:g}"]
+                    jobs.append(dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"],
+                                     results=results, recipe=(batch, blr),
+                                     cmd=["eval_linear.py", *source, "--data", args.data, *flags, "--seed", str(seed),
+                                          "--subset-seed", str(seed), "--results", results]))
     return jobs
 
 
@@ -159,6 +202,10 @@ def result_key(record):
     return encoder, record["mode"], record["labels_per_class"], record["config"]["seed"]
 
 
+def recipe(record):
+    return record["config"]["batch_size"], record["config"]["blr"]
+
+
 def job_key(job):
     cmd = job["cmd"]
     encoder = _flag(cmd, "--checkpoint") or f"random {_flag(cmd, '--arch')}"
@@ -166,8 +213,9 @@ def job_key(job):
 
 
 def is_done(job):
-    if job["kind"] == "eval":
-        return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
+    if job["kind"] == "eval":  # sweep jobs also match on their (batch, blr)
+        return any(result_key(r) == job_key(job) and job.get("recipe", recipe(r)) == recipe(r)
+                   for r in read_jsonl(job["results"]))
     if not os.path.exists(job["checkpoint"]):
         return False
     from train import load_checkpoint  # only here: the rest of this script needs no torch
@@ -176,28 +224,62 @@ def is_done(job):
     return state["epoch"] >= job["epochs"] or bool(job["max_steps"]) and state["step"] >= job["max_steps"]
 
 
+@lru_cache(maxsize=None)
 def machine():
-    name = platform.processor()
-    if not name and os.path.exists("/proc/cpuinfo"):  # platform.processor() is often empty on Linux
+    """'<CPU model>, N cores', plus the GPU's name where nvidia-smi sees one (the steps then run on it)."""
+    name = ""
+    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is empty or just "x86_64" on Linux
         with open("/proc/cpuinfo") as f:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{name or platform.machine()}, {os.cpu_count()} cores"
+    name = name or platform.processor()
+    gpu = ""
+    try:
+        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+        gpu = ", ".join(query.stdout.split("\n")[:1]).strip() if query.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        pass  # no NVIDIA driver: a CPU machine
+    return f"{name or platform.machine()}, {os.cpu_count()} cores" + (f"; GPU {gpu}" if gpu else "")
 
 
-def run_job(job, runs_log, budget):
-    """Run one command in this folder; record its wall-clock in runs.jsonl, or raise StepFailed."""
+_runs_log_lock = threading.Lock()  # --jobs N: several threads append to runs.jsonl
+
+
+def run_job(job, runs_log, budget, log_path=None):
+    """Run one command in this folder; record its wall-clock in runs.jsonl, or raise StepFailed.
+
+    log_path=None: the command's output goes to this terminal. With --jobs N > 1 it goes to a
+    file per step (interleaved progress bars would be unreadable), named in any error."""
     cmd = [sys.executable, *job["cmd"]]
     shown = "python3 " + shlex.join(job["cmd"])
-    print(f"\n>>> {shown}", flush=True)
+    print(f"\n>>> {shown}" + (f"   (output: {log_path})" if log_path else ""), flush=True)
     start = time.time()
-    rc = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    cwd = os.path.dirname(os.path.abspath(__file__))
+    if log_path:
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        with open(log_path, "a") as log:
+            rc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
+    else:
+        rc = subprocess.run(cmd, cwd=cwd).returncode
     seconds = time.time() - start
     if rc != 0:
-        raise StepFailed(f"`{shown}` exited with status {rc} (its output is above); fix it and rerun, finished steps are kept")
-    os.makedirs(os.path.dirname(runs_log) or ".", exist_ok=True)
-    with open(runs_log, "a") as f:
-        f.write(json.dumps(dict(name=job["name"], kind=job["kind"], command=shown, seconds=round(seconds, 1),
-                                budget=budget, machine=machine(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))) + "\n")
+        where = f"see {log_path}" if log_path else "its output is above"
+        raise StepFailed(f"`{shown}` exited with status {rc} ({where}); fix it and rerun, finished steps are kept")
+    with _runs_log_lock:
+        os.makedirs(os.path.dirname(runs_log) or ".", exist_ok=True)
+        with open(runs_log, "a") as f:
+            f.write(json.dumps(dict(name=job["name"], kind=job["kind"], command=shown, seconds=round(seconds, 1),
+                                    budget=budget, machine=machine(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))) + "\n")
+    if log_path:
+        print(f"done in {seconds:.0f} s: {shown}", flush=True)
+
+
+def log_path(job, runs_dir):
+    """Where a step's output goes when several run at once: one file per step, in RUNS_DIR."""
+    parts = [job["name"]] + ([] if job["kind"] == "pretrain" else [job["mode"], f"seed{job['seed']}"])
+    if "recipe" in job:
+        parts.append("b{}_blr{:g}".format(*job["recipe"]))
+    return os.path.join(runs_dir, "logs", "_".join(parts) + ".log")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +321,35 @@ def print_tables(jobs, args):
             name = f"ablation_{a['name']}"
             print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
                   f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
-    runs = read_jsonl(os.path.join(args.results_dir, "runs.jsonl"))
-    if runs:
-        print(f"\n## Commands and wall-clock ({runs[-1]['machine']})\n\n| seconds | command |\n|---|---|")
-        for r in runs:
+    if args.only in ("sweep", "all"):
+        print_sweep(read_jsonl(os.path.join(args.results_dir, SWEEP_RESULTS)), b)
+    names = {j["name"] for j in jobs}
+    runs = [r for r in read_jsonl(os.path.join(args.results_dir, "runs.jsonl")) if r["name"] in names]
+    for where in dict.fromkeys(r["machine"] for r in runs):  # one table per machine, in order
+        mine = [r for r in runs if r["machine"] == where]
+        print(f"\n## Commands and wall-clock ({where})\n\n| seconds | command |\n|---|---|")
+        for r in mine:
             print(f"| {r['seconds']:.0f} | `{r['command']}` |")
-        print(f"| {sum(r['seconds'] for r in runs):.0f} | total |")
+        print(f"| {sum(r['seconds'] for r in mine):.0f} | total (steps that ran side by side overlap) |")
+
+
+def print_sweep(records, b):
+    """Fine-tune top-1 over the (batch, blr) grid: one row per encoder, mean ± std over seeds."""
+    if not records:
+        return
+    grid = [(bs, blr) for bs in b["sweep"]["batch_sizes"] for blr in b["sweep"]["blrs"]]
+    rows = {}
+    for r in records:
+        who = f"random init {r['arch']}" if r["init"] == "random" else f"{r['config']['pretrain_method']} {r['arch']}"
+        rows.setdefault(who, {}).setdefault(recipe(r), []).append(r["top1"])
+    order = sorted(rows, key=lambda who: (who.split()[-1], not who.startswith("random"), who))  # by arch, baseline first
+    print(f"\n## Fine-tuning recipe sweep ({10 * b['labels_per_class']} labels, {b['sweep']['epochs']} epochs; "
+          f"top-1, mean ± std over seeds {', '.join(map(str, b['sweep']['seeds']))})\n")
+    print("| batch | blr | " + " | ".join(order) + " |\n|---|---|" + "---|" * len(order))
+    for bs, blr in grid:
+        cells = [rows[who].get((bs, blr), []) for who in order]
+        print(f"| {bs} | {blr:g} | " + " | ".join(f"{statistics.mean(c):.1f} ± {statistics.stdev(c):.1f}" if len(c) > 1
+                                                   else f"{c[0]:.1f}" if c else "—" for c in cells) + " |")
 
 
 def plot_losses(jobs, path):
@@ -290,7 +395,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--budget", choices=tuple(BUDGETS), default="smoke", help="smoke: a few steps of everything; full: the README table")
-    a("--only", choices=("main", "ablations", "all"), default="main", help="which table to run (default main)")
+    a("--only", choices=("main", "ablations", "all", "sweep"), default="main",
+      help="which table to run (default main; all = main + ablations; sweep = the fine-tuning recipe search)")
     a("--archs", nargs="+", choices=tuple(RANDOM_INIT), default=list(RANDOM_INIT), help="restrict to these encoders")
     a("--data", default="fashion-mnist", help="dataset for every step (tests use 'fake')")
     a("--results-dir", help="JSONL results, runs.jsonl, plot (default: the budget's, results/ or results/smoke/)")
@@ -298,6 +404,9 @@ def get_parser():
     a("--table", action="store_true", help="print the markdown tables and exit (no training)")
     a("--plot", action="store_true", help="write RESULTS_DIR/loss_curves.png and exit (no training)")
     a("--dry-run", action="store_true", help="print the commands that would run, and exit")
+    a("--jobs", type=int, default=1, metavar="N",
+      help="run N steps at once (for a GPU, which these tiny models leave mostly idle; default 1): all "
+           "pre-trainings first, then all evaluations. Output goes to RUNS_DIR/logs/; per-step seconds overlap")
     return p
 
 
@@ -316,19 +425,42 @@ def main(argv=None):
     if args.dry_run:
         print("\n".join(f"{'done ' if is_done(j) else 'todo '} python3 {shlex.join(j['cmd'])}" for j in jobs))
         return 0
-    start, ran = time.time(), 0
+    if args.jobs < 1:
+        print(f"error: --jobs must be a positive number of parallel steps, got {args.jobs}", file=sys.stderr)
+        return 2
+    runs_log = os.path.join(args.results_dir, "runs.jsonl")
+    start, ran, failed = time.time(), [], threading.Event()
+
+    def run_one(job):
+        if failed.is_set():  # a step failed: start nothing new
+            return
+        if is_done(job):
+            print(f"skip (done): python3 {shlex.join(job['cmd'])}", flush=True)
+            return
+        try:
+            run_job(job, runs_log, args.budget, log_path(job, args.runs_dir) if args.jobs > 1 else None)
+        except StepFailed:
+            failed.set()
+            raise
+        ran.append(job)
+
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    # One at a time: the list's order (each encoder's evaluations right after its pre-training).
+    # N at a time: every pre-training first, then every evaluation (which needs its checkpoint).
+    phases = [jobs] if args.jobs == 1 else [[j for j in jobs if j["kind"] == "pretrain"],
+                                            [j for j in jobs if j["kind"] == "eval"]]
     try:
-        for job in jobs:
-            if is_done(job):
-                print(f"skip (done): python3 {shlex.join(job['cmd'])}")
-                continue
-            run_job(job, os.path.join(args.results_dir, "runs.jsonl"), args.budget)
-            ran += 1
+        for phase in phases:
+            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+                for future in [pool.submit(run_one, job) for job in phase]:
+                    future.result()  # the first failure is re-raised here (running steps finish first)
     except StepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{args.budget} budget: ran {ran} of {len(jobs)} steps in {time.time() - start:.0f} s; results in "
-          f"{args.results_dir}. Tables: python3 reproduce.py --budget {args.budget} --only {args.only} --table")
+    print(f"\n{args.budget} budget: ran {len(ran)} of {len(jobs)} steps in {time.time() - start:.0f} s"
+          f"{f' ({args.jobs} at a time)' if args.jobs > 1 else ''}; results in {args.results_dir}. "
+          f"Tables: python3 reproduce.py --budget {args.budget} --only {args.only} --table")
     return 0
 
 

@@ -64,3 +64,29 @@ def test_smoke_budget_never_writes_into_the_full_results():
     smoke, full = reproduce.BUDGETS["smoke"], reproduce.BUDGETS["full"]
     assert smoke["results_dir"] != full["results_dir"] and smoke["runs_dir"] != full["runs_dir"]
     assert full["seeds"] == [1, 2, 3] and full["labels_per_class"] == 100
+
+
+def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
+    """--only sweep --jobs 2: both pre-trainings, then every (batch, blr) fine-tune of the grid."""
+    args = ["--budget", "smoke", "--only", "sweep", "--archs", "resnet18", "--data", "fake", "--results-dir", str(tmp_path)]
+    assert reproduce.main([*args, "--jobs", "2"]) == 0
+    sweep = reproduce.BUDGETS["smoke"]["sweep"]
+    got = sorted((r["init"], r["config"]["pretrain_method"] or "", r["config"]["batch_size"], r["config"]["blr"])
+                 for r in lines(tmp_path / "ft_sweep.jsonl"))
+    want = sorted((init, method, bs, blr) for init, method in [("random", ""), ("checkpoint", "a2mim"), ("checkpoint", "simmim")]
+                  for bs in sweep["batch_sizes"] for blr in sweep["blrs"])
+    assert got == want
+    assert len(list((tmp_path / "runs" / "logs").glob("*.log"))) == 2 + len(want)  # one output file per step
+    capsys.readouterr()
+    assert reproduce.main([*args, "--jobs", "2"]) == 0  # everything is done: nothing reruns
+    assert capsys.readouterr().out.count("skip (done)") == 2 + len(want)
+    assert reproduce.main([*args, "--table"]) == 0
+    out = capsys.readouterr().out
+    assert "| batch | blr | random init resnet18 | a2mim resnet18 | simmim resnet18 |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 50 |")]
+    assert len(rows) == len(sweep["blrs"]) and not any("—" in row for row in rows), out
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), "--jobs", "0"]) == 2
+    assert "--jobs must be a positive number" in capsys.readouterr().err
