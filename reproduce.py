@@ -1,9 +1,14 @@
 """Reproduce the README "Results" tables on Fashion-MNIST with one command (issue 8).
 
-    python reproduce.py --budget full                  # the main table, ≤ 2.5 h on a 2-core CPU (estimate below)
-    python reproduce.py --budget full --only ablations # the ResNet ablations, ~1 h more
-    python reproduce.py --budget full --table --plot   # print the tables, write results/loss_curves.png
-    python reproduce.py                                # smoke budget: all 16 steps, tiny, ~5 min (ResNet only ~2)
+    python reproduce.py --budget full                  # the main table, ≤ 2.5 h on a 2-core CPU
+    python reproduce.py --budget full --only ablations # the ResNet ablations (~1.5 h on the CPU; ran on a GPU)
+    python reproduce.py --budget full --only sweep     # the fine-tuning recipe search (ran on a GPU)
+    python reproduce.py --budget full --only all --table --plot   # print the tables, write results/loss_curves.png
+    python reproduce.py                                # smoke budget: a few steps of everything, ~5 min
+    python reproduce.py --budget long --only all --jobs 8         # longer pre-training, for one GPU (not run yet)
+
+On a GPU add `--jobs N`: these small models leave it mostly idle, so N steps run side by side
+(all pre-trainings first, then all evaluations; each step's output in RUNS_DIR/logs/).
 
 What runs: train.py pre-trains each encoder of EXPERIMENTS (A²MIM and SimMIM, same budget and
 settings for both), then eval_linear.py evaluates every checkpoint and a random-init baseline per
@@ -14,7 +19,9 @@ Results are eval_linear.py's own JSON lines (`--results`); this script only adds
 
 Every step is a subprocess (`python3 train.py ...`), so threads and memory start clean each time.
 Finished work is skipped: a checkpoint that reached its epochs (or --max-steps), a result line
-with the same checkpoint, mode, label count and seed. So after an interruption, run the same
+with the same checkpoint, mode, label count and seed (and, in the sweep, batch and blr). A result
+line does not record the other fine-tuning flags, so after changing a recipe move the old lines
+out of the results file first. So after an interruption, run the same
 command again; train.py resumes a half-finished run from its folder by itself.
 
 The smoke budget writes to results/smoke and out/repro_smoke, never into the real results.
@@ -94,6 +101,15 @@ BUDGETS = {
                    batch_sizes=[32, 128], blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
         results_dir="results", runs_dir=os.path.join("out", "repro")),
 }
+# The same tables with 6-10x longer pre-training, for one GPU (`--budget long --only all --jobs 8`):
+# does a longer schedule turn A²MIM's probe gain into a fine-tuning gain (README "Results")?
+# Not run yet. From the H100 timings of the ablations (2 epochs of ResNet-18/16 in ~36 s with 9
+# runs side by side) a guess of 15-20 min for --only all: run --only main and --only ablations as
+# separate calls where one command may only run 10 min. Fine-tuning everywhere with the swept recipe.
+BUDGETS["long"] = BUDGETS["full"] | dict(
+    pretrain={"resnet18": ["--epochs", "30"], "vit_tiny": ["--epochs", "30"]},
+    ablation_pretrain=["--epochs", "10"], ablation_finetune=BUDGETS["full"]["finetune"],
+    results_dir=os.path.join("results", "long"), runs_dir=os.path.join("out", "repro_long"))
 MAIN_RESULTS, ABLATION_RESULTS, SWEEP_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl", "ft_sweep.jsonl"
 
 
@@ -394,7 +410,8 @@ def plot_losses(jobs, path):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--budget", choices=tuple(BUDGETS), default="smoke", help="smoke: a few steps of everything; full: the README table")
+    a("--budget", choices=tuple(BUDGETS), default="smoke",
+      help="smoke: a few steps of everything; full: the README tables; long: longer pre-training, for a GPU")
     a("--only", choices=("main", "ablations", "all", "sweep"), default="main",
       help="which table to run (default main; all = main + ablations; sweep = the fine-tuning recipe search)")
     a("--archs", nargs="+", choices=tuple(RANDOM_INIT), default=list(RANDOM_INIT), help="restrict to these encoders")
