@@ -19,10 +19,10 @@ Results are eval_linear.py's own JSON lines (`--results`); this script only adds
 
 Every step is a subprocess (`python3 train.py ...`), so threads and memory start clean each time.
 Finished work is skipped: a checkpoint that reached its epochs (or --max-steps), a result line
-with the same checkpoint, mode, label count and seed (and, in the sweep, batch and blr). A result
-line does not record the other fine-tuning flags, so after changing a recipe move the old lines
-out of the results file first. So after an interruption, run the same
-command again; train.py resumes a half-finished run from its folder by itself.
+with the same checkpoint, mode, label count, seed and recipe (epochs, batch, blr). So after an
+interruption, run the same command again; train.py resumes a half-finished run from its folder
+by itself. (Other fine-tuning flags are not compared: after changing one of those, move the old
+result lines out of the file first.)
 
 The smoke budget writes to results/smoke and out/repro_smoke, never into the real results.
 """
@@ -185,7 +185,7 @@ def sweep_jobs(args, b):
                     flags = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), "--epochs", str(sw["epochs"]),
                              "--batch-size", str(batch), "--blr", f"{blr:g}"]
                     jobs.append(dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"],
-                                     results=results, recipe=(batch, blr),
+                                     results=results,
                                      cmd=["eval_linear.py", *source, "--data", args.data, *flags, "--seed", str(seed),
                                           "--subset-seed", str(seed), "--results", results]))
     return jobs
@@ -213,25 +213,31 @@ def read_jsonl(path):
 
 
 def result_key(record):
-    """What identifies one evaluation: encoder (checkpoint path, or 'random <arch>'), mode, labels, seed."""
+    """What identifies one evaluation: encoder (checkpoint path, or 'random <arch>'), mode, labels,
+    seed, and the recipe (epochs, batch, blr), so a changed recipe is never taken for done."""
+    c = record["config"]
     encoder = record["checkpoint"] or f"random {record['arch']}"
-    return encoder, record["mode"], record["labels_per_class"], record["config"]["seed"]
+    return encoder, record["mode"], record["labels_per_class"], c["seed"], (c["epochs"], c["batch_size"], c["blr"])
 
 
-def recipe(record):
-    return record["config"]["batch_size"], record["config"]["blr"]
+def job_recipe(job):
+    """(epochs, batch, blr) an eval command will run with: its flags, else eval_linear's defaults."""
+    from eval_linear import DEFAULTS as EVAL_DEFAULTS  # no preset in these budgets
+
+    cmd, d = job["cmd"], EVAL_DEFAULTS[job["mode"]]
+    return (int(_flag(cmd, "--epochs") or d["epochs"]), int(_flag(cmd, "--batch-size") or d["batch_size"]),
+            float(_flag(cmd, "--blr") or d["blr"]))
 
 
 def job_key(job):
     cmd = job["cmd"]
     encoder = _flag(cmd, "--checkpoint") or f"random {_flag(cmd, '--arch')}"
-    return encoder, job["mode"], job["labels"], job["seed"]
+    return encoder, job["mode"], job["labels"], job["seed"], job_recipe(job)
 
 
 def is_done(job):
-    if job["kind"] == "eval":  # sweep jobs also match on their (batch, blr)
-        return any(result_key(r) == job_key(job) and job.get("recipe", recipe(r)) == recipe(r)
-                   for r in read_jsonl(job["results"]))
+    if job["kind"] == "eval":
+        return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
     if not os.path.exists(job["checkpoint"]):
         return False
     from train import load_checkpoint  # only here: the rest of this script needs no torch
@@ -293,8 +299,8 @@ def run_job(job, runs_log, budget, log_path=None):
 def log_path(job, runs_dir):
     """Where a step's output goes when several run at once: one file per step, in RUNS_DIR."""
     parts = [job["name"]] + ([] if job["kind"] == "pretrain" else [job["mode"], f"seed{job['seed']}"])
-    if "recipe" in job:
-        parts.append("b{}_blr{:g}".format(*job["recipe"]))
+    if job["kind"] == "eval":
+        parts.append("e{}_b{}_blr{:g}".format(*job_recipe(job)))
     return os.path.join(runs_dir, "logs", "_".join(parts) + ".log")
 
 
@@ -323,16 +329,24 @@ def print_tables(jobs, args):
     for name in (MAIN_RESULTS, ABLATION_RESULTS):
         results |= {result_key(r): r for r in read_jsonl(os.path.join(args.results_dir, name))}
     ft = f"{10 * b['labels_per_class']}-label fine-tune top-1"
+
+    def recipe(prefix):  # the fine-tuning recipe of these rows, for the header
+        found = [job_recipe(j) for j in jobs
+                 if j["kind"] == "eval" and j["mode"] == "finetune" and j["name"].startswith(prefix)]
+        return " (epochs {}, batch {}, blr {:g})".format(*found[0]) if found else ""
+
     rows = [(e["arch"], e["method"], e["name"]) for e in EXPERIMENTS] + [(a, "random init", f"random_{a}") for a in RANDOM_INIT]
     rows = [r for r in rows if any(j["name"] == r[2] for j in jobs)]
     if rows:
-        print(f"\n## Fashion-MNIST, budget {args.budget}\n\n| arch | pre-training | linear probe top-1 | {ft} |\n|---|---|---|---|")
+        print(f"\n## Fashion-MNIST, budget {args.budget}\n\n| arch | pre-training | linear probe top-1 | "
+              f"{ft}{recipe(rows[0][2])} |\n|---|---|---|---|")
         for arch, method, name in rows:
             print(f"| {arch} | {method} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
                   f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
     abl = [a for a in ABLATIONS if any(j["name"] == f"ablation_{a['name']}" for j in jobs)]
     if abl:
-        print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | {ft} |\n|---|---|---|")
+        print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | "
+              f"{ft}{recipe('ablation_')} |\n|---|---|---|")
         for a in abl:
             name = f"ablation_{a['name']}"
             print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
@@ -357,7 +371,7 @@ def print_sweep(records, b):
     rows = {}
     for r in records:
         who = f"random init {r['arch']}" if r["init"] == "random" else f"{r['config']['pretrain_method']} {r['arch']}"
-        rows.setdefault(who, {}).setdefault(recipe(r), []).append(r["top1"])
+        rows.setdefault(who, {}).setdefault((r["config"]["batch_size"], r["config"]["blr"]), []).append(r["top1"])
     order = sorted(rows, key=lambda who: (who.split()[-1], not who.startswith("random"), who))  # by arch, baseline first
     print(f"\n## Fine-tuning recipe sweep ({10 * b['labels_per_class']} labels, {b['sweep']['epochs']} epochs; "
           f"top-1, mean ± std over seeds {', '.join(map(str, b['sweep']['seeds']))})\n")

@@ -90,3 +90,10 @@ def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
 def test_jobs_must_be_positive(tmp_path, capsys):
     assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), "--jobs", "0"]) == 2
     assert "--jobs must be a positive number" in capsys.readouterr().err
+
+
+def test_a_changed_fine_tune_recipe_is_not_taken_for_done(smoke, capsys, monkeypatch):
+    monkeypatch.setitem(reproduce.BUDGETS["smoke"], "finetune", ["--epochs", "1", "--batch-size", "25"])
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
+    todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+    assert len(todo) == 3 and all("--finetune" in line and "--batch-size 25" in line for line in todo)
