@@ -66,15 +66,10 @@ ABLATIONS = [
     dict(name="no_gamma", change="γ gate off (add)", args=["--token-mode", "add"]),
 ]
 
-# Budgets. Time estimates for `full` on an idle 2-core CPU, from the default job (2 epochs of
-# ResNet-18/16 = 4 min 47 s, so ~145 s an epoch; vit_tiny ~3.5× slower, ~510 s an epoch):
-#   pre-training  ResNet 2 × 5 epochs ≈ 24 min; ViT 2 × 3 epochs ≈ 51 min
-#   probes        6 × features of 70k images: ResNet ~1 min, ViT ~3 min each ≈ 12 min
-#   fine-tunes    6 encoders × 3 seeds × 20 epochs of 1,000 images + one 10k val pass
-#                 (measured: ~8 s ResNet, ~25 s ViT): ResNet ~1 min, ViT ~3 min each ≈ 36 min
-#   main table ≈ 123 min + 28 process start-ups (~5 s each) ≈ 2 h 6 min ≤ 2.5 h. Estimates until run:
-#   results/runs.jsonl records the real seconds of every step.
-#   ablations: 9 × (2 epochs ≈ 5 min + probe 1 min + 1 fine-tune 1 min) ≈ 63 min, separately.
+# Budgets. `full`, measured on the 2-core development CPU (results/runs.jsonl): main table
+# 7,533 s = 2 h 6 min (ResNet-18/16 pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for
+# 3; a ResNet probe or fine-tune ~1 min, a ViT one 3-4½ min). The ablations ran on one H100 with
+# --jobs 9 in 153 s; on the CPU expect ~1.5 h (9 × 2 epochs ≈ 45 min + 36 evaluations ≈ 40 min).
 BUDGETS = {
     "smoke": dict(
         pretrain={"resnet18": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
