@@ -253,7 +253,8 @@ def machine():
     try:
         query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                capture_output=True, text=True, timeout=30)
-        gpu = ", ".join(query.stdout.split("\n")[:1]).strip() if query.returncode == 0 else ""
+        names = query.stdout.splitlines() if query.returncode == 0 else []
+        gpu = names[0].strip() if names else ""  # the first GPU: the one a single process uses
     except (OSError, subprocess.SubprocessError):
         pass  # no NVIDIA driver: a CPU machine
     return f"{name or platform.machine()}, {os.cpu_count()} cores" + (f"; GPU {gpu}" if gpu else "")
