@@ -128,12 +128,14 @@ def eval_jobs(name, source, b, results, data, seeds, finetune_args):
     """One probe and one fine-tune per seed for an encoder; `source` = eval_linear's encoder flags."""
     jobs = [dict(kind="eval", name=name, mode="probe", seed=1, labels=_labels(b["probe"]), results=results,
                  cmd=["eval_linear.py", *source, "--data", data, *b["probe"], "--seed", "1", "--results", results])]
-    for s in seeds:
-        ft = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *finetune_args]
-        jobs.append(dict(kind="eval", name=name, mode="finetune", seed=s, labels=b["labels_per_class"],
-                         results=results, cmd=["eval_linear.py", *source, "--data", data, *ft, "--seed", str(s),
-                                               "--subset-seed", str(s), "--results", results]))
-    return jobs
+    return jobs + [finetune_job(name, source, b, results, data, s, finetune_args) for s in seeds]
+
+
+def finetune_job(name, source, b, results, data, seed, recipe_args):
+    """Fine-tuning on the budget's labels per class; the subset is drawn with the run's own seed."""
+    cmd = ["eval_linear.py", *source, "--data", data, "--finetune", "--labels-per-class", str(b["labels_per_class"]),
+           *recipe_args, "--seed", str(seed), "--subset-seed", str(seed), "--results", results]
+    return dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"], results=results, cmd=cmd)
 
 
 def build_jobs(args):
@@ -176,13 +178,8 @@ def sweep_jobs(args, b):
     for seed in sw["seeds"]:
         for batch in sw["batch_sizes"]:
             for blr in sw["blrs"]:
-                for name, source in sources:
-                    flags = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), "--epochs", str(sw["epochs"]),
-                             "--batch-size", str(batch), "--blr", f"{blr:g}"]
-                    jobs.append(dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"],
-                                     results=results,
-                                     cmd=["eval_linear.py", *source, "--data", args.data, *flags, "--seed", str(seed),
-                                          "--subset-seed", str(seed), "--results", results]))
+                recipe_args = ["--epochs", str(sw["epochs"]), "--batch-size", str(batch), "--blr", f"{blr:g}"]
+                jobs += [finetune_job(name, source, b, results, args.data, seed, recipe_args) for name, source in sources]
     return jobs
 
 
@@ -311,12 +308,14 @@ def lookup(jobs, results_by_key, name, mode):
     return [results_by_key[k]["top1"] for k in keys if k in results_by_key]
 
 
-def mean_std(values):
+def mean_std(values, digits=2, count=True):
+    """'m ± s (n seeds)' of top-1 values; count=False leaves out the seed count."""
     if not values:
         return "—"
+    seeds = f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if count else ""
     if len(values) == 1:
-        return f"{values[0]:.2f} (1 seed)"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)} seeds)"
+        return f"{values[0]:.{digits}f}{seeds}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{seeds}"
 
 
 def print_tables(jobs, args):
@@ -373,9 +372,8 @@ def print_sweep(records, b):
           f"top-1, mean ± std over seeds {', '.join(map(str, b['sweep']['seeds']))})\n")
     print("| batch | blr | " + " | ".join(order) + " |\n|---|---|" + "---|" * len(order))
     for bs, blr in grid:
-        cells = [rows[who].get((bs, blr), []) for who in order]
-        print(f"| {bs} | {blr:g} | " + " | ".join(f"{statistics.mean(c):.1f} ± {statistics.stdev(c):.1f}" if len(c) > 1
-                                                   else f"{c[0]:.1f}" if c else "—" for c in cells) + " |")
+        cells = [mean_std(rows[who].get((bs, blr), []), digits=1, count=False) for who in order]
+        print(f"| {bs} | {blr:g} | " + " | ".join(cells) + " |")
 
 
 def plot_losses(jobs, path):
