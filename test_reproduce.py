@@ -43,7 +43,12 @@ def test_table_has_one_row_per_arch_and_method(smoke, capsys):
     out = capsys.readouterr().out
     for method in ("a2mim", "simmim", "random init"):
         rows = [line for line in out.splitlines() if line.startswith(f"| resnet18 | {method} |")]
-        assert len(rows) == 1 and "—" not in rows[0], out
+        assert len(rows) == (1 if method == "random init" else 2) and "—" not in "".join(rows), out
+    # The paired row: pre-trained minus random init on the same seed, from the JSON lines.
+    top1 = {(r["init"], r["config"]["pretrain_method"]): r["top1"] for r in lines(smoke / "fashion_mnist.jsonl")
+            if r["mode"] == "finetune"}
+    paired = [line for line in out.splitlines() if line.startswith("| resnet18 | a2mim |")][1]
+    assert paired == f"| resnet18 | a2mim | {top1['checkpoint', 'a2mim'] - top1['random', None]:+.2f} (seed 1) |", out
     assert "python3 train.py --arch resnet18 --method a2mim" in out  # the exact commands, timed
 
 
@@ -97,3 +102,23 @@ def test_a_changed_fine_tune_recipe_is_not_taken_for_done(smoke, capsys, monkeyp
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
     todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
     assert len(todo) == 3 and all("--finetune" in line and "--batch-size 25" in line for line in todo)
+
+
+def test_a_budget_pre_training_lr_gets_its_own_run_folder_and_table_label(smoke, capsys, monkeypatch):
+    """A budget that sets --blr pre-trains into '<name>_blr<value>' (never taking the default-lr run
+    for done), passes the lr to train.py, and labels the table row with it."""
+    pre = reproduce.BUDGETS["smoke"]["pretrain"]
+    monkeypatch.setitem(reproduce.BUDGETS["smoke"], "pretrain", {a: [*flags, "--blr", "4e-3"] for a, flags in pre.items()})
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
+    todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+    trains = [line for line in todo if "train.py" in line]
+    assert len(trains) == 2 and all("--blr 4e-3" in t and "_resnet18_blr4e-3" in t for t in trains)
+    assert len(todo) == 2 + 2 * 2  # both pre-trainings and their probe + fine-tune; random init stays done
+    assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--table"]) == 0
+    assert "| resnet18 | a2mim, blr 4e-3 | — | — |" in capsys.readouterr().out
+
+
+def test_the_full_budgets_pre_train_at_their_stated_lr():
+    full, first = reproduce.BUDGETS["full"]["pretrain"], reproduce.BUDGETS["full_paper_lr"]["pretrain"]
+    assert all(reproduce._flag(flags, "--blr") == "4e-3" for flags in full.values())
+    assert all("--blr" not in flags for flags in first.values())  # train.py's default, as first run
