@@ -87,22 +87,26 @@ BUDGETS = {
         # train.py's paper-scaled default 3e-4 (lr 7.5e-5), which leaves these few thousand steps
         # far from converged (budget "full_paper_lr" below keeps the first table; README "Results").
         pretrain={"resnet18": ["--epochs", "5", "--blr", "4e-3"], "vit_tiny": ["--epochs", "3", "--blr", "4e-3"]},
-        ablation_pretrain=["--epochs", "2"],
+        ablation_pretrain=["--epochs", "2", "--blr", "4e-3"],  # the main table's lr
         probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
         # Fine-tuning recipe: picked on RANDOM INIT alone (so it cannot favour either method) from
         # a grid of batch {32, 128} x blr {1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2}, 20 epochs, 2 seeds,
         # on an H100 (results/ft_sweep.jsonl; README "Results"): the best mean of ResNet-18/16 and
         # ViT-tiny. eval_linear's default (batch 128, blr 1e-3) left random init ~35 points short.
         finetune=["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"], labels_per_class=100, seeds=[1, 2, 3],
-        # The ablations ran before that sweep and before the lr change: default pre-training lr and
-        # eval_linear's default fine-tuning recipe (what the README reports).
-        ablation_finetune=["--epochs", "20"],
+        # The ablations use the main table's pre-training lr and fine-tuning recipe too (their first
+        # run, before the sweep and the lr change, is budget "full_paper_lr").
+        ablation_finetune=["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"],
         sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20,
                    batch_sizes=[32, 128], blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
         results_dir="results", runs_dir=os.path.join("out", "repro")),
 }
-# The first main table (README "Results"): the same, with train.py's default pre-training lr.
-BUDGETS["full_paper_lr"] = BUDGETS["full"] | dict(pretrain={"resnet18": ["--epochs", "5"], "vit_tiny": ["--epochs", "3"]})
+# The first run of the main table and the ablations (README "Results"): train.py's default
+# pre-training lr; the ablations also with eval_linear's default fine-tuning recipe (batch 128,
+# blr 1e-3), as they ran before the recipe sweep.
+BUDGETS["full_paper_lr"] = BUDGETS["full"] | dict(
+    pretrain={"resnet18": ["--epochs", "5"], "vit_tiny": ["--epochs", "3"]},
+    ablation_pretrain=["--epochs", "2"], ablation_finetune=["--epochs", "20"])
 # The same tables with 6-10x longer pre-training, for one GPU (`--budget long --only all --jobs 8`):
 # do the fine-tuning gains over random init grow with a longer schedule (README "Results")?
 # Not run yet. From the H100 timings of the ablations (2 epochs of ResNet-18/16 in ~36 s with 9
@@ -145,11 +149,21 @@ def finetune_job(name, source, b, results, data, seed, recipe_args):
     return dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"], results=results, cmd=cmd)
 
 
+def _blr_suffix(pretrain_args):
+    """"_blr<value>" when a budget's pre-training sets --blr, else "": runs at another pre-training
+    lr get their own folder, so they never pass for each other when a result is looked up."""
+    blr = _flag(pretrain_args, "--blr")
+    return f"_blr{blr}" if blr else ""
+
+
 def run_name(e, b):
-    """A main-table pre-training's folder: its EXPERIMENTS name, plus the budget's --blr if it sets
-    one (so runs at another pre-training lr never pass for each other when a result is looked up)."""
-    blr = _flag(b["pretrain"][e["arch"]], "--blr")
-    return e["name"] + (f"_blr{blr}" if blr else "")
+    """A main-table pre-training's folder: its EXPERIMENTS name plus the budget's lr suffix."""
+    return e["name"] + _blr_suffix(b["pretrain"][e["arch"]])
+
+
+def ablation_name(a, b):
+    """An ablation's pre-training folder: ablation_<ABLATIONS name> plus the budget's lr suffix."""
+    return f"ablation_{a['name']}" + _blr_suffix(b["ablation_pretrain"])
 
 
 def build_jobs(args):
@@ -167,7 +181,7 @@ def build_jobs(args):
     if args.only in ("ablations", "all") and "resnet18" in args.archs:
         results = os.path.join(args.results_dir, ABLATION_RESULTS)
         for a in ABLATIONS:
-            pre = pretrain_job(f"ablation_{a['name']}", "resnet18", ["--method", "a2mim", "--width", "16", *a["args"]],
+            pre = pretrain_job(ablation_name(a, b), "resnet18", ["--method", "a2mim", "--width", "16", *a["args"]],
                                b["ablation_pretrain"], args.runs_dir, args.data)
             jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"],
                                          b["ablation_finetune"])]
@@ -367,12 +381,12 @@ def print_tables(jobs, args):
             mine, base = (lookup_by_seed(jobs, results, n, "finetune") for n in (name, f"random_{arch}"))
             print(f"| {arch} | {method} | " + (", ".join(f"{mine[s] - base[s]:+.2f} (seed {s})"
                                                        for s in sorted(mine) if s in base) or "—") + " |")
-    abl = [a for a in ABLATIONS if any(j["name"] == f"ablation_{a['name']}" for j in jobs)]
+    abl = [a for a in ABLATIONS if any(j["name"] == ablation_name(a, b) for j in jobs)]
     if abl:
         print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | "
               f"{ft}{recipe('ablation_')} |\n|---|---|---|")
         for a in abl:
-            name = f"ablation_{a['name']}"
+            name = ablation_name(a, b)
             print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
                   f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
     if args.only in ("sweep", "all"):

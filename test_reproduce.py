@@ -122,3 +122,20 @@ def test_the_full_budgets_pre_train_at_their_stated_lr():
     full, first = reproduce.BUDGETS["full"]["pretrain"], reproduce.BUDGETS["full_paper_lr"]["pretrain"]
     assert all(reproduce._flag(flags, "--blr") == "4e-3" for flags in full.values())
     assert all("--blr" not in flags for flags in first.values())  # train.py's default, as first run
+    # The ablations: the main table's lr and fine-tuning recipe now; the first run's settings kept.
+    full, first = reproduce.BUDGETS["full"], reproduce.BUDGETS["full_paper_lr"]
+    assert reproduce._flag(full["ablation_pretrain"], "--blr") == "4e-3" and full["ablation_finetune"] == full["finetune"]
+    assert "--blr" not in first["ablation_pretrain"] and "--blr" not in first["ablation_finetune"]
+
+
+def test_ablations_at_a_budget_lr_get_their_own_folders(tmp_path, capsys, monkeypatch):
+    """The ablation pre-trainings follow the same rule: --blr in the budget → ablation_<name>_blr<value>,
+    in the commands and in the table's lookup (one row per ablation, none found yet)."""
+    abl = reproduce.BUDGETS["smoke"]["ablation_pretrain"]
+    monkeypatch.setitem(reproduce.BUDGETS["smoke"], "ablation_pretrain", [*abl, "--blr", "4e-3"])
+    args = ["--budget", "smoke", "--only", "ablations", "--data", "fake", "--results-dir", str(tmp_path)]
+    assert reproduce.main([*args, "--dry-run"]) == 0
+    trains = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo") and "train.py" in line]
+    assert [t.split("--run-name ")[1] for t in trains] == [f"ablation_{a['name']}_blr4e-3" for a in reproduce.ABLATIONS]
+    assert reproduce.main([*args, "--table"]) == 0
+    assert capsys.readouterr().out.count("| — | — |") == len(reproduce.ABLATIONS)
