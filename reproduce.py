@@ -2,7 +2,7 @@
 
     python reproduce.py --budget full                  # the main table, ≤ 2.5 h on a 2-core CPU
     python reproduce.py --budget full_paper_lr         # the first main table: train.py's default pre-training lr
-    python reproduce.py --budget full --only ablations # the ResNet ablations (~1.5 h on the CPU; ran on a GPU)
+    python reproduce.py --budget full --only ablations # the ResNet ablations (1 h 20 min on the CPU with --jobs 2)
     python reproduce.py --budget full --only sweep     # the fine-tuning recipe search (ran on a GPU)
     python reproduce.py --budget full --only all --table --plot   # print the tables, write results/loss_curves.png
     python reproduce.py                                # smoke budget: a few steps of everything, ~5 min
@@ -68,9 +68,9 @@ ABLATIONS = [
 ]
 
 # Budgets. `full`, measured on the 2-core development CPU (results/runs.jsonl): main table
-# 7,533 s = 2 h 6 min (ResNet-18/16 pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for
-# 3; a ResNet probe or fine-tune ~1 min, a ViT one 3-4½ min). The ablations ran on one H100 with
-# --jobs 9 in 153 s; on the CPU expect ~1.5 h (9 × 2 epochs ≈ 45 min + 36 evaluations ≈ 40 min).
+# ~2 h 10 min (7,533 s one at a time in the first run; 7,766 s with --jobs 2) (ResNet-18/16 pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for
+# 3; a ResNet probe or fine-tune ~1 min, a ViT one 3-4½ min). The ablations: 4,803 s with --jobs 2
+# on that CPU (their first run, full_paper_lr, took 153 s on one H100 with --jobs 9).
 BUDGETS = {
     "smoke": dict(
         pretrain={"resnet18": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
