@@ -68,9 +68,20 @@ ABLATIONS = [
 ]
 
 # Budgets. `full`, measured on the 2-core development CPU (results/runs.jsonl): main table
-# ~2 h 10 min (7,533 s one at a time in the first run; 7,766 s with --jobs 2) (ResNet-18/16 pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for
-# 3; a ResNet probe or fine-tune ~1 min, a ViT one 3-4½ min). The ablations: 4,803 s with --jobs 2
-# on that CPU (their first run, full_paper_lr, took 153 s on one H100 with --jobs 9).
+# ~2 h 10 min (7,533 s one at a time in the first run; 7,766 s with --jobs 2); ResNet-18/16
+# pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for 3; a ResNet probe or fine-tune
+# ~1 min, a ViT one 3-4½ min. The ablations: 4,803 s with --jobs 2 on that CPU (their first run,
+# full_paper_lr, took 153 s on one H100 with --jobs 9).
+#
+# Pre-training lr of the full and long budgets: blr 4e-3 (lr 1e-3 at batch 128) for both methods
+# and both encoders, not train.py's paper-scaled default 3e-4 (lr 7.5e-5), which leaves these few
+# thousand steps far from converged (budget "full_paper_lr" below keeps the first run; README).
+PRETRAIN_LR = ["--blr", "4e-3"]
+# Fine-tuning recipe: picked on RANDOM INIT alone (so it cannot favour either method) from a grid
+# of batch {32, 128} x blr {1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2}, 20 epochs, 2 seeds, on an H100
+# (results/ft_sweep.jsonl; README "Results"): the best mean of ResNet-18/16 and ViT-tiny.
+# eval_linear's default (batch 128, blr 1e-3) left random init ~35 points short.
+SWEPT_FINETUNE = ["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"]
 BUDGETS = {
     "smoke": dict(
         pretrain={"resnet18": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
@@ -83,20 +94,12 @@ BUDGETS = {
                    batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
         results_dir=os.path.join("results", "smoke"), runs_dir=os.path.join("out", "repro_smoke")),
     "full": dict(
-        # Pre-training lr: blr 4e-3 (lr 1e-3 at batch 128) for both methods and both encoders, not
-        # train.py's paper-scaled default 3e-4 (lr 7.5e-5), which leaves these few thousand steps
-        # far from converged (budget "full_paper_lr" below keeps the first table; README "Results").
-        pretrain={"resnet18": ["--epochs", "5", "--blr", "4e-3"], "vit_tiny": ["--epochs", "3", "--blr", "4e-3"]},
-        ablation_pretrain=["--epochs", "2", "--blr", "4e-3"],  # the main table's lr
-        probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
-        # Fine-tuning recipe: picked on RANDOM INIT alone (so it cannot favour either method) from
-        # a grid of batch {32, 128} x blr {1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2}, 20 epochs, 2 seeds,
-        # on an H100 (results/ft_sweep.jsonl; README "Results"): the best mean of ResNet-18/16 and
-        # ViT-tiny. eval_linear's default (batch 128, blr 1e-3) left random init ~35 points short.
-        finetune=["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"], labels_per_class=100, seeds=[1, 2, 3],
+        pretrain={"resnet18": ["--epochs", "5", *PRETRAIN_LR], "vit_tiny": ["--epochs", "3", *PRETRAIN_LR]},
         # The ablations use the main table's pre-training lr and fine-tuning recipe too (their first
         # run, before the sweep and the lr change, is budget "full_paper_lr").
-        ablation_finetune=["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"],
+        ablation_pretrain=["--epochs", "2", *PRETRAIN_LR],
+        probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
+        finetune=SWEPT_FINETUNE, labels_per_class=100, seeds=[1, 2, 3], ablation_finetune=SWEPT_FINETUNE,
         sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20,
                    batch_sizes=[32, 128], blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
         results_dir="results", runs_dir=os.path.join("out", "repro")),
@@ -113,8 +116,8 @@ BUDGETS["full_paper_lr"] = BUDGETS["full"] | dict(
 # runs side by side) a guess of 15-20 min for --only all: run --only main and --only ablations as
 # separate calls where one command may only run 10 min. Fine-tuning everywhere with the swept recipe.
 BUDGETS["long"] = BUDGETS["full"] | dict(
-    pretrain={"resnet18": ["--epochs", "30", "--blr", "4e-3"], "vit_tiny": ["--epochs", "30", "--blr", "4e-3"]},
-    ablation_pretrain=["--epochs", "10", "--blr", "4e-3"], ablation_finetune=BUDGETS["full"]["finetune"],
+    pretrain={"resnet18": ["--epochs", "30", *PRETRAIN_LR], "vit_tiny": ["--epochs", "30", *PRETRAIN_LR]},
+    ablation_pretrain=["--epochs", "10", *PRETRAIN_LR],
     results_dir=os.path.join("results", "long"), runs_dir=os.path.join("out", "repro_long"))
 MAIN_RESULTS, ABLATION_RESULTS, SWEEP_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl", "ft_sweep.jsonl"
 
@@ -381,17 +384,16 @@ def print_tables(jobs, args):
             mine, base = (lookup_by_seed(jobs, results, n, "finetune") for n in (name, f"random_{arch}"))
             print(f"| {arch} | {method} | " + (", ".join(f"{mine[s] - base[s]:+.2f} (seed {s})"
                                                        for s in sorted(mine) if s in base) or "—") + " |")
-    abl = [a for a in ABLATIONS if any(j["name"] == ablation_name(a, b) for j in jobs)]
+    names = {j["name"] for j in jobs}
+    abl = [(a, ablation_name(a, b)) for a in ABLATIONS if ablation_name(a, b) in names]
     if abl:
         print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | "
               f"{ft}{recipe('ablation_')} |\n|---|---|---|")
-        for a in abl:
-            name = ablation_name(a, b)
+        for a, name in abl:
             print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
                   f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
     if args.only in ("sweep", "all"):
         print_sweep(read_jsonl(os.path.join(args.results_dir, SWEEP_RESULTS)), b)
-    names = {j["name"] for j in jobs}
     runs = [r for r in read_jsonl(os.path.join(args.results_dir, "runs.jsonl")) if r["name"] in names]
     for where in dict.fromkeys(r["machine"] for r in runs):  # one table per machine, in order
         mine = [r for r in runs if r["machine"] == where]
