@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import token_site
+from models import ConfigError, token_site
 
 # ---------------------------------------------------------------------------------------------
 # §2 Masking on the input side
@@ -33,9 +33,9 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     of size k per row, with no Python loop over images.
     """
     if input_size % mask_patch_size:
-        raise ValueError(f"input size {input_size} must be divisible by the mask block size {mask_patch_size}")
+        raise ConfigError(f"input size {input_size} must be divisible by the mask block size {mask_patch_size}")
     if not 0 < mask_ratio < 1:
-        raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+        raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
     g = input_size // mask_patch_size
     k = math.ceil(round(mask_ratio * g * g, 6))  # round first: 0.56·100 is 56.000000000000007 in floats
     noise_bl = torch.rand(batch_size, g * g, device=device, generator=generator)
@@ -56,7 +56,7 @@ def resize_mask(mask, size):
         return mask_b1hw
     if size > g:
         if size % g:
-            raise ValueError(f"a {g}×{g} mask cannot be upsampled to {size}×{size} (not a multiple)")
+            raise ConfigError(f"a {g}×{g} mask cannot be upsampled to {size}×{size} (not a multiple)")
         return F.interpolate(mask_b1hw, scale_factor=size // g, mode="nearest")
     return (F.adaptive_avg_pool2d(mask_b1hw, size) >= 0.5).to(mask_b1hw.dtype)
 
@@ -97,7 +97,7 @@ class MaskToken(nn.Module):
     def __init__(self, channels, *, mode="gate", gamma_init=1e-6):
         super().__init__()
         if mode not in ("gate", "add", "replace"):
-            raise ValueError(f"mask token mode must be 'gate', 'add' or 'replace', got {mode!r}")
+            raise ConfigError(f"mask token mode must be 'gate', 'add' or 'replace', got {mode!r}")
         self.mode = mode
         self.token = nn.Parameter(torch.zeros(1, channels, 1, 1))
         nn.init.trunc_normal_(self.token, std=0.02)
@@ -212,7 +212,7 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
     elif spatial == "l1":
         elem_bchw = (pred_bchw - target_bchw).abs()
     else:
-        raise ValueError(f"spatial loss must be 'focal_l1' or 'l1', got {spatial!r}")
+        raise ConfigError(f"spatial loss must be 'focal_l1' or 'l1', got {spatial!r}")
     channels = pred_bchw.shape[1]
     loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / channels
 
@@ -250,15 +250,15 @@ class A2MIM(nn.Module):
     def __init__(self, encoder, *, method="a2mim", mask_patch_size=32, mask_ratio=0.6, **overrides):
         super().__init__()
         if (method, encoder.family) not in DEFAULTS:
-            raise ValueError(f"method must be 'a2mim' or 'simmim', got {method!r}")
+            raise ConfigError(f"method must be 'a2mim' or 'simmim', got {method!r}")
         cfg = {**DEFAULTS[method, encoder.family], **overrides}
         unknown = set(cfg) - set(DEFAULTS[method, encoder.family])
         if unknown:
-            raise ValueError(f"unknown A2MIM option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['a2mim', 'cnn'])}")
+            raise ConfigError(f"unknown A2MIM option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['a2mim', 'cnn'])}")
         if cfg["fill"] not in ("mean", "zero"):
-            raise ValueError(f"fill must be 'mean' or 'zero', got {cfg['fill']!r}")
+            raise ConfigError(f"fill must be 'mean' or 'zero', got {cfg['fill']!r}")
         if cfg["spatial"] not in ("focal_l1", "l1"):
-            raise ValueError(f"spatial loss must be 'focal_l1' or 'l1', got {cfg['spatial']!r}")
+            raise ConfigError(f"spatial loss must be 'focal_l1' or 'l1', got {cfg['spatial']!r}")
         self.method, self.cfg = method, cfg
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
 
@@ -274,7 +274,7 @@ class A2MIM(nn.Module):
         """
         B, _, H, W = img_bchw.shape
         if H != W:
-            raise ValueError(f"A2MIM expects square images, got {H}×{W}")
+            raise ConfigError(f"A2MIM expects square images, got {H}×{W}")
 
         # 1. Random blocks, drawn on the images' device (§2).
         if mask is None:

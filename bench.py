@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import runtime
 import train
 from models import ARCHS, SMALL_INPUT, arch_family, build_encoder
 
@@ -49,7 +50,7 @@ def get_parser():
     a("--img-size", type=int, default=32)
     a("--width", type=int, help="ResNet/ConvNeXt width (default: 16 up to 64 px, else the standard one)")
     a("--batch-size", type=int, default=32, help="images per step")
-    a("--precision", choices=train.PRECISIONS, default="auto", help="auto = bf16 on GPU, fp32 on CPU")
+    a("--precision", choices=runtime.PRECISIONS, default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto")
     a("--warmup", type=int, default=3, help="untimed steps of each kind first")
     a("--repeats", type=int, default=10, help="timed steps of each kind (the median is reported)")
@@ -101,7 +102,7 @@ def resolve(args):
     flags = ["--arch", args.arch, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]
     cfg = train.resolve_config(train.get_parser().parse_args(flags + ["--seed", str(args.seed)]))
     cfg["width"] = args.width or (16 if args.img_size <= SMALL_INPUT else None)  # None = the standard width
-    return cfg, train.Dist(device=device), train.resolve_precision(args.precision, device)
+    return cfg, runtime.Dist(device=device), runtime.resolve_precision(args.precision, device)
 
 
 def build(variant, cfg, env, compile_model=False):
@@ -130,7 +131,7 @@ def make_step(variant, model, optimizer, cfg, env, precision, img, labels):
             gen = train.mask_generator(cfg, env, count[0])  # masks drawn in forward, on the device
             train.forward_backward(model, img, env, precision, scaler, generator=gen)
         else:
-            with train.autocast(env.device, precision):
+            with runtime.autocast(env.device, precision):
                 logits = model(img)
             scaler.scale(F.cross_entropy(logits.float(), labels)).backward()
         scaler.step(optimizer)

@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 import data
 from models import ARCHS, ResNet, arch_family, build_encoder, torchvision_state_dict
-from train import (PRECISIONS, CheckpointError, atomic_save, autocast, cleanup_distributed, load_checkpoint, lr_at,
-                   one_line, param_groups, resolve_precision, set_lr, setup_distributed)
+from runtime import (PRECISIONS, CheckpointError, atomic_save, autocast, cleanup_distributed, load_checkpoint, lr_at,
+                     one_line, param_groups, resolve_precision, set_lr, setup_distributed)
 
 DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")  # train.py's default run
 

@@ -30,6 +30,12 @@ import torchvision
 from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+class ConfigError(ValueError):
+    """A setting the user can fix (unknown arch or option, a size that does not tile). The
+    scripts print its one sentence and exit with code 2; any other exception is a bug and keeps
+    its traceback. A ValueError, so library callers may catch either."""
+
+
 # Inputs this small (Fashion-MNIST, CIFAR) get a CIFAR-style stem: a 3×3 stride-1 conv and no
 # max-pool for ResNets, 4-px patches for ViTs. Otherwise a 32-px image would leave a 1×1 map.
 SMALL_INPUT = 64
@@ -125,7 +131,7 @@ def torchvision_state_dict(encoder, num_classes=1000):
         nn.init.zeros_(head[2].bias)
         extra = {f"classifier.{k}": v for k, v in head.state_dict().items()}
     else:
-        raise ValueError(f"only ResNet and ConvNeXt encoders export to torchvision, got {type(encoder).__name__}")
+        raise ConfigError(f"only ResNet and ConvNeXt encoders export to torchvision, got {type(encoder).__name__}")
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     return {**state, **extra}
 
@@ -293,7 +299,7 @@ class ViT(nn.Module):
         feat_bdhw = self.patch_embed(x_bchw)
         B, D, h, w = feat_bdhw.shape
         if (h, w) != (self.grid, self.grid):
-            raise ValueError(f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}")
+            raise ConfigError(f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}")
         if token_fn is not None and token_at == "block0":
             feat_bdhw = token_fn(feat_bdhw)
         x_bnd = torch.cat([self.cls_token.expand(B, -1, -1), feat_bdhw.flatten(2).transpose(1, 2)], dim=1)
@@ -318,7 +324,7 @@ def _resolve_site(encoder, token_at):
     if token_at == "stem":
         return next(iter(encoder.token_sites))
     if token_at not in encoder.token_sites:
-        raise ValueError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(encoder.token_sites)}")
+        raise ConfigError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(encoder.token_sites)}")
     return token_at
 
 
@@ -352,7 +358,7 @@ def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size
     cannot tile exactly (the decoder must give back the input size).
     """
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     small = img_size <= SMALL_INPUT
     small_stem = small if small_stem is None else small_stem
     if arch in RESNET_LAYERS:
@@ -362,11 +368,11 @@ def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size
     else:
         patch_size = patch_size or (4 if small else 16)
         if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not divisible by the ViT patch size {patch_size}")
+            raise ConfigError(f"image size {img_size} is not divisible by the ViT patch size {patch_size}")
         dp = 0.1 if drop_path is None else drop_path
         encoder = ViT(arch, img_size=img_size, patch_size=patch_size, drop_path=dp)
     if img_size % encoder.out_stride:
-        raise ValueError(f"image size {img_size} must be divisible by the {arch} output stride {encoder.out_stride}")
+        raise ConfigError(f"image size {img_size} must be divisible by the {arch} output stride {encoder.out_stride}")
     encoder.arch, encoder.img_size = arch, img_size
     return encoder
 

@@ -11,7 +11,7 @@ import data
 import eval_linear as E
 from a2mim import A2MIM
 from models import build_encoder
-from train import Dist, save_checkpoint, set_lr
+from runtime import Dist, save_checkpoint, set_lr
 
 SMALL = ["--data", "fake", "--workers", "0", "--precision", "fp32"]
 

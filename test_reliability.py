@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import a2mim
+import runtime
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,7 +180,7 @@ def test_unknown_arch_lists_the_choices(capsys):
 
 def test_resume_from_a_pickle_that_weights_only_refuses_is_a_clear_error(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
-    torch.save({"model": train.Dist()}, evil)  # an arbitrary object: weights_only=True refuses it
+    torch.save({"model": runtime.Dist()}, evil)  # an arbitrary object: weights_only=True refuses it
     out = run_fails(tmp_path, capsys, "--data", "fake", "--resume", str(evil), expect="not a readable PyTorch checkpoint")
     assert not out.exists()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import runtime
 import train
 from a2mim import A2MIM, mask_blocks
 from models import build_encoder
@@ -87,7 +88,7 @@ def test_no_weight_decay_on_norm_bias_token_and_token_lr_scaled():
             assert (g["weight_decay"] > 0) == decayed, n
             assert g["lr_scale"] == (0.1 if "mask_token" in n else 1.0), n
     vit = A2MIM(build_encoder("vit_tiny", 32), mask_patch_size=4)
-    no_wd = {n for n, p in vit.named_parameters() if train.no_weight_decay(n, p)}
+    no_wd = {n for n, p in vit.named_parameters() if runtime.no_weight_decay(n, p)}
     assert {"encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.gamma_1",
             "encoder.blocks.0.rel_pos_bias.table", "mask_token.token"} <= no_wd
     assert "encoder.blocks.0.qkv.weight" not in no_wd
@@ -125,21 +126,21 @@ def _grads(model):
 
 def _ddp_grad_worker(rank, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env = train.setup_distributed(device="cpu")
+    env = runtime.setup_distributed(device="cpu")
     model = torch.nn.parallel.DistributedDataParallel(_tiny_vit_model())
     img, mask = _batch()
     half = slice(4 * rank, 4 * rank + 4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     train.forward_backward(model, img[half], env, "fp32", scaler, mask=mask[half])
     torch.save(_grads(model.module), os.path.join(out_dir, f"grads{rank}.pt"))
-    train.cleanup_distributed()
+    runtime.cleanup_distributed()
 
 
 def test_two_rank_vit_gradient_equals_single_process_batch(tmp_path):
     mp.spawn(_ddp_grad_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     model, (img, mask) = _tiny_vit_model(), _batch()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.forward_backward(model, img, train.Dist(), "fp32", scaler, mask=mask)
+    train.forward_backward(model, img, runtime.Dist(), "fp32", scaler, mask=mask)
     whole = _grads(model)
     for rank in range(2):
         split = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
@@ -152,22 +153,22 @@ def test_accumulating_two_half_batches_equals_the_whole_batch():
     img, mask = _batch()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     whole_model, accum_model = _tiny_vit_model(), _tiny_vit_model()
-    train.forward_backward(whole_model, img, train.Dist(), "fp32", scaler, mask=mask)
+    train.forward_backward(whole_model, img, runtime.Dist(), "fp32", scaler, mask=mask)
     for half in (slice(0, 4), slice(4, 8)):
-        train.forward_backward(accum_model, img[half], train.Dist(), "fp32", scaler, accum=2, mask=mask[half])
+        train.forward_backward(accum_model, img[half], runtime.Dist(), "fp32", scaler, accum=2, mask=mask[half])
     whole, accum = _grads(whole_model), _grads(accum_model)
     for k in whole:
         torch.testing.assert_close(accum[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 TORCHRUN_SCRIPT = """
-import sys, torch, train
+import sys, torch, runtime, train
 args = train.get_parser().parse_args(sys.argv[2:])
-env = train.setup_distributed()
+env = runtime.setup_distributed()
 cfg = train.resolve_config(args, env.world_size)
 model = train.run(cfg, args, env)
 torch.save(model.state_dict(), f"{sys.argv[1]}/rank{env.rank}.pt")
-train.cleanup_distributed()
+runtime.cleanup_distributed()
 """
 
 
@@ -243,7 +244,7 @@ def test_non_checkpoint_file_is_refused_with_one_sentence(tmp_path):
 
 def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
     cfg = resolved("--data", "fake", "--fill", "zero", "--token-at", "stem", "--token-mode", "add", "--fft-weight", "0")
-    model = train.build_model(cfg, train.Dist())
+    model = train.build_model(cfg, runtime.Dist())
     assert (model.cfg["fill"], model.token_at, model.cfg["token_mode"], model.cfg["fft_weight"]) == ("zero", "layer1", "add", 0.0)
     assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == ("focal_l1", 1e-3)  # untouched CNN defaults
 

@@ -1,0 +1,212 @@
+"""What every script needs around the model: processes, precision, checkpoints, optimiser
+groups and learning-rate schedules. train.py, eval_linear.py and bench.py share it, so that
+none of them imports another's training code.
+"""
+import contextlib
+import dataclasses
+import math
+import os
+import random
+import re
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ---------------------------------------------------------------------------------------------
+# Distributed set-up: one code path for 1 CPU process, 8 GPUs, or many nodes (torchrun env vars).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def setup_distributed(device=None):
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU. No-op if absent."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    dev = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, local_rank, world, dev)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision: bf16 autocast on GPU by default, fp16 + GradScaler on request, fp32 on CPU.
+# ---------------------------------------------------------------------------------------------
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision, device):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision):
+    """Context manager for the forward pass (the loss itself runs in fp32, see a2mim.py)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, safe loads (weights_only=True), one clear sentence on a bad file.
+# ---------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "a2mim-checkpoint-v1"
+
+
+class CheckpointError(Exception):
+    """A file that is not one of our checkpoints, or one for another model."""
+
+
+def atomic_save(path, obj):
+    """torch.save to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def save_checkpoint(path, state):
+    """A train.py checkpoint: the state plus the format marker that load_checkpoint checks."""
+    atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})
+
+
+def load_checkpoint(path, *, arch=None):
+    """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, foreign pickle refused by weights_only, not a zip...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
+    if arch is not None and state["encoder_kwargs"]["arch"] != arch:
+        raise CheckpointError(f"{path} holds a {state['encoder_kwargs']['arch']} model, but --arch is {arch}")
+    return state
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser parameter groups and learning-rate schedules (§6).
+# ---------------------------------------------------------------------------------------------
+
+
+def no_weight_decay(name, param):
+    """§6: no decay on norms, biases, the mask token (and γ), position embedding, cls token,
+    LayerScale and relative position bias — i.e. everything that is not a weight matrix/kernel."""
+    keys = ("mask_token", "pos_embed", "cls_token", "rel_pos_bias", "gamma_1", "gamma_2")
+    return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
+
+
+def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None):
+    """AdamW groups. Each group carries `lr_scale`, multiplied into the scheduled lr every step:
+    `token_lr_scale` for the mask token (0.1 in the ResNet recipe), `lr_scale_fn(name)` for
+    anything else (eval_linear.py uses it for layer-wise lr decay)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        wd = 0.0 if no_weight_decay(name, p) else weight_decay
+        scale = token_lr_scale if "mask_token" in name else (lr_scale_fn(name) if lr_scale_fn else 1.0)
+        groups.setdefault((wd, scale), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
+
+
+def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=()):
+    """Per-step lr: linear warm-up, then cosine down to `min_lr`, or ×0.1 at each step in `step_at`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "step":
+        return lr * 0.1 ** sum(step >= s for s in step_at)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def broadcast_buffers(model, env):
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank. SyncBN keeps them equal on
+    GPUs; on CPU (gloo, no SyncBN) each rank's statistics drift apart between DDP's broadcasts
+    at the start of every forward, so we align them before saving and at the end."""
+    if env.enabled:
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
+
+
+def unwrap(model):
+    """The plain module under DDP and/or torch.compile."""
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def channels_last(x, family, device):
+    """CNN weights and batches in channels_last on CUDA (faster convs under bf16); else as is.
+    The one place that decides it, for train.py, eval_linear.py and bench.py."""
+    if family != "cnn" or device.type != "cuda":
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: the one-sentence message of one of our own errors.
+# ---------------------------------------------------------------------------------------------
+
+
+def one_line(err):
+    """The error's own sentence. One raised inside a DataLoader worker arrives wrapped in the
+    worker's traceback, as its last line, prefixed with the exception's qualified name."""
+    last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+    return re.sub(r"^[\w.]+(Error|Loss): ", "", last)
+
+
