@@ -4,8 +4,10 @@ none of them imports another's training code.
 """
 import contextlib
 import dataclasses
+import errno
 import math
 import os
+import pickle
 import random
 import re
 
@@ -86,15 +88,58 @@ class CheckpointError(Exception):
     """A file that is not one of our checkpoints, or one for another model."""
 
 
+class RunError(Exception):
+    """A run that must not start or cannot go on: one sentence, exit code 2, nothing on disk lost."""
+
+
+def user_errors():
+    """The project's own error classes: `main()` prints their one sentence and exits with 2;
+    anything else is a bug and keeps its traceback."""
+    import data
+    from models import ConfigError
+    return (ConfigError, data.DataError, CheckpointError, RunError)
+
+
 def atomic_save(path, obj):
-    """torch.save to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`."""
+    """torch.save to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`.
+    A full disk (or any failed write) removes the `.tmp` and leaves the previous `path` intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("enforce fail ...")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if isinstance(e, RuntimeError) and "unexpected pos" not in str(e) and "write" not in str(e):
+            raise  # not a failed write: a bug keeps its traceback
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
+        why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC or isinstance(e, RuntimeError) \
+            else (e.strerror or str(e))
+        raise RunError(f"{why} while writing {path}; {kept}") from None
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+
+def torch_load(path, what="checkpoint"):
+    """torch.load(weights_only=True) to CPU, with one sentence for a missing, truncated or
+    refused file. weights_only refuses pickles holding arbitrary Python objects, because loading
+    them would run code from the file; we never turn that off."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of Python objects: garbage bytes
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (not a torch.save archive)") from None
+        raise CheckpointError(
+            f"{path} was refused: it holds Python objects, not only tensors, and loading it could run code "
+            "from the file; if you trust it, look inside with `python -m pickletools` or re-save its tensors "
+            "with torch.save(state_dict)") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:  # truncated, not a zip, unreadable
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:120]})") from None
 
 
 def save_checkpoint(path, state):
@@ -104,13 +149,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, *, arch=None):
     """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle refused by weights_only, not a zip...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:160]})") from None
+    state = torch_load(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
     if arch is not None and state["encoder_kwargs"]["arch"] != arch:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import data
 from a2mim import A2MIM
 from models import ARCHS, arch_family, build_encoder
-from runtime import (PRECISIONS, CheckpointError, autocast, broadcast_buffers, cleanup_distributed, load_checkpoint,
+from runtime import (PRECISIONS, CheckpointError, RunError, autocast, broadcast_buffers, cleanup_distributed, load_checkpoint,
                      lr_at, one_line, param_groups, resolve_precision, rng_state, save_checkpoint, set_lr,
                      set_rng_state, setup_distributed, unwrap)
 
@@ -197,10 +197,6 @@ def mask_generator(cfg, env, step):
 # Settings that may change between the runs of one folder without making it "another run".
 NOT_IDENTITY = {"epochs", "workers", "log_every", "save_every", "vis_every", "compile", "max_steps",
                 "on_nonfinite", "run_name", "out_dir", "data_dir", "precision", "preset", "download", "device_data"}
-
-
-class RunError(Exception):
-    """A run that must not start: one sentence, exit code 2, nothing on disk touched."""
 
 
 def run_identity(cfg):
