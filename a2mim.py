@@ -1,23 +1,30 @@
 """A²MIM: Architecture-Agnostic Masked Image Modeling (Li et al., ICML 2023), in the paper's order.
 
-    §2 masking       mask_blocks, mean_fill (zero_fill = SimMIM), resize_mask
-    §3 mask token    MaskToken — added to an intermediate feature map, not to the input
+    §2 masking       mask_blocks, mean_fill (A²MIM), zero_fill (ablation), resize_mask
+    §3 mask token    MaskToken — written into an intermediate feature map, not into the input
     §4 decoder       Decoder — 1×1 conv + PixelShuffle back to pixels
-    §5 losses        focal_l1_loss, focal_weight, frequency_loss, mixed_image, a2mim_loss
-       the model     A2MIM — encoder + token + decoder + loss; `method="simmim"` for the baseline
+    §5 losses        focal_l1_loss, mixed_image, frequency_loss, spectral_focal_l1_loss, a2mim_loss
+       the model     A2MIM — encoder + token + decoder + loss; `method="simmim"` for the baseline;
+                     method_defaults — the released configs' options for each arch
     §9 analysis      interaction_strength — the multi-order interactions behind the idea
 
-Section numbers refer to ../shared/PAPER.md, which summarises the paper *and* the released
-OpenMixup code; where the two differ we follow the code and say so. Tensor names carry their
-layout: `img_bchw`, `mask_bhw` (block grid), `mask_b1hw` (pixel or feature resolution).
+Section numbers refer to METHOD.md, which describes the paper *and* the released OpenMixup code;
+where the two differ we follow the code and say so. Tensor names carry their layout:
+`img_bchw`, `mask_bgg` (block grid), `mask_b1hw` (pixel or feature resolution).
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange, repeat
 
-from models import ConfigError, token_site
+from models import ConfigError, arch_family, token_site
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
 
 # ---------------------------------------------------------------------------------------------
 # §2 Masking on the input side
@@ -32,7 +39,7 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     Drawn on `device` in one shot: ranking i.i.d. uniforms gives a uniformly random subset
     of size k per row, with no Python loop over images.
     """
-    if input_size % mask_patch_size:
+    if mask_patch_size < 1 or input_size % mask_patch_size:
         raise ConfigError(f"input size {input_size} must be divisible by the mask block size {mask_patch_size}")
     if not 0 < mask_ratio < 1:
         raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
@@ -46,19 +53,19 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
 
-    Finer targets (pixels, stride-16 features of a 7×7 mask) use nearest upsampling, i.e. each
-    block covers whole cells. A coarser target (e.g. 4-px blocks but a stride-8 token site)
-    counts a cell as masked when at least half of it is masked.
+    Finer targets (pixels, stride-16 features of a 7×7 mask) repeat each block over whole cells.
+    A coarser target (e.g. 4-px blocks but a stride-8 token site) counts a cell as masked when at
+    least half of it is masked.
     """
-    mask_b1hw = mask if mask.ndim == 4 else mask.unsqueeze(1)
-    g = mask_b1hw.shape[-1]
+    mask_b1gg = mask if mask.ndim == 4 else mask.unsqueeze(1)
+    g = mask_b1gg.shape[-1]
     if size == g:
-        return mask_b1hw
+        return mask_b1gg
     if size > g:
         if size % g:
             raise ConfigError(f"a {g}×{g} mask cannot be upsampled to {size}×{size} (not a multiple)")
-        return F.interpolate(mask_b1hw, scale_factor=size // g, mode="nearest")
-    return (F.adaptive_avg_pool2d(mask_b1hw, size) >= 0.5).to(mask_b1hw.dtype)
+        return repeat(mask_b1gg, "b 1 h w -> b 1 (h r1) (w r2)", r1=size // g, r2=size // g)
+    return (F.adaptive_avg_pool2d(mask_b1gg, size) >= 0.5).to(mask_b1gg.dtype)
 
 
 def mean_fill(img_bchw, mask):
@@ -74,10 +81,13 @@ def mean_fill(img_bchw, mask):
 
 
 def zero_fill(img_bchw, mask):
-    """SimMIM's input: masked blocks set to 0 (the dataset mean after normalisation)."""
+    """Masked blocks set to 0 (the dataset mean after normalisation): an ablation only. Released
+    SimMIM leaves the input untouched and masks in feature space (fill "none", §2)."""
     mask_b1hw = resize_mask(mask, img_bchw.shape[-1]).to(img_bchw.dtype)
     return img_bchw * (1 - mask_b1hw)
 
+
+FILLS = {"mean": mean_fill, "zero": zero_fill, "none": lambda img_bchw, mask: img_bchw}
 
 # ---------------------------------------------------------------------------------------------
 # §3 The mask token, written into an intermediate feature map
@@ -96,8 +106,7 @@ class MaskToken(nn.Module):
 
     def __init__(self, channels, *, mode="gate", gamma_init=1e-6):
         super().__init__()
-        if mode not in ("gate", "add", "replace"):
-            raise ConfigError(f"mask token mode must be 'gate', 'add' or 'replace', got {mode!r}")
+        _check_choice("mask token mode", mode, ("gate", "add", "replace"))
         self.mode = mode
         self.token = nn.Parameter(torch.zeros(1, channels, 1, 1))
         nn.init.trunc_normal_(self.token, std=0.02)
@@ -105,12 +114,16 @@ class MaskToken(nn.Module):
 
     def forward(self, feat_bchw, mask):
         """feat_bchw [B, C, h, w]; mask at any grid (resized to h×w). Returns [B, C, h, w]."""
+        # The block mask at this feature map's resolution; the token in the map's dtype (autocast).
         m_b1hw = resize_mask(mask, feat_bchw.shape[-1]).to(feat_bchw.dtype)
         token = self.token.to(feat_bchw.dtype)
+        # "add": the masked cells keep their features and gain T (A²MIM's ViT).
         if self.mode == "add":
             return feat_bchw + token * m_b1hw
+        # "replace": the masked cells become T (SimMIM).
         if self.mode == "replace":
             return torch.lerp(feat_bchw, token.expand_as(feat_bchw), m_b1hw)
+        # "gate": masked features are scaled by γ (≈ 0 at start), then T is added.
         kept_bchw = feat_bchw * (1 - m_b1hw) + self.gamma.to(feat_bchw.dtype) * feat_bchw * m_b1hw
         return kept_bchw + token * m_b1hw
 
@@ -134,13 +147,7 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, feat_bchw):
-        # The 1×1 conv as a matmul over channels (same weights, same maths): PyTorch's CPU 1×1-conv
-        # kernels are ~2× slower at ResNet-50 shapes, the largest A²MIM overhead (bench.py --profile).
-        B, _, h, w = feat_bchw.shape
-        s = self.shuffle.upscale_factor
-        pix_bhwo = F.linear(feat_bchw.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias)
-        # channel o = c·s² + i·s + j → pixel (c, y·s + i, x·s + j): exactly PixelShuffle's order
-        return pix_bhwo.view(B, h, w, 3, s, s).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, h * s, w * s)
+        return self.shuffle(self.conv(feat_bchw))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +159,7 @@ def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     """Elementwise focal-L1, ℓ = |e|·(2·sigmoid(α|e|) − 1)^γ with e = pred − target (§5, CNNs).
 
     The factor is ≈ α|e|/2 for small errors, → 1 for large ones: easy pixels count less.
+    Works on real tensors, and on the modulus of a complex spectrum difference (`e` complex).
     """
     err = (pred - target).abs()
     return err * (2 * torch.sigmoid(alpha * err) - 1) ** gamma
@@ -167,21 +175,32 @@ def focal_weight(dist_chw):
 
 
 def frequency_loss(pred_bchw, target_bchw):
-    """Focal frequency loss on batch-averaged spectra (§5; Jiang et al., ICCV 2021). Scalar.
-
-    1. F = orthonormal 2-D FFT per channel, averaged over the batch (the code's `ave_spectrum`).
-       The FFT is linear, so the mean of the spectra is the spectrum of the mean image: one FFT
-       per batch instead of one per image.
-    2. D = |F̄(pred) − F̄(target)|²; weight W = focal_weight(D), no gradient (§5 step 4).
-    3. loss = mean(W · D).
-    Always in float32: bf16/fp16 spectra are far too coarse, so autocast is switched off here.
+    """Focal frequency loss on batch-averaged spectra (§5, `fft_focal=True`; Jiang et al., ICCV
+    2021): the form of ResNet-50 and ViT. Scalar. Always in float32 (bf16 spectra are too coarse).
     """
     with torch.autocast(device_type=pred_bchw.device.type, enabled=False):
-        mean_pred_chw = pred_bchw.float().mean(dim=0)
-        mean_target_chw = target_bchw.float().mean(dim=0)
-        diff_chw = torch.fft.fft2(mean_pred_chw - mean_target_chw, norm="ortho")  # linear: F(a)−F(b)=F(a−b)
-        dist_chw = diff_chw.real**2 + diff_chw.imag**2
+        # 1. Average over the batch before the FFT (the code's `ave_spectrum`): the FFT is linear,
+        #    so the mean of the spectra is the spectrum of the mean image, and F(a)−F(b) = F(a−b).
+        diff_chw = pred_bchw.float().mean(dim=0) - target_bchw.float().mean(dim=0)
+        # 2. Orthonormal 2-D FFT per channel; D = squared complex distance.
+        spec_chw = torch.fft.fft2(diff_chw, norm="ortho")
+        dist_chw = spec_chw.real**2 + spec_chw.imag**2
+        # 3. Weight each frequency by how badly it is reconstructed (no gradient), then average.
         return (focal_weight(dist_chw) * dist_chw).mean()
+
+
+def spectral_focal_l1_loss(pred_bchw, target_bchw):
+    """The other released Fourier form (§5, `fft_focal=False`, ResNet-101): focal-L1 on |ΔF|
+    between per-image orthonormal spectra, averaged over images, channels and frequencies.
+    No batch averaging of spectra and no weight matrix. Scalar, in float32."""
+    with torch.autocast(device_type=pred_bchw.device.type, enabled=False):
+        # 1. One spectrum per image (linear again: the FFT of the difference is the difference).
+        spec_bchw = torch.fft.fft2(pred_bchw.float() - target_bchw.float(), norm="ortho")
+        # 2. Focal-L1 on the modulus of the complex difference, mean-reduced.
+        return focal_l1_loss(spec_bchw, torch.zeros_like(spec_bchw)).mean()
+
+
+FOURIER_LOSSES = {"focal_frequency": frequency_loss, "spectral_focal_l1": spectral_focal_l1_loss}
 
 
 def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
@@ -195,82 +214,122 @@ def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     return torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
 
 
-def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_unmask_weight=1e-3):
+def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_loss="focal_frequency",
+               fft_unmask_weight=1e-3):
     """L = L_spa + λ·L_freq (§5). Returns {"loss", "loss_spatial", "loss_freq"} (scalars).
 
-    * L_spa: ℓ averaged over masked pixels and the 3 channels: Σ ℓ·M / (ΣM + 1e-5) / 3.
-      ℓ = focal-L1 (CNNs) or L1 (ViT, SimMIM).
-    * L_freq (λ = `fft_weight`) compares the target with `mixed_image` (w = `fft_unmask_weight`).
-    `mask` at any grid; it is upsampled to the pixels.
+    `spatial` ℓ: "focal_l1" (CNNs) or "l1" (ViT, SimMIM); `fft_weight` λ; `fft_loss` one of
+    FOURIER_LOSSES; `fft_unmask_weight` w of `mixed_image`. `mask` at any grid.
     """
-    # The loss is always computed in float32: under bf16 autocast the decoder output is bf16,
-    # and a bf16 sum over millions of pixels would round the mask count.
+    _check_choice("spatial loss", spatial, ("focal_l1", "l1"))
+    _check_choice("Fourier loss", fft_loss, FOURIER_LOSSES)
+    # In float32: under bf16 autocast a sum over millions of pixels would round the mask count.
     pred_bchw, target_bchw = pred_bchw.float(), target_bchw.float()
     mask_b1hw = resize_mask(mask, pred_bchw.shape[-1]).float()
-    if spatial == "focal_l1":
-        elem_bchw = focal_l1_loss(pred_bchw, target_bchw)
-    elif spatial == "l1":
-        elem_bchw = (pred_bchw - target_bchw).abs()
-    else:
-        raise ConfigError(f"spatial loss must be 'focal_l1' or 'l1', got {spatial!r}")
-    channels = pred_bchw.shape[1]
-    loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / channels
 
+    # 1. L_spa: the pixel loss on masked pixels only, averaged over them and the channels.
+    elem_bchw = focal_l1_loss(pred_bchw, target_bchw) if spatial == "focal_l1" else (pred_bchw - target_bchw).abs()
+    loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / pred_bchw.shape[1]
+
+    # 2. L_freq on the "mixed" image (skipped entirely at λ = 0: SimMIM, R-152/200, ConvNeXt).
     if fft_weight > 0:
         mixed_bchw = mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight)
-        loss_freq = frequency_loss(mixed_bchw, target_bchw)
-    else:  # SimMIM, or the "no Fourier loss" ablation: skip the FFT entirely
+        loss_freq = FOURIER_LOSSES[fft_loss](mixed_bchw, target_bchw)
+    else:
         loss_freq = torch.zeros((), device=pred_bchw.device)
+
+    # 3. The total, L = L_spa + λ·L_freq.
     return {"loss": loss_spatial + fft_weight * loss_freq, "loss_spatial": loss_spatial, "loss_freq": loss_freq}
 
 
 # ---------------------------------------------------------------------------------------------
-# The model: encoder + mask token + decoder + loss
+# The model: encoder + mask token + decoder + loss, with each arch's released options
 # ---------------------------------------------------------------------------------------------
 
-# Per-family defaults of the released configs (§3, §5). SimMIM: zero fill, token replaces the
-# stem features, plain L1, no Fourier term — the same code otherwise, for a fair comparison.
-DEFAULTS = {
-    ("a2mim", "cnn"): dict(fill="mean", token_at=None, token_mode="gate", spatial="focal_l1", fft_weight=0.5, fft_unmask_weight=1e-3),
-    ("a2mim", "vit"): dict(fill="mean", token_at=None, token_mode="add", spatial="l1", fft_weight=0.1, fft_unmask_weight=0.0),
-    ("simmim", "cnn"): dict(fill="zero", token_at="stem", token_mode="replace", spatial="l1", fft_weight=0.0, fft_unmask_weight=0.0),
-    ("simmim", "vit"): dict(fill="zero", token_at="stem", token_mode="replace", spatial="l1", fft_weight=0.0, fft_unmask_weight=0.0),
+# §5 table: λ, Fourier form and w of the released configs, per arch. Ours, not released: ResNet-18/34
+# (our CPU models) take ResNet-50's values — they stand in for it in laptop runs; vit_tiny takes the
+# ViTs'; every ConvNeXt, whatever its width, has no Fourier term, as all released ConvNeXt configs.
+_FOCAL_FREQ_CNN = dict(fft_weight=0.5, fft_loss="focal_frequency", fft_unmask_weight=1e-3)
+_NO_FOURIER = dict(fft_weight=0.0, fft_loss="focal_frequency", fft_unmask_weight=0.0)
+RELEASED_FOURIER = {
+    "resnet18": _FOCAL_FREQ_CNN, "resnet34": _FOCAL_FREQ_CNN, "resnet50": _FOCAL_FREQ_CNN,
+    "resnet101": dict(fft_weight=0.1, fft_loss="spectral_focal_l1", fft_unmask_weight=1e-3),
+    "resnet152": _NO_FOURIER, "resnet200": _NO_FOURIER,
+    "convnext_tiny": _NO_FOURIER, "convnext_small": _NO_FOURIER, "convnext_base": _NO_FOURIER,
 }
+_VIT_FOURIER = dict(fft_weight=0.1, fft_loss="focal_frequency", fft_unmask_weight=0.0)
+LOSS_RECIPES = ("released", "paper")
+
+
+def method_defaults(arch, method="a2mim", loss_recipe="released"):
+    """The options A2MIM uses for `arch` unless told otherwise (§2, §3, §5).
+
+    loss_recipe "released": the per-arch Fourier term of the released configs (RELEASED_FOURIER);
+    "paper": the paper text's Fourier term for every arch (ResNet-50's values for all CNNs).
+    SimMIM as released: input untouched, the token replaces the stem / patch embeddings, L1 only.
+    """
+    if method not in ("a2mim", "simmim"):
+        raise ConfigError(f"method must be 'a2mim' or 'simmim', got {method!r}")
+    if loss_recipe not in LOSS_RECIPES:
+        raise ConfigError(f"loss recipe must be one of {LOSS_RECIPES}, got {loss_recipe!r}")
+    if method == "simmim":
+        return dict(fill="none", token_at="stem", token_mode="replace", spatial="l1", **_NO_FOURIER)
+    if arch_family(arch) == "vit":
+        return dict(fill="mean", token_at=None, token_mode="add", spatial="l1", **_VIT_FOURIER)
+    fourier = RELEASED_FOURIER[arch] if loss_recipe == "released" else _FOCAL_FREQ_CNN
+    return dict(fill="mean", token_at=None, token_mode="gate", spatial="focal_l1", **fourier)
+
+
+def check_grids(img_size, mask_patch_size, site_stride):
+    """The grid arithmetic of §2–§4, before anything runs: the image tiles into mask blocks, and
+    the block grid maps onto the token site's grid (one a multiple of the other)."""
+    if mask_patch_size < 1 or img_size % mask_patch_size:
+        raise ConfigError(f"image size {img_size} must be a multiple of the mask block size {mask_patch_size}")
+    g, h = img_size // mask_patch_size, img_size // site_stride
+    if h % g and g % h:
+        raise ConfigError(f"the {g}×{g} mask grid ({mask_patch_size}-px blocks of {img_size} px) does not map onto "
+                          f"the {h}×{h} token site; use a mask block size whose grid divides or is a multiple of {h}")
 
 
 class A2MIM(nn.Module):
     """Masked image modeling for any encoder of `models.py` (§2–§5).
 
-    Keyword arguments override the per-family defaults in `DEFAULTS` (for ablations):
-    fill ("mean" | "zero"), token_at (a site of the encoder, None = its A²MIM default, "stem"),
-    token_mode ("gate" | "add" | "replace"), spatial ("focal_l1" | "l1"), fft_weight (λ),
-    fft_unmask_weight (w). `mask_patch_size` / `mask_ratio` as in `mask_blocks`.
+    Every option defaults to None = `method_defaults(encoder.arch, method, loss_recipe)`:
+    fill ("mean" | "zero" | "none"), token_at (a site of the encoder, None = its A²MIM default,
+    "stem"), token_mode ("gate" | "add" | "replace"), spatial ("focal_l1" | "l1"), fft_weight (λ),
+    fft_loss ("focal_frequency" | "spectral_focal_l1"), fft_unmask_weight (w). The resolved
+    options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`.
     """
 
-    def __init__(self, encoder, *, method="a2mim", mask_patch_size=32, mask_ratio=0.6, **overrides):
+    def __init__(self, encoder, *, method="a2mim", mask_patch_size=32, mask_ratio=0.6, loss_recipe="released",
+                 fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_loss=None,
+                 fft_unmask_weight=None):
         super().__init__()
-        if (method, encoder.family) not in DEFAULTS:
-            raise ConfigError(f"method must be 'a2mim' or 'simmim', got {method!r}")
-        cfg = {**DEFAULTS[method, encoder.family], **overrides}
-        unknown = set(cfg) - set(DEFAULTS[method, encoder.family])
-        if unknown:
-            raise ConfigError(f"unknown A2MIM option(s) {sorted(unknown)}; known: {sorted(DEFAULTS['a2mim', 'cnn'])}")
-        if cfg["fill"] not in ("mean", "zero"):
-            raise ConfigError(f"fill must be 'mean' or 'zero', got {cfg['fill']!r}")
-        if cfg["spatial"] not in ("focal_l1", "l1"):
-            raise ConfigError(f"spatial loss must be 'focal_l1' or 'l1', got {cfg['spatial']!r}")
+        given = dict(fill=fill, token_at=token_at, token_mode=token_mode, spatial=spatial, fft_weight=fft_weight,
+                     fft_loss=fft_loss, fft_unmask_weight=fft_unmask_weight)
+        cfg = method_defaults(encoder.arch, method, loss_recipe) | {k: v for k, v in given.items() if v is not None}
+        _check_choice("fill", cfg["fill"], FILLS)
+        _check_choice("spatial loss", cfg["spatial"], ("focal_l1", "l1"))
+        _check_choice("Fourier loss", cfg["fft_loss"], FOURIER_LOSSES)
+        if cfg["fft_weight"] < 0 or not 0 <= cfg["fft_unmask_weight"] <= 1:
+            raise ConfigError(f"need fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got {cfg['fft_weight']} and "
+                              f"{cfg['fft_unmask_weight']}")
+        if not 0 < mask_ratio < 1:
+            raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
         self.method, self.cfg = method, cfg
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
 
         self.encoder = encoder
-        self.token_at, channels, _ = token_site(encoder, cfg["token_at"])
+        self.token_at, channels, stride = token_site(encoder, cfg["token_at"])
+        check_grids(encoder.img_size, mask_patch_size, stride)
         self.mask_token = MaskToken(channels, mode=cfg["token_mode"])
         self.decoder = Decoder(encoder.out_channels, encoder.out_stride)
 
     def forward(self, img_bchw, mask=None, *, generator=None):
-        """img_bchw [B, 3, H, W] normalised → dict(loss, loss_spatial, loss_freq, pred, mask).
+        """img_bchw [B, 3, H, W] normalised → dict(loss, loss_spatial, loss_freq, pred, mask, input).
 
-        pred [B, 3, H, W] is the full reconstruction; mask [B, g, g] (1 = masked).
+        pred [B, 3, H, W] is the full reconstruction; mask [B, g, g] (1 = masked); input the
+        pixels the encoder saw (for pictures: never rebuild the fill outside the model).
         """
         B, _, H, W = img_bchw.shape
         if H != W:
@@ -280,25 +339,26 @@ class A2MIM(nn.Module):
         if mask is None:
             mask = mask_blocks(B, H, self.mask_patch_size, self.mask_ratio, device=img_bchw.device, generator=generator)
 
-        # 2. Fill the masked blocks of the input: mean colour (A²MIM) or zeros (SimMIM).
-        fill = mean_fill if self.cfg["fill"] == "mean" else zero_fill
-        input_bchw = fill(img_bchw, mask)
+        # 2. Fill the masked blocks of the input: mean colour (A²MIM); SimMIM leaves it untouched.
+        input_bchw = FILLS[self.cfg["fill"]](img_bchw, mask)
 
         # 3. Encode; the encoder hands us its feature map at the token site (§3).
         feat_bchw = self.encoder(input_bchw, token_fn=lambda f: self.mask_token(f, mask), token_at=self.token_at)
 
         # 4. Decode back to pixels (§4) and 5. compare with the original, unmasked image (§5).
         pred_bchw = self.decoder(feat_bchw)
-        losses = a2mim_loss(
-            pred_bchw, img_bchw, mask, spatial=self.cfg["spatial"],
-            fft_weight=self.cfg["fft_weight"], fft_unmask_weight=self.cfg["fft_unmask_weight"],
-        )
-        return {**losses, "pred": pred_bchw, "mask": mask}
+        losses = a2mim_loss(pred_bchw, img_bchw, mask, **{k: self.cfg[k] for k in LOSS_KEYS})
+        return {**losses, "pred": pred_bchw, "mask": mask, "input": input_bchw}
 
+
+LOSS_KEYS = ("spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
 
 # ---------------------------------------------------------------------------------------------
 # §9 The analysis behind the idea: multi-order interaction strength J^(m)
 # ---------------------------------------------------------------------------------------------
+
+# The released tool's 13 context ratios r; the order is m = floor((n − 2)·r).
+RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 
 def log_odds(logits_bk, labels_b):
@@ -308,57 +368,72 @@ def log_odds(logits_bk, labels_b):
     return true_b - torch.logsumexp(others_bk, dim=1)
 
 
-def _neighbour_pairs(grid, radius):
-    """All pairs (i, j), i < j, of grid cells within Chebyshev distance `radius` → [P, 2]."""
-    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    near = ((ys[:, None] - ys[None]).abs().maximum((xs[:, None] - xs[None]).abs()) <= radius).triu(1)
-    return near.nonzero()
+def default_grid(img_size):
+    """14 cells a side where it tiles the image (224 px → 16-px cells, the released tool), else the
+    largest grid ≤ 14 that does (32 px → 8, i.e. 4-px cells, the size of our small ViT patches)."""
+    return next(g for g in range(14, 0, -1) if img_size % g == 0)
+
+
+def sample_pairs(grid, count, *, radius=2, generator=None):
+    """(i, j) player pairs as the released tool draws them → LongTensor [count, 2] (row-major cells):
+    i uniform; j = i + one of the (2r+1)² − 1 offsets within Chebyshev distance r, clamped to the
+    border; pairs with j = i or already drawn (in either order) are rejected and redrawn."""
+    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    chosen = []
+    while len(chosen) < count:
+        y, x = torch.randint(grid, (2,), generator=generator).tolist()
+        dy, dx = offsets[torch.randint(len(offsets), (1,), generator=generator).item()]
+        i, j = y * grid + x, min(max(y + dy, 0), grid - 1) * grid + min(max(x + dx, 0), grid - 1)
+        if i != j and (i, j) not in chosen and (j, i) not in chosen:
+            chosen.append((i, j))
+    return torch.tensor(chosen, dtype=torch.long).view(-1, 2)
 
 
 @torch.no_grad()
-def interaction_strength(model, images_bchw, labels_b, *, grid=8, orders=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 1.0),
-                         pairs=16, contexts=16, radius=2, baseline=None, generator=None, chunk=1024):
+def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATIOS, pairs=50, contexts=50,
+                         baseline=None, generator=None, chunk=1024):
     """Multi-order interaction strength J^(m) of a classifier (§9; Deng et al., ICLR 2022).
 
-    The image is cut into n = grid² patches (the players). v(S) = log-odds of the true class when
-    only the patches in S are kept and the rest set to `baseline` (the mean colour: a tensor
-    broadcastable to [3, H, W]; default 0, the dataset mean after normalisation).
+    The image is cut into n = grid² patches (the players; default `default_grid`). v(S) = log-odds
+    of the true class when only the patches in S are kept and the rest set to `baseline` (the
+    mean colour: a tensor broadcastable to [3, H, W]; default 0, the dataset mean once normalised).
         Δv(i, j, S) = v(S ∪ {i, j}) − v(S ∪ {i}) − v(S ∪ {j}) + v(S)
         I^(m)(i, j) = E_{S ⊆ N∖{i,j}, |S| = m} Δv(i, j, S)
         J^(m)       = E_x E_{(i,j)} |I^(m)(i, j)|,  then divided by its mean over the orders.
-    m = round(r·(n − 2)) for each ratio r in `orders`. Pairs: an int = that many per image drawn
-    from the neighbours within `radius` (the official tool: ~50 with radius 2), None = all those
-    neighbours, or an explicit LongTensor [P, 2] of (i, j) cell indices (row-major);
-    `contexts` random S per pair and order.
-    Everything for one image and order is one batched forward pass (in chunks of `chunk`).
+    Defaults are the released protocol: the 13 ratios, 50 pairs × 50 contexts per image and order.
+    `pairs`: an int (drawn per image by `sample_pairs`) or a LongTensor [P, 2] of cell indices.
+    The model runs in eval mode (BatchNorm with its running statistics) and is put back after.
 
     Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised}.
     """
-    B, _, H, W = images_bchw.shape
-    n, cell = grid * grid, H // grid
-    baseline = torch.zeros(3, 1, 1, device=images_bchw.device) if baseline is None else baseline.to(images_bchw.device)
-    all_pairs = _neighbour_pairs(grid, radius)
-    I_abs = torch.zeros(len(orders))
-    for b in range(B):
-        if pairs is None or torch.is_tensor(pairs):
-            chosen = all_pairs if pairs is None else pairs
-        else:
-            chosen = all_pairs[torch.randperm(len(all_pairs), generator=generator)[:pairs]]
-        for o, ratio in enumerate(orders):
-            keep_pcn = _contexts(chosen, n, round(ratio * (n - 2)), contexts, generator)      # [P, C, n] S
-            # The four coalitions S, S∪{i}, S∪{j}, S∪{i,j}, as keep-masks [P, C, 4, n].
-            four = keep_pcn[:, :, None, :].repeat(1, 1, 4, 1)
-            idx_i, idx_j = chosen[:, 0], chosen[:, 1]
-            p = torch.arange(len(chosen))
-            four[p, :, 1, idx_i] = True
-            four[p, :, 2, idx_j] = True
-            four[p, :, 3, idx_i] = True
-            four[p, :, 3, idx_j] = True
-            v = _coalition_values(model, images_bchw[b], labels_b[b], four.view(-1, n), grid, cell, baseline, chunk)
-            v_pc4 = v.view(len(chosen), contexts, 4)
-            delta_pc = v_pc4[..., 3] - v_pc4[..., 1] - v_pc4[..., 2] + v_pc4[..., 0]
-            I_abs[o] += delta_pc.mean(dim=1).abs().mean().item() / B   # E_S inside |.|, E_pairs outside
+    B, _, H, _ = images_bchw.shape
+    grid = grid or default_grid(H)
+    if H % grid:
+        raise ConfigError(f"the interaction grid {grid} must tile the {H}-px image")
+    n = grid * grid
+    baseline = torch.zeros(3, 1, 1) if baseline is None else baseline
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    for m, _ in modes:
+        m.eval()  # BatchNorm on its running statistics: v(S) must not depend on the other coalitions
+    try:
+        I_abs = torch.zeros(len(orders))
+        for b in range(B):
+            chosen = pairs if torch.is_tensor(pairs) else sample_pairs(grid, pairs, generator=generator)
+            for o, ratio in enumerate(orders):
+                S_pcn = _contexts(chosen, n, math.floor(round((n - 2) * ratio, 6)), contexts, generator)
+                with_i_pn = F.one_hot(chosen[:, 0], n).bool()
+                with_j_pn = F.one_hot(chosen[:, 1], n).bool()
+                # The four coalitions of Δv, as keep-masks [P, C, 4, n].
+                coalitions = torch.stack([S_pcn, S_pcn | with_i_pn[:, None], S_pcn | with_j_pn[:, None],
+                                          S_pcn | (with_i_pn | with_j_pn)[:, None]], dim=2)
+                v = _coalition_values(model, images_bchw[b], labels_b[b], coalitions.flatten(0, 2), grid,
+                                      baseline.to(images_bchw.device), chunk)
+                v_S, v_Si, v_Sj, v_Sij = rearrange(v, "(p c four) -> four p c", p=len(chosen), four=4)
+                delta_pc = v_Sij - v_Si - v_Sj + v_S
+                I_abs[o] += delta_pc.mean(dim=1).abs().mean().item() / B   # E_S inside |.|, E_pairs outside
+    finally:
+        for m, training in modes:  # every submodule back in the mode it came in
+            m.train(training)
     return {"orders": torch.tensor(orders), "J": I_abs / I_abs.mean(), "I_abs": I_abs}
 
 
@@ -372,13 +447,13 @@ def _contexts(pairs_p2, n, m, contexts, generator):
     return rank_pcn < m
 
 
-def _coalition_values(model, img_chw, label, keep_kn, grid, cell, baseline, chunk):
+def _coalition_values(model, img_chw, label, keep_kn, grid, baseline, chunk):
     """v(S) for K coalitions: patches outside S set to the baseline, log-odds of `label` → [K]."""
+    cell = img_chw.shape[-1] // grid
     out = []
     for keep in keep_kn.split(chunk):
-        keep_k1hw = keep.view(-1, 1, grid, grid).to(img_chw.dtype)
-        keep_k1hw = keep_k1hw.repeat_interleave(cell, 2).repeat_interleave(cell, 3).to(img_chw.device)
-        x_kchw = torch.lerp(baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw)
+        keep_k1hw = repeat(keep.to(img_chw.dtype), "k (h w) -> k 1 (h c1) (w c2)", h=grid, c1=cell, c2=cell)
+        x_kchw = torch.lerp(baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw.to(img_chw.device))
         labels = torch.full((len(keep),), int(label), device=img_chw.device)
         out.append(log_odds(model(x_kchw).float(), labels).cpu())
     return torch.cat(out)

@@ -1,4 +1,4 @@
-"""Encoders that A²MIM pre-trains: ResNet, ViT and ConvNeXt (PAPER.md §4).
+"""Encoders that A²MIM pre-trains: ResNet, ViT and ConvNeXt (METHOD.md §4).
 
 Every encoder here speaks the same small interface, so that `a2mim.py` never asks
 "which architecture is this?":
@@ -21,12 +21,12 @@ and exposes these attributes:
 
 Build everything through `build_encoder(arch, img_size=224, **kw)`.
 """
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from einops import rearrange
 from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -68,6 +68,7 @@ class ResNet(torchvision.models.ResNet):
     def __init__(self, arch, *, width=64, small_stem=False):
         block, layers = RESNET_LAYERS[arch]
         super().__init__(block, layers)
+        self.arch = arch
         if width != 64 or small_stem:
             self._rebuild(block, layers, width, small_stem)
         del self.avgpool, self.fc  # MIM never classifies; keeps the param count honest
@@ -125,14 +126,18 @@ def torchvision_state_dict(encoder, num_classes=1000):
         head = nn.Linear(encoder.out_channels, num_classes)
         extra = {f"fc.{k}": v for k, v in head.state_dict().items()}
     elif isinstance(encoder, ConvNeXt):
+        # torchvision's head is LayerNorm2d → Flatten → Linear. Our final norm (on the 7×7 map,
+        # before pooling) has the same shape as the head's LayerNorm (after pooling): its weights
+        # become `classifier.0`, the closest place torchvision has for them.
         c = encoder.out_channels
-        head = nn.Sequential(LayerNorm2d(c, eps=1e-6), nn.Flatten(1), nn.Linear(c, num_classes))
-        nn.init.trunc_normal_(head[2].weight, std=0.02)  # torchvision's ConvNeXt head init
-        nn.init.zeros_(head[2].bias)
-        extra = {f"classifier.{k}": v for k, v in head.state_dict().items()}
+        linear = nn.Linear(c, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.02)  # torchvision's ConvNeXt head init
+        nn.init.zeros_(linear.bias)
+        extra = {f"classifier.0.{k}": v for k, v in encoder.norm.state_dict().items()}
+        extra |= {f"classifier.2.{k}": v for k, v in linear.state_dict().items()}
     else:
         raise ConfigError(f"only ResNet and ConvNeXt encoders export to torchvision, got {type(encoder).__name__}")
-    state = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")}
     return {**state, **extra}
 
 
@@ -165,6 +170,10 @@ class ConvNeXt(torchvision.models.ConvNeXt):
         if small_stem:  # 32-px inputs: a stride-1 3×3 stem instead of the 4×4 patchify stem
             self.features[0] = nn.Sequential(nn.Conv2d(3, dims[0], 3, padding=1), LayerNorm2d(dims[0], eps=1e-6))
         del self.avgpool, self.classifier
+        # §4: the released encoder ends with a LayerNorm on the last-stage map (`norm3`,
+        # gap_before_final_norm=False); the decoder reads that normalised map.
+        self.norm = LayerNorm2d(dims[3], eps=1e-6)
+        self.arch = arch
 
         s = 1 if small_stem else 4
         self.token_sites = {f"stage{k + 1}": (dims[k], s * 2**k) for k in range(4)}
@@ -180,7 +189,7 @@ class ConvNeXt(torchvision.models.ConvNeXt):
             if token_fn is not None and token_at == f"stage{k + 1}":
                 x = token_fn(x)
             x = self.features[2 * k + 1](x)
-        return x
+        return self.norm(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +222,8 @@ class RelativePositionBias(nn.Module):
     def __init__(self, grid, heads):
         super().__init__()
         n_rel = (2 * grid - 1) ** 2
-        self.table = nn.Parameter(torch.zeros(n_rel + 3, heads))  # +3: cls→tok, tok→cls, cls→cls
-        nn.init.trunc_normal_(self.table, std=0.02)
+        # +3: cls→tok, tok→cls, cls→cls. Zero-initialised, as released (§4): attention starts unbiased.
+        self.table = nn.Parameter(torch.zeros(n_rel + 3, heads))
 
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         coords = torch.stack([ys.flatten(), xs.flatten()])              # [2, N]
@@ -231,24 +240,30 @@ class RelativePositionBias(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path."""
+    """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path.
+
+    Attention has q and v biases but no k bias, as released (BEiT/SimMIM): a k bias adds the same
+    number to every logit of a query, which softmax ignores.
+    """
 
     def __init__(self, dim, heads, mlp, grid, *, drop_path=0.0, init_values=0.1):
         super().__init__()
         self.heads, self.drop_path = heads, drop_path
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=True), nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim, bias=False), nn.Linear(dim, dim)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
         self.rel_pos_bias = RelativePositionBias(grid, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
         self.gamma_1 = nn.Parameter(torch.full((dim,), init_values))  # LayerScale
         self.gamma_2 = nn.Parameter(torch.full((dim,), init_values))
 
     def attention(self, x_bnd):
-        B, N, D = x_bnd.shape
-        q, k, v = self.qkv(x_bnd).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        qkv_bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        qkv_bnf = F.linear(x_bnd, self.qkv.weight, qkv_bias)
+        q, k, v = rearrange(qkv_bnf, "b n (three h d) -> three b h n d", three=3, h=self.heads)
         bias = self.rel_pos_bias().to(q.dtype)  # [heads, N, N] broadcasts over the batch
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [B, heads, N, D/heads]
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        out_bhnd = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(rearrange(out_bhnd, "b h n d -> b n (h d)"))
 
     def forward(self, x_bnd):
         x_bnd = x_bnd + drop_path(self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, self.training)
@@ -260,8 +275,9 @@ class ViT(nn.Module):
 
     Token sites: "blockK" = the patch tokens entering block K; "block0" (= "stem") is the patch
     embedding before cls token and position embedding are added — A²MIM's default (§3).
-    Deviations from the paper's ViT: none in structure; position embeddings are trunc-normal
-    initialised (SimMIM's choice), not sin-cos; relative position bias is per block (BEiT).
+    As released (§4): position embeddings trunc-normal initialised (SimMIM's choice), not sin-cos;
+    a zero-initialised relative position bias per block; the patch embedding keeps PyTorch's
+    default conv init; every Linear trunc-normal 0.02 with zero bias.
     """
 
     family = "vit"
@@ -269,6 +285,7 @@ class ViT(nn.Module):
     def __init__(self, arch, *, img_size=224, patch_size=16, drop_path=0.1, init_values=0.1):
         super().__init__()
         depth, dim, heads, mlp = VIT_CONFIGS[arch]
+        self.arch = arch
         self.grid = img_size // patch_size
         self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -290,9 +307,8 @@ class ViT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight  # like a Linear on flattened patches (MAE)
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x_bchw, token_fn=None, token_at=None):
         token_at = _resolve_site(self, token_at)
@@ -302,20 +318,19 @@ class ViT(nn.Module):
             raise ConfigError(f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}")
         if token_fn is not None and token_at == "block0":
             feat_bdhw = token_fn(feat_bdhw)
-        x_bnd = torch.cat([self.cls_token.expand(B, -1, -1), feat_bdhw.flatten(2).transpose(1, 2)], dim=1)
+        x_bnd = torch.cat([self.cls_token.expand(B, -1, -1), rearrange(feat_bdhw, "b d h w -> b (h w) d")], dim=1)
         x_bnd = x_bnd + self.pos_embed
 
         for k, block in enumerate(self.blocks):
             if token_fn is not None and k > 0 and token_at == f"block{k}":
                 patches = token_fn(_tokens_to_map(x_bnd[:, 1:], h, w))
-                x_bnd = torch.cat([x_bnd[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+                x_bnd = torch.cat([x_bnd[:, :1], rearrange(patches, "b d h w -> b (h w) d")], dim=1)
             x_bnd = block(x_bnd)
         return _tokens_to_map(self.norm(x_bnd)[:, 1:], h, w)  # cls token dropped (§4)
 
 
 def _tokens_to_map(x_bnd, h, w):
-    """[B, h·w, D] → [B, D, h, w]."""
-    return x_bnd.transpose(1, 2).reshape(x_bnd.shape[0], -1, h, w)
+    return rearrange(x_bnd, "b (h w) d -> b d h w", h=h, w=w)
 
 
 def _resolve_site(encoder, token_at):

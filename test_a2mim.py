@@ -1,4 +1,4 @@
-"""Invariants of A²MIM (../shared/PAPER.md §2–§5) and of its encoders. Run: python3 -m pytest -q
+"""Invariants of A²MIM (METHOD.md §2–§5, §9) and of its encoders. Run: python3 -m pytest -q
 
 Each test name states one invariant of the method; the test fails if that invariant breaks.
 Everything runs on CPU in well under a minute: tiny encoders at 32 px (4-px mask blocks → 8×8
@@ -12,6 +12,9 @@ import torchvision
 
 from a2mim import (
     A2MIM,
+    method_defaults,
+    mixed_image,
+    spectral_focal_l1_loss,
     Decoder,
     MaskToken,
     a2mim_loss,
@@ -22,7 +25,7 @@ from a2mim import (
     resize_mask,
     zero_fill,
 )
-from models import ARCHS, build_encoder, count_params, token_site, torchvision_state_dict
+from models import ARCHS, ConfigError, build_encoder, count_params, token_site, torchvision_state_dict
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -597,7 +600,7 @@ def test_fourier_mixed_term_with_w_0_gives_unmasked_pixels_exactly_zero_gradient
 def test_a2mim_forward_returns_losses_pred_of_input_shape_and_block_mask(arch):
     model = A2MIM(tiny(arch), mask_patch_size=4)
     out = model(randn(3, 3, 32, 32), generator=gen(0))
-    assert set(out) == {"loss", "loss_spatial", "loss_freq", "pred", "mask"}
+    assert set(out) == {"loss", "loss_spatial", "loss_freq", "pred", "mask", "input"}
     assert out["pred"].shape == (3, 3, 32, 32)
     assert out["mask"].shape == (3, 8, 8)
     assert (out["mask"].sum(dim=(1, 2)) == 39).all()
@@ -607,37 +610,101 @@ def test_a2mim_forward_returns_losses_pred_of_input_shape_and_block_mask(arch):
     torch.testing.assert_close(out["loss"], out["loss_spatial"] + lam * out["loss_freq"])
 
 
-# (family arch, PAPER.md §3/§5): spatial loss, λ, w, token mode, token site
-PAPER_DEFAULTS = {
-    "resnet18": ("focal_l1", 0.5, 1e-3, "gate", "layer4"),
-    "convnext_tiny": ("focal_l1", 0.5, 1e-3, "gate", "stage4"),
-    "vit_tiny": ("l1", 0.1, 0.0, "add", "block0"),
+# (arch, METHOD.md §3/§5, released configs): spatial loss, λ, Fourier form, w, token mode, token site
+RELEASED_DEFAULTS = {
+    "resnet18": ("focal_l1", 0.5, "focal_frequency", 1e-3, "gate", "layer4"),   # ours: as ResNet-50
+    "convnext_tiny": ("focal_l1", 0.0, "focal_frequency", 0.0, "gate", "stage4"),  # no Fourier term
+    "vit_tiny": ("l1", 0.1, "focal_frequency", 0.0, "add", "block0"),
 }
 
 
-@pytest.mark.parametrize("arch", list(PAPER_DEFAULTS))
-def test_per_family_defaults_equal_paper_section_5(arch):
-    spatial, lam, w, mode, site = PAPER_DEFAULTS[arch]
+@pytest.mark.parametrize("arch", list(RELEASED_DEFAULTS))
+def test_per_arch_defaults_equal_the_released_configs_and_are_what_forward_uses(arch):
+    spatial, lam, form, w, mode, site = RELEASED_DEFAULTS[arch]
     model = A2MIM(tiny(arch), mask_patch_size=4)
     assert model.cfg["fill"] == "mean"
-    assert (model.cfg["spatial"], model.cfg["fft_weight"], model.cfg["fft_unmask_weight"]) == (spatial, lam, w)
+    assert (model.cfg["spatial"], model.cfg["fft_weight"], model.cfg["fft_loss"], model.cfg["fft_unmask_weight"]) == \
+        (spatial, lam, form, w)
     assert (model.mask_token.mode, model.token_at) == (mode, site)
-    # ... and the forward really uses them: recompute the loss from pred with the paper's values
+    # ... and the forward really uses them: recompute the loss from pred with the released values
     img = randn(2, 3, 32, 32)
     out = model(img, generator=gen(0))
-    expected = a2mim_loss(out["pred"], img, out["mask"], spatial=spatial, fft_weight=lam, fft_unmask_weight=w)
+    expected = a2mim_loss(out["pred"], img, out["mask"], spatial=spatial, fft_weight=lam, fft_loss=form,
+                          fft_unmask_weight=w)
     torch.testing.assert_close(out["loss"], expected["loss"])
 
 
-@pytest.mark.parametrize("method, fill", [("a2mim", mean_fill), ("simmim", zero_fill)])
+@pytest.mark.parametrize("arch, lam, form, w", [
+    ("resnet50", 0.5, "focal_frequency", 1e-3), ("resnet101", 0.1, "spectral_focal_l1", 1e-3),
+    ("vit_small", 0.1, "focal_frequency", 0.0), ("vit_base", 0.1, "focal_frequency", 0.0),
+    ("vit_large", 0.1, "focal_frequency", 0.0)])
+def test_fourier_term_per_arch_follows_the_released_table(arch, lam, form, w):
+    d = method_defaults(arch)
+    assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (lam, form, w)
+
+
+@pytest.mark.parametrize("arch", ["resnet152", "resnet200", "convnext_tiny", "convnext_small", "convnext_base"])
+def test_resnet152_200_and_every_convnext_have_no_fourier_term_by_default(arch):
+    assert method_defaults(arch)["fft_weight"] == 0.0
+    assert method_defaults(arch, loss_recipe="paper")["fft_weight"] > 0  # the paper-text variant has one
+
+
+def test_resnet152_loss_has_no_fourier_part():
+    torch.manual_seed(0)
+    model = A2MIM(build_encoder("resnet152", 32, width=4), mask_patch_size=4)
+    out = model(randn(2, 3, 32, 32), generator=gen(0))
+    assert out["loss_freq"].item() == 0.0 and torch.equal(out["loss"], out["loss_spatial"])
+
+
+def test_paper_loss_recipe_puts_the_focal_frequency_term_on_every_cnn():
+    for arch in ("resnet18", "resnet101", "resnet200", "convnext_base"):
+        d = method_defaults(arch, loss_recipe="paper")
+        assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (0.5, "focal_frequency", 1e-3), arch
+
+
+def test_resnet101_model_uses_the_spectral_focal_l1_form_on_the_mixed_image():
+    torch.manual_seed(0)
+    model = A2MIM(build_encoder("resnet101", 32, width=4), mask_patch_size=4)
+    img = randn(2, 3, 32, 32)
+    out = model(img, generator=gen(0))
+    mixed = mixed_image(out["pred"], img, resize_mask(out["mask"], 32), 1e-3)
+    torch.testing.assert_close(out["loss_freq"], spectral_focal_l1_loss(mixed, img))
+    torch.testing.assert_close(out["loss"], out["loss_spatial"] + 0.1 * out["loss_freq"])
+
+
+def test_spectral_focal_l1_is_the_per_image_focal_l1_of_the_spectrum_modulus_without_batch_averaging():
+    pred, target = randn(3, 3, 8, 8, seed=1), randn(3, 3, 8, 8, seed=2)
+    per_image = []
+    for b in range(3):  # one image at a time: no batch averaging of spectra
+        d = (torch.fft.fft2(pred[b], norm="ortho") - torch.fft.fft2(target[b], norm="ortho")).abs()
+        per_image.append(d * (2 * torch.sigmoid(0.2 * d) - 1))
+    torch.testing.assert_close(spectral_focal_l1_loss(pred, target), torch.stack(per_image).mean())
+    # batch-averaging first (the focal-frequency form) would give a different number
+    assert not torch.allclose(spectral_focal_l1_loss(pred, target),
+                              spectral_focal_l1_loss(pred.mean(0, keepdim=True), target.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("method, fill", [("a2mim", mean_fill), ("simmim", lambda img, mask: img)])
 @pytest.mark.parametrize("arch", list(TINY))
-def test_encoder_input_is_mean_filled_for_a2mim_and_zero_filled_for_simmim(arch, method, fill):
+def test_encoder_input_is_mean_filled_for_a2mim_and_equals_the_image_for_simmim(arch, method, fill):
     model = A2MIM(tiny(arch), method=method, mask_patch_size=4)
     seen = {}
     model.encoder.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0].clone()))
     img = randn(2, 3, 32, 32) + 1.0
     out = model(img, generator=gen(0))
     assert torch.equal(seen["x"], fill(img, out["mask"]))
+    assert torch.equal(out["input"], seen["x"])  # what forward returns as `input` is what the encoder saw
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
+def test_simmim_token_replaces_the_stem_output_in_masked_cells(arch):
+    model = A2MIM(tiny(arch), method="simmim", mask_patch_size=4)
+    img = randn(2, 3, 32, 32)
+    mask = mask_blocks(2, 32, 4, 0.6, generator=gen(1))
+    before, after, calls = capture_token_site(model.encoder, img, lambda f: model.mask_token(f, mask), "stem")
+    m = resize_mask(mask, after.shape[-1]).bool().expand_as(after)
+    token = model.mask_token.token.expand_as(after)
+    assert calls == 1 and torch.equal(after[m], token[m]) and torch.equal(after[~m], before[~m])
 
 
 def test_reconstruction_target_is_the_original_image_not_the_filled_one():
@@ -652,10 +719,10 @@ def test_reconstruction_target_is_the_original_image_not_the_filled_one():
 
 
 @pytest.mark.parametrize("arch", list(TINY))
-def test_simmim_uses_zero_fill_stem_token_replace_l1_and_no_fourier_term(arch):
+def test_simmim_leaves_the_input_untouched_and_uses_stem_token_replace_l1_and_no_fourier_term(arch):
     encoder = tiny(arch)
     model = A2MIM(encoder, method="simmim", mask_patch_size=4)
-    assert model.cfg["fill"] == "zero" and model.cfg["spatial"] == "l1"
+    assert model.cfg["fill"] == "none" and model.cfg["spatial"] == "l1"
     assert model.token_at == next(iter(encoder.token_sites))  # the stem
     assert model.mask_token.mode == "replace"
     img = randn(2, 3, 32, 32)
@@ -693,7 +760,9 @@ def test_a2mim_masks_are_reproducible_with_a_generator_and_a_given_mask_is_used(
     "kwargs, match",
     [
         (dict(method="mae"), "method"),
-        (dict(fft_wieght=0.5), "unknown"),
+        (dict(fft_loss="l2_spectrum"), "Fourier"),
+        (dict(fft_weight=-1.0), "fft_weight"),
+        (dict(mask_ratio=1.0), "ratio"),
         (dict(fill="noise"), "fill"),
         (dict(token_mode="multiply"), "mode"),
         (dict(token_at="layer9"), "site"),
@@ -704,9 +773,21 @@ def test_unknown_method_or_option_raises_value_error(kwargs, match):
         A2MIM(tiny("resnet18"), mask_patch_size=4, **kwargs)
 
 
-def test_unknown_spatial_loss_option_raises_value_error():
-    with pytest.raises(ValueError, match="spatial"):
-        A2MIM(tiny("resnet18"), mask_patch_size=4, spatial="l2")(randn(1, 3, 32, 32))
+def test_unknown_spatial_loss_is_refused_when_the_model_is_built():
+    with pytest.raises(ConfigError, match="spatial"):
+        A2MIM(tiny("resnet18"), mask_patch_size=4, spatial="l2")
+
+
+def test_a_misspelt_option_is_a_type_error_not_silently_ignored():
+    with pytest.raises(TypeError, match="fft_wieght"):
+        A2MIM(tiny("resnet18"), mask_patch_size=4, fft_wieght=0.5)
+
+
+@pytest.mark.parametrize("img_size, block", [(48, 6), (32, 3)])
+def test_mask_grid_that_does_not_map_onto_the_token_site_is_refused_at_build_time(img_size, block):
+    # 48 px, 6-px blocks: an 8×8 mask grid against a 12×12 token site (stride 4) — neither divides.
+    with pytest.raises(ConfigError, match="mask"):
+        A2MIM(build_encoder("resnet18", img_size, width=4), mask_patch_size=block)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -754,8 +835,10 @@ def test_convnext_tiny_weights_load_strictly_into_torchvision_and_give_the_same_
     x = randn(1, 3, 64, 64)
     with torch.no_grad():
         ours, theirs = encoder(x), tv.features(x)
+        pooled_ours, pooled_theirs = encoder.norm(theirs.mean((2, 3), keepdim=True)), tv.classifier[0](tv.avgpool(theirs))
     assert theirs.shape == (1, 768, 2, 2)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(ours, encoder.norm(theirs), rtol=0, atol=0)  # same stages, then our final norm
+    torch.testing.assert_close(pooled_ours, pooled_theirs, rtol=0, atol=0)  # the final norm became classifier.0
 
 
 def test_resnet50_encoder_has_23_5M_parameters():
@@ -785,12 +868,46 @@ def test_resnet_residual_branches_start_as_identity_with_zero_init_last_bn():
         assert blocks and all((getattr(b, bn).weight == 0).all() for b in blocks), arch
 
 
-def test_vit_blocks_have_layerscale_0_1_qkv_bias_and_relative_position_bias():
+def test_vit_blocks_have_layerscale_0_1_and_a_zero_initialised_relative_position_bias():
     encoder = tiny("vit_tiny")
     for block in encoder.blocks:
         assert (block.gamma_1 == 0.1).all() and (block.gamma_2 == 0.1).all()
-        assert block.qkv.bias is not None
         assert block.rel_pos_bias().shape == (3, 1 + 64, 1 + 64)  # [heads, 1+N, 1+N] at 8×8 patches
+        assert (block.rel_pos_bias.table == 0).all()
+
+
+def test_vit_attention_has_q_and_v_biases_but_no_k_bias():
+    block = tiny("vit_tiny").blocks[0]
+    assert block.qkv.bias is None and block.q_bias.shape == block.v_bias.shape == (192,)
+    assert not any(".k_bias" in n or n.endswith("qkv.bias") for n, _ in tiny("vit_tiny").named_parameters())
+    # The q bias reaches the queries and the v bias the values: moving them changes the output.
+    x = randn(1, 65, 192)
+    base = block.attention(x)
+    with torch.no_grad():
+        block.v_bias.fill_(0.5)
+    assert not torch.allclose(block.attention(x), base)
+
+
+def test_vit_patch_embedding_keeps_pytorchs_default_conv_init():
+    # PyTorch's default (kaiming-uniform, a=√5) bounds the weights by 1/√fan_in; the xavier init
+    # used before reaches √(6/(fan_in + fan_out)), which is larger here (fan_in 48, fan_out 192).
+    w = tiny("vit_tiny").patch_embed.weight
+    fan_in = w[0].numel()
+    assert w.abs().max() <= 1 / math.sqrt(fan_in) + 1e-7
+    assert w.abs().max() > 0.95 / math.sqrt(fan_in)
+
+
+def test_convnext_encoder_output_is_the_layer_normalised_last_stage_map():
+    encoder = tiny("convnext_tiny").eval()
+    seen = {}
+    encoder.features[-1].register_forward_hook(lambda mod, args, out: seen.update(x=out))
+    with torch.no_grad():
+        out = encoder(randn(2, 3, 32, 32))
+        ref = encoder.norm(seen["x"])
+    torch.testing.assert_close(out, ref)
+    # with the LayerNorm's init (weight 1, bias 0): zero mean, unit variance over channels per cell
+    torch.testing.assert_close(out.mean(1), torch.zeros_like(out.mean(1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones_like(out.mean(1)), atol=1e-3, rtol=0)
 
 
 def test_build_encoder_rejects_unknown_arch_listing_the_choices():
@@ -841,7 +958,7 @@ def test_a_few_adamw_steps_lower_the_a2mim_loss_on_a_fixed_batch(arch):
 # §9 Multi-order interaction strength
 # ---------------------------------------------------------------------------------------------
 
-from a2mim import interaction_strength, log_odds  # noqa: E402
+from a2mim import default_grid, interaction_strength, log_odds, sample_pairs  # noqa: E402
 
 
 def _present_bn(x_bchw, grid=8):
@@ -870,6 +987,12 @@ def _symmetric_weights(n, seed):
     return w.fill_diagonal_(0)
 
 
+def _all_neighbour_pairs(grid, radius):
+    cells = [(y, x) for y in range(grid) for x in range(grid)]
+    return torch.tensor([(a * grid + b, c * grid + d) for a, b in cells for c, d in cells
+                         if (a, b) < (c, d) and max(abs(a - c), abs(b - d)) <= radius])
+
+
 def test_log_odds_of_a_two_class_model_is_the_logit_difference():
     logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
     torch.testing.assert_close(log_odds(logits, torch.tensor([0, 1])), torch.tensor([3.0, 0.0]))
@@ -879,11 +1002,10 @@ def test_interaction_strength_matches_analytic_values_of_a_toy_model():
     n, b = 64, 0.01
     w = _symmetric_weights(n, 0)
     images, labels = torch.ones(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
-    out = interaction_strength(_toy_model(w, b), images, labels, grid=8, pairs=None, contexts=3,
+    pairs = _all_neighbour_pairs(8, 2)
+    out = interaction_strength(_toy_model(w, b), images, labels, grid=8, pairs=pairs, contexts=3,
                                generator=gen(0))
-    from a2mim import _neighbour_pairs
-    pairs = _neighbour_pairs(8, 2)
-    m = torch.round(out["orders"] * (n - 2))
+    m = torch.floor(out["orders"] * (n - 2) + 1e-6)
     expected = torch.stack([(w[pairs[:, 0], pairs[:, 1]] + b * mi).abs().mean() for mi in m])
     torch.testing.assert_close(out["I_abs"], expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["J"], expected / expected.mean(), rtol=1e-4, atol=1e-4)
@@ -907,3 +1029,54 @@ def test_interaction_strength_of_a_real_encoder_is_finite_and_normalised():
     out = interaction_strength(model, randn(2, 3, 32, 32), torch.tensor([1, 2]), orders=(0.0, 0.5, 1.0),
                                pairs=4, contexts=4, generator=gen(0))
     assert torch.isfinite(out["J"]).all() and out["J"].mean().item() == pytest.approx(1.0)
+
+
+def test_interaction_defaults_are_the_released_protocol():
+    import inspect
+    params = inspect.signature(interaction_strength).parameters
+    assert params["orders"].default == (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+    assert (params["pairs"].default, params["contexts"].default) == (50, 50)
+    assert (default_grid(224), default_grid(32), default_grid(28)) == (14, 8, 14)
+
+
+def test_order_m_is_floor_of_n_minus_2_times_the_ratio():
+    # v(S) = |S|³ gives Δv = (m+2)³ − 2(m+1)³ + m³ = 6m + 6 for every pair and every context of size m.
+    def cube_of_kept(x_bchw):
+        k = _present_bn(x_bchw).sum(1)
+        return torch.stack([k**3, torch.zeros_like(k)], dim=1)
+
+    ratios = (0.0, 0.05, 0.3, 0.95, 1.0)
+    out = interaction_strength(cube_of_kept, torch.ones(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), grid=8,
+                               orders=ratios, pairs=3, contexts=2, generator=gen(0))
+    m = (out["I_abs"] - 6) / 6
+    torch.testing.assert_close(m, torch.tensor([math.floor(62 * r + 1e-9) for r in ratios], dtype=m.dtype))
+
+
+def test_sampled_pairs_are_distinct_neighbours_within_chebyshev_distance_2():
+    pairs = sample_pairs(14, 50, generator=gen(0))
+    assert pairs.shape == (50, 2)
+    yi, xi, yj, xj = pairs[:, 0] // 14, pairs[:, 0] % 14, pairs[:, 1] // 14, pairs[:, 1] % 14
+    assert ((yi - yj).abs().maximum((xi - xj).abs()) <= 2).all() and (pairs[:, 0] != pairs[:, 1]).all()
+    unordered = {tuple(sorted(p)) for p in pairs.tolist()}
+    assert len(unordered) == 50  # no pair twice, in either order
+    # corner cells clamp their neighbour to the border instead of leaving the grid
+    assert (pairs >= 0).all() and (pairs < 196).all()
+
+
+def test_interaction_strength_is_the_same_in_train_and_eval_mode_and_restores_the_mode():
+    torch.manual_seed(0)
+    encoder = tiny("resnet18")
+    _randomise_norms_(encoder)
+    model = torch.nn.Sequential(encoder, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model[0].layer1.train(False)  # a mixed state that must survive the call
+    args = (randn(1, 3, 32, 32), torch.tensor([3]))
+    kw = dict(orders=(0.0, 0.5, 1.0), pairs=3, contexts=3)
+    modes = [m.training for m in model.modules()]
+    in_train = interaction_strength(model.train(), *args, generator=gen(0), **kw)
+    model[0].layer1.train(False)
+    in_eval = interaction_strength(model.eval(), *args, generator=gen(0), **kw)
+    torch.testing.assert_close(in_train["J"], in_eval["J"])
+    model.train()
+    model[0].layer1.train(False)
+    interaction_strength(model, *args, generator=gen(0), **kw)
+    assert [m.training for m in model.modules()] == modes
