@@ -2,42 +2,45 @@
 
 Every dataset yields `(image_3hw, label)`: a float tensor [3, S, S] normalised with the ImageNet
 mean/std (also for CIFAR & co., so one normalisation serves every encoder), and an int label.
-Images are kept as uint8 until the transform, which does the geometry first (cheap on uint8) and
-converts to float last.
-
+Images stay uint8 until the transform, which does the geometry first and converts to float last.
 Masks are NOT drawn here: the training step draws them on the device (a2mim.py), so the loader
 stays a plain image pipeline that eval_linear.py can reuse.
 
-Where data is looked for (first hit wins):
-  fashion-mnist  DATA_DIR, DATA_DIR/fashion-mnist, DATA_DIR/FashionMNIST/raw, the same under ./data,
-                 then /usr/share/datasets/fashion-mnist (Debian package); IDX files, gzipped or not.
-  cifar10/100    DATA_DIR/cifar-10-batches-py (cifar-100-python), or DATA_DIR itself, then ./data.
-  stl10          DATA_DIR/stl10_binary, or DATA_DIR itself, then ./data.
+torchvision reads the files. Where (DATA_DIR = data_dir / --data-dir; if given it must exist, and
+nothing else is searched; if not, ./data and the Debian copy are):
+  fashion-mnist  DATA_DIR, DATA_DIR/fashion-mnist or DATA_DIR/FashionMNIST/raw: the IDX files, gzipped
+                 or not; else the same under ./data, else /usr/share/datasets/fashion-mnist (Debian).
+  cifar10/100    DATA_DIR/cifar-10-batches-py (cifar-100-python), the unpacked official archive.
+  stl10          DATA_DIR/stl10_binary, the unpacked official archive.
   imagenet       DATA_DIR (default ./data/imagenet) with train/<class>/*.jpg and val/<class>/*.jpg.
   folder         DATA_DIR (required), same layout as imagenet; the class count is read from disk.
   fake           nothing on disk: images are generated from the index (deterministic).
 `download=True` lets torchvision fetch fashion-mnist / cifar / stl10 into DATA_DIR (or ./data).
-We read the files ourselves instead of through torchvision's dataset classes, because those check
-md5 sums and so refuse the small generated files the tests use.
 """
 
 import gzip
+import hashlib
+import itertools
 import math
 import os
-import pickle
-import struct
+import shutil
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+import torchvision.datasets as tvd
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "fake")
+IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")  # whole split as one uint8 tensor
+DEVICE_DATASETS = IN_MEMORY  # what device_loader can hold on a GPU (47-150 MB each)
 TRANSFORMS = ("pretrain", "finetune", "eval", "none")
 SPLITS = ("train", "val")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 # Datasets smaller than this (in native pixels) get the CIFAR-style recipes (pad-and-crop, plain
 # resize); from here on the ImageNet-style ones (scale-jitter crops, resize-then-centre-crop).
@@ -55,11 +58,12 @@ _INFO = {
     "folder": (None, 224, 3, None),  # classes counted from disk when built
     "fake": (10, 32, 3, 32),  # generated at the requested size; see _FakeImages
 }
-SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# torchvision's class for each archive it reads (the class knows its folder, files and md5 sums).
+_TORCHVISION = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}
 
 
-class DataError(Exception):
-    """A missing or malformed dataset; the message is one sentence naming the layout and place."""
+class DataError(ValueError):
+    """A missing or malformed dataset, or too little of it; one sentence naming what and where."""
 
 
 def dataset_info(name):
@@ -70,8 +74,23 @@ def dataset_info(name):
     return {"num_classes": num_classes, "img_size": img_size, "channels_in_files": channels}
 
 
+def seed_for(*parts):
+    """One seed per tuple of ints, e.g. (seed, epoch, index): a hash, so that nearby tuples get
+    unrelated random streams and no linear formula can make two tuples collide."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def check_enough(n_images, batch_size, accum_steps, world_size, name):
+    """DataError unless each of `world_size` processes gets one full step of batch × accum images."""
+    per_process = n_images // world_size  # DistributedSampler(drop_last=True)'s share
+    if per_process < batch_size * accum_steps:
+        raise DataError(f"{name} has {n_images} training images ({per_process} per process): batch_size "
+                        f"{batch_size} × {accum_steps} accumulation step(s) exceeds that, so there is not "
+                        f"one full step; lower the batch size")
+
+
 # ----------------------------------------------------------------------------------------------
-# Transforms (PAPER §6 for pre-training; §7-style recipes scaled down for the small datasets)
+# Transforms (METHOD.md §6 for pre-training; §7-style recipes scaled down for the small datasets)
 
 
 def build_transform(kind, img_size, *, family="cnn", large=True):
@@ -83,192 +102,110 @@ def build_transform(kind, img_size, *, family="cnn", large=True):
     if kind == "pretrain":
         # §6: RandomResizedCrop scale (0.8, 1) for ResNet/ConvNeXt, (0.67, 1) for ViT, plus flip.
         # The same crop is used for 28/32-px data: a mild zoom keeps the small objects whole.
-        scale = (0.67, 1.0) if family == "vit" else (0.8, 1.0)
-        geometry = [v2.RandomResizedCrop(S, scale=scale), v2.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(S, scale=_crop_scale(family)), v2.RandomHorizontalFlip()]
     elif kind == "finetune" and large:
         geometry = [v2.RandomResizedCrop(S, scale=(0.08, 1.0)), v2.RandomHorizontalFlip()]
     elif kind == "finetune":
         # CIFAR-style: the standard 4-px pad-and-crop; the 0.08 crop would destroy 32-px images.
         geometry = [v2.Resize(S), v2.RandomCrop(S, padding=4), v2.RandomHorizontalFlip()]
     elif kind == "eval" and large:
-        # The usual 0.875 centre-crop ratio (224 from 256).
-        geometry = [v2.Resize(int(S / 0.875)), v2.CenterCrop(S)]
+        geometry = [v2.Resize(int(S / 0.875)), v2.CenterCrop(S)]  # the usual 224-from-256 ratio
     elif kind in ("eval", "none"):
         # Deterministic. CenterCrop is a no-op on square data and squares the folder images.
         geometry = [v2.Resize(S), v2.CenterCrop(S)]
     else:
         raise ValueError(f"unknown transform {kind!r}; choose one of {', '.join(TRANSFORMS)}")
-    # Inputs are plain uint8 tensors (folder images are converted on load), so outputs stay plain.
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose(geometry + to_float)
+    return v2.Compose(geometry + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _crop_scale(family):
+    if family not in ("cnn", "vit"):
+        raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
+    return (0.67, 1.0) if family == "vit" else (0.8, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
-# Finding files
+# Reading the small datasets: each returns (images uint8 [N, C, H, W], labels long [N], folder)
 
 
-def _roots(name, data_dir):
-    """Directories to search, in order: DATA_DIR, ./data, and the Debian copy of Fashion-MNIST."""
-    roots = [Path(data_dir)] if data_dir is not None else []
-    roots.append(Path("data"))
-    if name == "fashion-mnist":
-        roots.append(SYSTEM_FASHION_MNIST)
-    return list(dict.fromkeys(roots))  # drop duplicates, keep order
+def _roots(data_dir, download, *defaults, expects=""):
+    """The folder the user named (it must exist, unless it is to be downloaded into), else the defaults."""
+    if data_dir is None:
+        return [Path(d) for d in defaults]
+    if not (Path(data_dir).is_dir() or download):
+        raise DataError(f"data directory {data_dir} does not exist{expects}")
+    return [Path(data_dir)]
 
 
-# Sub-folders tried under each root (the names the official archives unpack to; "" = the root).
-_SUBDIRS = {
-    "fashion-mnist": ("", "fashion-mnist", "FashionMNIST/raw"),
-    "cifar10": ("cifar-10-batches-py", ""),
-    "cifar100": ("cifar-100-python", ""),
-    "stl10": ("stl10_binary", ""),
-}
-
-
-def _existing(path):
-    """The file itself or its .gz twin, whichever exists (uncompressed first: faster to read)."""
-    for candidate in (path, path.with_name(path.name + ".gz")):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _find_files(name, data_dir, filenames):
-    """Paths of `filenames` in the first searched folder that holds all of them, else None."""
-    places = [root / sub for root in _roots(name, data_dir) for sub in _SUBDIRS[name]]
-    for folder in places:
-        found = [_existing(folder / f) for f in filenames]
-        if all(found):
-            return found, places
-    return None, places
-
-
-def _locate(name, data_dir, filenames, download):
-    """Find the files, downloading once through torchvision if allowed; else a DataError."""
-    found, places = _find_files(name, data_dir, filenames)
-    if found is None and download:
-        _download(name, Path(data_dir) if data_dir is not None else Path("data"))
-        found, places = _find_files(name, data_dir, filenames)
-    if found is None:
-        where = ", ".join(str(p) for p in dict.fromkeys(places))
-        raise DataError(
-            f"{name} files {' + '.join(filenames)} not found in any of: {where} "
-            f"(pass download=True / --download to fetch them)"
-        )
-    return found
-
-
-def _download(name, root):
-    """Let torchvision download and unpack the official archive into `root`."""
-    import torchvision.datasets as tvd
-
-    fetch = {
-        "fashion-mnist": lambda: tvd.FashionMNIST(root, train=True, download=True),
-        "cifar10": lambda: tvd.CIFAR10(root, download=True),
-        "cifar100": lambda: tvd.CIFAR100(root, download=True),
-        "stl10": lambda: tvd.STL10(root, split="train", download=True),
-    }[name]
+def _read_idx(path, reader):
+    """torchvision's IDX reader; it takes plain files only, so a .gz is unpacked to a temporary one."""
     try:
-        fetch()
-    except Exception as err:  # no network, disk full, bad archive: all end the same way for us
-        raise DataError(f"downloading {name} into {root} failed ({err})") from None
+        if path.suffix != ".gz":
+            return reader(str(path))
+        with gzip.open(path) as packed, tempfile.NamedTemporaryFile() as plain:
+            shutil.copyfileobj(packed, plain)
+            plain.flush()
+            return reader(plain.name)
+    except (OSError, EOFError, AssertionError, TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"{path} is not a readable uint8 IDX file ({type(err).__name__}: {err})") from None
 
 
-def _read_bytes(path):
-    """Whole file contents, gunzipped when the name ends in .gz."""
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as err:  # bad or truncated gzip stream
-        raise DataError(f"cannot read {path} ({err})") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# File-format readers. Each returns (images uint8 [N, H, W] or [N, 3, H, W], labels int64 [N]).
-
-
-def _read_idx(path, ndim):
-    """An IDX array (the MNIST format): magic 0x0000 08 <ndim>, ndim big-endian uint32 dims, data.
-
-    0x08 is the uint8 type code, so images start 0x00000803 and labels 0x00000801.
-    """
-    raw = _read_bytes(path)
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len or raw[:4] != bytes((0, 0, 0x08, ndim)):
-        raise DataError(f"{path} is not a uint8 IDX file with {ndim} dims (bad magic number)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header_len])
-    if len(raw) != header_len + math.prod(dims):
-        raise DataError(f"{path} holds {len(raw) - header_len} data bytes, header says {dims}")
-    data = torch.frombuffer(bytearray(memoryview(raw)[header_len:]), dtype=torch.uint8)
-    return data.reshape(dims)
-
-
-def _read_fashion_mnist(split, data_dir, download):
+def _fashion_mnist(name, split, data_dir, download):
     prefix = "train" if split == "train" else "t10k"
-    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
-    image_path, label_path = _locate("fashion-mnist", data_dir, names, download)
-    images_nhw = _read_idx(image_path, 3)  # [N, 28, 28]
-    labels_n = _read_idx(label_path, 1).long()
-    _check_pair(images_nhw, labels_n, 10, image_path)
-    return images_nhw, labels_n, image_path.parent
+    names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    roots = _roots(data_dir, download, "data", SYSTEM_FASHION_MNIST)
+    places = [r / sub for r in roots for sub in ("", "fashion-mnist", "FashionMNIST/raw")]
+    for attempt in ("look", "download") if download else ("look",):
+        if attempt == "download":
+            try:  # into roots[0]/FashionMNIST/raw, one of the places
+                tvd.FashionMNIST(roots[0], train=split == "train", download=True)
+            except (OSError, RuntimeError) as err:
+                raise DataError(f"downloading fashion-mnist into {roots[0]} failed ({err})") from None
+        for folder in places:
+            # The plain file or its .gz twin (plain first: faster to read).
+            found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
+            if all(found):
+                return _read_idx(found[0], read_image_file)[:, None], _read_idx(found[1], read_label_file), folder
+    raise DataError(f"fashion-mnist files {' + '.join(names)} (or .gz) not found in any of: "
+                    f"{', '.join(map(str, dict.fromkeys(places)))} (pass download=True / --download to fetch them)")
 
 
-def _unpickle(path, label_key):
-    """One CIFAR python batch: a dict with b"data" [N, 3072] uint8 and a label list.
-
-    pickle can run code: only point this at archives you trust (torchvision does the same).
-    """
+def _torchvision_archive(name, split, data_dir, download):
+    cls = _TORCHVISION[name]
+    roots = _roots(data_dir, download, "data")
+    files = ", ".join(f for f, _ in cls.train_list + cls.test_list)
+    root = next((r for r in roots if (r / cls.base_folder).is_dir()), None)
+    if root is None and not download:
+        raise DataError(f"{name} expects {files} in {' or '.join(str(r / cls.base_folder) for r in roots)} "
+                        f"(the unpacked official archive; pass download=True / --download to fetch it)")
+    root = root or roots[0]
+    kw = {"split": "train" if split == "train" else "test"} if name == "stl10" else {"train": split == "train"}
     try:
-        batch = pickle.loads(_read_bytes(path), encoding="bytes")
-        data, labels = np.asarray(batch[b"data"], dtype=np.uint8), batch[label_key]
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
-        raise DataError(f"{path} is not a CIFAR python batch with b'data' and {label_key}: {err}")
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path} has b'data' of shape {data.shape}, expected [N, 3072]")
-    # Each row is the R plane, then G, then B, each 32x32 row-major -> [N, 3, 32, 32] directly.
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels)
+        ds = cls(str(root), download=download, **kw)
+    except RuntimeError as err:  # torchvision's "not found or corrupted": a file missing or off its md5
+        raise DataError(f"{root / cls.base_folder} does not hold an intact {name} ({files}, "
+                        f"checked against torchvision's md5 sums): {err}") from None
+    except (OSError, EOFError, KeyError, ValueError) as err:  # an unreadable pickle / binary, no network
+        raise DataError(f"cannot read {name} from {root / cls.base_folder} ({type(err).__name__}: {err})") from None
+    # CIFAR's data is [N, H, W, C] (numpy), STL-10's already [N, C, H, W] with labels shifted to 0..9.
+    images = torch.as_tensor(ds.data).permute(0, 3, 1, 2) if name != "stl10" else torch.as_tensor(ds.data)
+    labels = ds.labels if name == "stl10" else ds.targets
+    return images.contiguous(), torch.as_tensor(labels).long(), root / cls.base_folder
 
 
-def _read_cifar(name, split, data_dir, download):
-    if name == "cifar10":
-        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        label_key, num_classes = b"labels", 10
-    else:
-        names, label_key, num_classes = ["train" if split == "train" else "test"], b"fine_labels", 100
-    paths = _locate(name, data_dir, names, download)
-    images, labels = zip(*(_unpickle(p, label_key) for p in paths))
-    images_nchw, labels_n = torch.cat(images), torch.cat(labels).long()
-    _check_pair(images_nchw, labels_n, num_classes, paths[0])
-    return images_nchw, labels_n, paths[0].parent
-
-
-def _read_stl10(split, data_dir, download):
-    """STL-10 binaries: uint8 images [N, 3, 96, 96] stored column-major, labels 1..10.
-
-    unlabeled_X.bin (100k images) is not used: it would make a pre-training epoch 20x longer
-    than the labelled split; train on it by pointing a "folder" dataset at extracted images.
-    """
-    prefix = "train" if split == "train" else "test"
-    image_path, label_path = _locate("stl10", data_dir, [f"{prefix}_X.bin", f"{prefix}_y.bin"], download)
-    pixels = np.frombuffer(_read_bytes(image_path), dtype=np.uint8)
-    if pixels.size % (3 * 96 * 96):
-        raise DataError(f"{image_path} holds {pixels.size} bytes, not a multiple of 3*96*96")
-    # Each channel plane is stored column by column (MATLAB order): [N, C, W, H] -> [N, C, H, W].
-    images_nchw = torch.from_numpy(pixels.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2).copy())
-    labels_n = torch.from_numpy(np.frombuffer(_read_bytes(label_path), dtype=np.uint8).copy())
-    labels_n = labels_n.long() - 1  # 1..10 on disk -> 0..9
-    _check_pair(images_nchw, labels_n, 10, image_path)
-    return images_nchw, labels_n, image_path.parent
-
-
-def _check_pair(images, labels_n, num_classes, path):
-    """One label per image and every label inside 0..num_classes-1."""
+def _in_memory(name, split, data_dir, download, img_size, fake_size):
+    """The whole split of a small dataset: (images uint8 [N, C, H, W], labels_n long [N], source)."""
+    if name == "fake":
+        fake = _FakeImages(split, fake_size, img_size, transform=lambda image: image)
+        return torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10, "generated"
+    read = _fashion_mnist if name == "fashion-mnist" else _torchvision_archive
+    images, labels_n, folder = read(name, split, data_dir, download)
+    num_classes = _INFO[name][0]
     if len(images) != len(labels_n):
-        raise DataError(f"{path.parent} has {len(images)} images but {len(labels_n)} labels")
-    if len(labels_n) and (labels_n.min() < 0 or labels_n.max() >= num_classes):
-        raise DataError(f"{path.parent} has labels outside 0..{num_classes - 1}")
+        raise DataError(f"{folder} has {len(images)} images but {len(labels_n)} labels")
+    if len(labels_n) and not 0 <= labels_n.min() <= labels_n.max() < num_classes:
+        raise DataError(f"{folder} has labels outside 0..{num_classes - 1}")
+    return images, labels_n, str(folder)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,20 +213,18 @@ def _check_pair(images, labels_n, num_classes, path):
 
 
 class _TensorImages(Dataset):
-    """A whole split held in memory as uint8 [N, H, W] (grayscale) or [N, 3, H, W]."""
+    """A whole split held in memory: uint8 images [N, 1 or 3, H, W], labels_n long [N]."""
 
     def __init__(self, images, labels_n, transform, num_classes, source):
         self.images, self.labels_n, self.transform = images, labels_n, transform
-        self.num_classes, self.source = num_classes, str(source)
+        self.num_classes, self.source = num_classes, source
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        image = self.images[index]
-        if image.ndim == 2:  # grayscale [H, W] -> replicated RGB [3, H, W], as the encoders want
-            image = image.expand(3, -1, -1)
-        return self.transform(image), int(self.labels_n[index])
+        # A grey [1, H, W] image is replicated to the 3 channels the encoders take.
+        return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels_n[index])
 
 
 # Ten well-separated class colours (RGB in 0..1) for the fake dataset; fixed so runs agree.
@@ -304,9 +239,9 @@ _FAKE_SEED = {"train": 20_230_000, "val": 1_020_230_000}  # far apart: the split
 class _FakeImages(Dataset):
     """Synthetic images whose class is learnable: class colour + smooth texture + pixel noise.
 
-    Image i is generated from a torch.Generator seeded with (split base + i), so it is the same
-    on every call, in every worker, with no storage. Label = i mod 10 (balanced classes).
-    The smooth texture gives masked-image modeling something non-trivial to reconstruct.
+    Image i comes from a generator seeded with (split base + i): the same on every call, in every
+    worker, with no storage. Label = i mod 10 (balanced). The smooth texture gives masked-image
+    modeling something non-trivial to reconstruct.
     """
 
     def __init__(self, split, size, img_size, transform):
@@ -320,51 +255,44 @@ class _FakeImages(Dataset):
         index = int(index)  # a Subset built from a tensor passes 0-d tensors
         if not 0 <= index < self.size:
             raise IndexError(f"fake index {index} outside 0..{self.size - 1}")
-        label = index % self.num_classes
+        label, S = index % self.num_classes, self.img_size
         gen = torch.Generator().manual_seed(self.base_seed + index)
-        S = self.img_size
-
-        # Low-frequency texture: a random 4x4 RGB grid upsampled to S x S.
-        grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)
+        grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)  # low-frequency texture: 4×4 upsampled
         texture_3hw = torch.nn.functional.interpolate(grid_13hw, size=(S, S), mode="bilinear")[0]
         noise_3hw = 0.05 * torch.randn(3, S, S, generator=gen)
         image_3hw = 0.6 * _FAKE_COLOURS[label, :, None, None] + 0.4 * texture_3hw + noise_3hw
-        image_3hw = (image_3hw.clamp(0, 1) * 255).round().to(torch.uint8)
-        return self.transform(image_3hw), label
+        return self.transform((image_3hw.clamp(0, 1) * 255).round().to(torch.uint8)), label
 
 
 def _load_rgb(path):
-    """PIL loader for image folders; an undecodable file is a DataError naming it.
+    """ImageFolder's loader: uint8 [3, H, W]; an undecodable file is a DataError naming it.
 
-    Policy: fail loudly. Skipping or substituting a broken image would silently change the
-    dataset (and the sample order across runs); one clear message lets the user fix the file.
+    Fail loudly: skipping or substituting a broken image would silently change the dataset (and
+    the sample order across runs); one clear message lets the user fix the file.
     """
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return v2.functional.pil_to_tensor(img.convert("RGB"))  # uint8 [3, H, W]
+            return v2.functional.pil_to_tensor(img.convert("RGB"))
     except OSError as err:  # covers UnidentifiedImageError and "image file is truncated"
         raise DataError(f"cannot decode image {path} ({err}); delete or replace the file") from None
 
 
 def _image_folder(name, split, data_dir, transform):
-    """torchvision ImageFolder over DIR/<split>/<class>/*.jpg with clear errors for bad layouts."""
-    from torchvision.datasets import ImageFolder
-
+    """torchvision's ImageFolder over DIR/<split>/<class>/*.jpg, with one sentence for a bad layout."""
     if data_dir is None and name == "folder":
         raise DataError("dataset 'folder' needs data_dir pointing at DIR with "
                         "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg")
-    root = Path(data_dir) if data_dir is not None else Path("data/imagenet")
-    split_dir = root / split
-    layout = f"{root}/{split}/<class>/*.jpg"
+    layout = f"{data_dir or 'data/imagenet'}/{split}/<class>/*.jpg"
+    split_dir = _roots(data_dir, False, "data/imagenet", expects=f" ({name} expects {layout})")[0] / split
     if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
         raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}")
-    try:
-        dataset = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb)
-    except FileNotFoundError:  # class folders exist but hold no image files
-        raise DataError(f"{name} expects images at {layout}, "
-                        f"but the class folders in {split_dir} hold none") from None
+    dataset = tvd.ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
+    empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
+    if empty:
+        raise DataError(f"{name} expects images at {layout}, but {', '.join(str(split_dir / c) for c in empty)} "
+                        f"hold{'s' if len(empty) == 1 else ''} none")
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
 
@@ -373,9 +301,16 @@ def _image_folder(name, split, data_dir, transform):
 # Public builders
 
 
-def _check_positive_int(what, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{what} must be a positive int, got {value!r}")
+def _checked(name, split, img_size, fake_size=1):
+    """The checks build_dataset and device_loader share; returns the image size to use."""
+    info = dataset_info(name)  # raises DataError on an unknown name
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    img_size = info["img_size"] if img_size is None else img_size
+    for what, value in (("img_size", img_size), ("fake_size", fake_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return img_size
 
 
 def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretrain", family="cnn",
@@ -383,176 +318,135 @@ def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretr
     """A Dataset of (image float [3, S, S] normalised, int label) for one split.
 
     `transform` is a recipe name (see build_transform). The result has `.num_classes` (read from
-    disk for "folder") and `.source` (where the data came from, for the log line).
+    disk for "folder") and `.source` (the folder read, or "generated", for the log line).
     """
-    info = dataset_info(name)  # raises DataError on an unknown name
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if img_size is None:
-        img_size = info["img_size"]
-    _check_positive_int("img_size", img_size)
-    if family not in ("cnn", "vit"):
-        raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
+    img_size = _checked(name, split, img_size, fake_size)
     native = img_size if name == "fake" else _INFO[name][3]
-    large = native is None or native >= LARGE_IMAGE_PX
-    tf = build_transform(transform, img_size, family=family, large=large)
-
+    tf = build_transform(transform, img_size, family=family, large=native is None or native >= LARGE_IMAGE_PX)
     if name in ("imagenet", "folder"):
         return _image_folder(name, split, data_dir, tf)
     if name == "fake":
-        _check_positive_int("fake_size", fake_size)
         return _FakeImages(split, fake_size, img_size, tf)
-    if name == "fashion-mnist":
-        images, labels_n, source = _read_fashion_mnist(split, data_dir, download)
-    elif name == "stl10":
-        images, labels_n, source = _read_stl10(split, data_dir, download)
-    else:
-        images, labels_n, source = _read_cifar(name, split, data_dir, download)
-    return _TensorImages(images, labels_n, tf, info["num_classes"], source)
+    images, labels_n, source = _in_memory(name, split, data_dir, download, img_size, fake_size)
+    return _TensorImages(images, labels_n, tf, _INFO[name][0], source)
 
 
-class _EpochRandomSampler(Sampler):
-    """Single-process shuffling: the order of epoch E is randperm seeded with seed + E.
+class _Sampler(DistributedSampler):
+    """DistributedSampler (rank r reads r::world of the epoch's order, randperm seeded seed + epoch;
+    one process is world size 1) whose next pass may start part-way, so that a resumed epoch skips
+    the images already seen without reading them."""
 
-    So a run resumed at epoch E sees the same order as one that never stopped (like
-    DistributedSampler, whose seed + epoch convention this follows). Call set_epoch every epoch.
-    """
+    start = 0
 
-    def __init__(self, num_samples, seed):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
 
     def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        start, self.start = self.start, 0  # only the next pass starts late
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class _SeededItems(Dataset):
+    """Draws item i's random augmentation from its own seed (seed, epoch, i), so that an image gets
+    the same crop in any worker, on any number of processes, and in a resumed epoch. The global
+    RNG (drop path's, the masks') is left as it was."""
+
+    def __init__(self, dataset, sampler):
+        self.dataset, self.sampler = dataset, sampler
 
     def __len__(self):
-        return self.num_samples
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):  # the transforms draw from the CPU default generator
+            torch.default_generator.manual_seed(seed_for(self.sampler.seed, self.sampler.epoch, index))
+            return self.dataset[index]
 
 
 def _world(distributed, world_size, rank):
     """(world_size, rank): explicit values win, else torch.distributed's, else a single process."""
     if not distributed:
         return 1, 0
-    if world_size is None or rank is None:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError("distributed=True needs an initialised process group "
-                             "or explicit world_size and rank")
-        world_size = torch.distributed.get_world_size() if world_size is None else world_size
-        rank = torch.distributed.get_rank() if rank is None else rank
-    return world_size, rank
+    if (world_size is None or rank is None) and not torch.distributed.is_initialized():
+        raise ValueError("distributed=True needs an initialised process group or explicit world_size and rank")
+    world_size = torch.distributed.get_world_size() if world_size is None else world_size
+    return world_size, torch.distributed.get_rank() if rank is None else rank
 
 
 def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=None, seed=0,
                  drop_last=None, pin_memory=None, world_size=None, rank=None):
-    """DataLoader with seeded shuffling (train) or the dataset order (eval).
+    """DataLoader with seeded shuffling and augmentation (train) or the dataset order (eval).
 
-    distributed: each rank reads its own 1/world_size shard via DistributedSampler. Note that for
+    distributed: each rank reads its own 1/world_size shard, as DistributedSampler. Note that for
     eval (drop_last=False) DistributedSampler pads the last shard by repeating a few samples.
     world_size/rank default to the initialised process group; pass them to test without one.
     """
     world_size, rank = _world(distributed, world_size, rank)
     drop_last = train if drop_last is None else drop_last
-    if distributed:
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train,
-                                     seed=seed, drop_last=train)
-    elif train:
-        sampler = _EpochRandomSampler(len(dataset), seed)
-    else:
-        sampler = SequentialSampler(dataset)
-    if drop_last and len(sampler) < batch_size:
-        raise ValueError(f"batch_size {batch_size} exceeds the {len(sampler)} samples per process, "
-                         f"so drop_last would leave no batch; lower the batch size")
-    if workers is None:
-        workers = min(8, (os.cpu_count() or 1) // world_size)
-    # loader.generator seeds the worker processes' RNGs (the random crops); set_epoch re-seeds it.
-    generator = torch.Generator().manual_seed(seed) if train else None
+    if drop_last:
+        check_enough(len(dataset), batch_size, 1, world_size, "the dataset")
+    sampler = _Sampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        # Not persistent: workers restart every epoch, re-seeded by set_epoch, so a resumed run
-        # sees the same random crops as an uninterrupted one (costs a second per epoch).
-        drop_last=drop_last, persistent_workers=False, generator=generator,
+        _SeededItems(dataset, sampler) if train else dataset, batch_size=batch_size, sampler=sampler,
+        num_workers=min(8, (os.cpu_count() or 1) // world_size) if workers is None else workers,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
+        # Not persistent: each epoch's workers copy the sampler's epoch when they start.
+        persistent_workers=False,
+        # Its own generator: starting a pass would otherwise draw the workers' base seed from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def set_epoch(loader, epoch):
-    """Make the sample order (and fresh workers' augmentation seeds) a function of (seed, epoch).
-
-    Sample order is then exactly reproducible on resume, and so are the workers' random crops
-    (workers are not persistent, so they start afresh each epoch from this seed). With
-    workers=0 the crops use the main process's global torch RNG, which train.py seeds per epoch.
-    """
-    sampler = loader.sampler
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    if loader.generator is not None:
-        # Different per rank, so ranks do not share augmentation streams.
-        rank = getattr(sampler, "rank", 0)
-        loader.generator.manual_seed(getattr(sampler, "seed", 0) * 1_000_003 + epoch * 1009 + rank)
+def set_epoch(loader, epoch, start_batch=0):
+    """Make the next pass over `loader` (build_loader's or device_loader's) yield epoch `epoch`'s
+    batches from index `start_batch` on, without reading the earlier ones: the same batches as that
+    part of an uninterrupted epoch (order and augmentation are functions of seed, epoch, rank and
+    position). len(loader) stays the full epoch's length."""
+    if not 0 <= start_batch <= len(loader):
+        raise ValueError(f"start_batch must be in 0..{len(loader)}, got {start_batch}")
+    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
 
 
 # ----------------------------------------------------------------------------------------------
-# Device-resident small datasets (issue 6)
-#
-# Fashion-MNIST, CIFAR and STL-10 fit on a GPU many times over (47, 150 and 138 MB as uint8), and
-# a GPU step of a small encoder is quicker than CPU workers can crop a batch. So `device_loader`
-# puts the uint8 array on the device once and augments whole batches there. It follows
-# build_transform("pretrain") + build_loader(train=True): the order is DistributedSampler's
-# (randperm seeded seed + epoch, shard rank::world, the last incomplete batch dropped; with one
-# process this is _EpochRandomSampler's order), crops are RandomResizedCrop's (scale (0.8, 1) CNN,
-# (0.67, 1) ViT, aspect (3/4, 4/3), up to 10 tries), flip p = 0.5. Two differences: the resize is
-# bilinear without antialiasing, so it equals the CPU one only when upsampling (always so for
-# 28/32-px data at 32 px and up), and the result is not rounded to uint8 before normalising.
-
-DEVICE_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
+# Device-resident small datasets, à la airbench: the uint8 split lives on the GPU (47-150 MB) and
+# whole batches are cropped and flipped there, as build_transform("pretrain") + build_loader do:
+# DistributedSampler's order, RandomResizedCrop's boxes, flip p = 0.5. The resize is bilinear
+# without antialiasing (equal to the CPU one when upsampling, always so for 28/32-px data at 32 px
+# and up), and not rounded to uint8 before normalising.
 
 
 def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4 / 3), *, generator=None,
                                device=None, tries=10):
-    """RandomResizedCrop's boxes for a whole batch: (top_b, left_b, height_b, width_b), long [B].
+    """RandomResizedCrop's boxes for a batch: (top_b, left_b, height_b, width_b), long [B].
 
-    torchvision draws up to `tries` (area fraction, log aspect) pairs per image and keeps the first
-    whose rounded box fits; here all tries are drawn at once and the first fit picked per image.
-    Images with no fit get torchvision's fallback, the central crop of the clamped aspect ratio.
+    As torchvision: up to `tries` (area, log-aspect) draws per image, the first box that fits wins
+    (here all are drawn at once), else the central crop of the clamped aspect ratio.
     """
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     u_2bt = torch.rand(2, batch_size, tries, generator=generator, device=device)
     area_bt = height * width * (scale[0] + (scale[1] - scale[0]) * u_2bt[0])
     aspect_bt = torch.exp(lo + (hi - lo) * u_2bt[1])
-    w_bt = torch.sqrt(area_bt * aspect_bt).round().long()  # round half to even, like Python's round
-    h_bt = torch.sqrt(area_bt / aspect_bt).round().long()
+    w_bt, h_bt = (area_bt * aspect_bt).sqrt().round().long(), (area_bt / aspect_bt).sqrt().round().long()
     fits_bt = (w_bt > 0) & (w_bt <= width) & (h_bt > 0) & (h_bt <= height)
-    first_b1 = fits_bt.int().argmax(dim=1, keepdim=True)  # argmax gives the first of equal maxima
-    found_b = fits_bt.any(dim=1)
-
-    # The fallback box, the same for every image.
-    fw, fh = width, height
-    if width / height < min(ratio):
-        fh = int(round(width / min(ratio)))
-    elif width / height > max(ratio):
-        fw = int(round(height * max(ratio)))
+    first_b1, found_b = fits_bt.int().argmax(1, keepdim=True), fits_bt.any(1)  # argmax: the first fit
+    fh, fw = min(height, round(width / min(ratio))), min(width, round(height * max(ratio)))  # the fallback
     h_b = torch.where(found_b, h_bt.gather(1, first_b1)[:, 0], fh)
     w_b = torch.where(found_b, w_bt.gather(1, first_b1)[:, 0], fw)
-
-    # Offsets uniform over the integer positions where the box fits, like torch.randint.
+    # Offsets uniform over the positions where the box fits (as torch.randint); the fallback centred.
     u_2b = torch.rand(2, batch_size, generator=generator, device=device)
     top_b = torch.minimum((u_2b[0] * (height - h_b + 1)).long(), height - h_b)
     left_b = torch.minimum((u_2b[1] * (width - w_b + 1)).long(), width - w_b)
-    top_b = torch.where(found_b, top_b, (height - fh) // 2)
-    left_b = torch.where(found_b, left_b, (width - fw) // 2)
-    return top_b, left_b, h_b, w_b
+    return torch.where(found_b, top_b, (height - fh) // 2), torch.where(found_b, left_b, (width - fw) // 2), h_b, w_b
 
 
 def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
     """Crop box b out of image b and resize it to size × size: float [B, C, size, size].
 
-    Bilinear with F.interpolate's arithmetic (align_corners=False, no antialias) applied to each
-    crop: output pixel o reads crop pixel (o + ½)·h/size − ½, clamped to the crop, so the crop's
-    border pixels are repeated rather than its neighbours read. One grid_sample for the batch.
-    `flip_b` (bool [B]) mirrors the output horizontally. Values stay in the input's range.
+    F.interpolate's bilinear arithmetic (align_corners=False, no antialias) on each crop: output
+    pixel o reads crop pixel (o + ½)·h/size − ½, clamped to the crop, so the crop's border pixels
+    are repeated rather than its neighbours read. One grid_sample for the batch; `flip_b` (bool [B])
+    mirrors the output horizontally.
     """
     H, W = img_bchw.shape[-2:]
     centre_s = torch.arange(size, device=img_bchw.device, dtype=torch.float32) + 0.5
@@ -570,47 +464,35 @@ def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
 
 
 class DeviceLoader:
-    """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]), both on the images' device.
+    """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]) on the images' device.
 
-    Pre-training augmentation on the device (see the section comment); `images_nchw` uint8
-    [N, 1 or 3, H, W] and `labels_n` must already be there. Like a DataLoader it has `__len__`
-    (batches per epoch and rank) and `set_epoch`; `sampler` is the loader itself, so that
-    `set_epoch(loader, epoch)` above works for both kinds of loader.
+    `images_nchw` uint8 [N, 1 or 3, H, W] and `labels_n` must already be there. Like build_loader's
+    loaders it has len() (batches per epoch and rank), `batch_size` and a `sampler` (itself) with
+    set_epoch, so that set_epoch(loader, epoch, start_batch) above works for both.
     """
 
     def __init__(self, images_nchw, labels_n, batch_size, *, img_size, family="cnn", seed=0, world_size=1,
                  rank=0, num_classes=None, source=""):
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
-        if family not in ("cnn", "vit"):
-            raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
-        self.images_nchw, self.labels_n = images_nchw, labels_n
-        self.batch_size, self.img_size, self.seed = batch_size, img_size, seed
-        self.world_size, self.rank, self.epoch = world_size, rank, 0
-        self.scale = (0.67, 1.0) if family == "vit" else (0.8, 1.0)  # §6, as build_transform
-        self.num_classes, self.source = num_classes, str(source)
-        self.num_samples = len(images_nchw) // world_size  # per rank: DistributedSampler(drop_last=True)
-        if self.num_samples < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {self.num_samples} samples per process, "
-                             f"so drop_last would leave no batch; lower the batch size")
-        self.sampler, self.generator = self, None  # see the class docstring
+        check_enough(len(images_nchw), batch_size, 1, world_size, source or "the dataset")
+        self.images_nchw, self.labels_n, self.batch_size, self.img_size = images_nchw, labels_n, batch_size, img_size
+        self.seed, self.world_size, self.rank, self.epoch, self.start = seed, world_size, rank, 0, 0
+        self.scale, self.num_classes, self.source, self.sampler = _crop_scale(family), num_classes, str(source), self
+        self.num_samples = len(images_nchw) // world_size  # per rank, as DistributedSampler(drop_last=True)
         # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
-        std_13 = torch.tensor(IMAGENET_STD, device=images_nchw.device).view(1, 3, 1, 1)
-        mean_13 = torch.tensor(IMAGENET_MEAN, device=images_nchw.device).view(1, 3, 1, 1)
+        std_13, mean_13 = (torch.tensor(v, device=images_nchw.device).view(1, 3, 1, 1) for v in (IMAGENET_STD, IMAGENET_MEAN))
         self.mul_13, self.add_13 = 1 / (255 * std_13), -mean_13 / std_13
 
     def __len__(self):
         return self.num_samples // self.batch_size
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def indices(self):
-        """This rank's sample order for the current epoch (on the CPU, as DistributedSampler's)."""
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        order_n = torch.randperm(len(self.images_nchw), generator=gen)
+        """This rank's sample order for the current epoch (on the CPU): DistributedSampler's."""
+        order_n = torch.randperm(len(self.images_nchw), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         return order_n[: self.num_samples * self.world_size][self.rank :: self.world_size]
 
     def augment(self, img_bchw, generator=None):
@@ -618,44 +500,26 @@ class DeviceLoader:
         B, _, H, W = img_bchw.shape
         box = random_resized_crop_params(B, H, W, self.scale, generator=generator, device=img_bchw.device)
         flip_b = torch.rand(B, generator=generator, device=img_bchw.device) < 0.5
-        crop_bcss = resized_crop(img_bchw, *box, self.img_size, flip_b)
-        return torch.addcmul(self.add_13, crop_bcss, self.mul_13)
+        return torch.addcmul(self.add_13, resized_crop(img_bchw, *box, self.img_size, flip_b), self.mul_13)
 
     def __iter__(self):
-        device = self.images_nchw.device
-        order_n = self.indices().to(device)
-        # Augmentation seed per (seed, epoch, rank), the formula set_epoch uses for the workers.
-        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + self.rank)
-        for b in range(len(self)):
-            idx_b = order_n[b * self.batch_size : (b + 1) * self.batch_size]
+        B, first, self.start = self.batch_size, self.start // self.batch_size, 0  # only the next pass starts late
+        order_n = self.indices().to(self.images_nchw.device)
+        for b in range(first, len(self)):
+            # Batch b's crops and flips come from its own seed: a resumed epoch repeats them exactly.
+            gen = torch.Generator(self.images_nchw.device).manual_seed(seed_for(self.seed, self.epoch, self.rank, b))
+            idx_b = order_n[b * B : (b + 1) * B]
             yield self.augment(self.images_nchw[idx_b], gen), self.labels_n[idx_b]
 
 
 def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn", seed=0, data_dir=None,
                   world_size=1, rank=0, download=False, fake_size=512):
-    """The whole split of a small dataset on `device`, as a pre-training DeviceLoader.
-
-    Reads the files with the readers above (same places, same errors); `img_size` defaults to
-    the dataset's training size. world_size/rank shard it like DistributedSampler.
-    """
-    info = dataset_info(name)  # raises DataError on an unknown name
-    if name not in DEVICE_DATASETS:
+    """The whole split of a small dataset on `device`, as a pre-training DeviceLoader; read as
+    build_dataset reads it (same places, same errors). world_size/rank shard it like DistributedSampler."""
+    img_size = _checked(name, split, img_size, fake_size)
+    if name not in IN_MEMORY:
         raise DataError(f"{name} is too large to hold on the device; device_loader takes "
-                        f"{', '.join(DEVICE_DATASETS)} (use build_dataset + build_loader)")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    img_size = img_size or info["img_size"]
-    _check_positive_int("img_size", img_size)
-    if name == "fake":
-        fake = _FakeImages(split, fake_size, img_size, transform=lambda image: image)
-        images, labels_n = torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10
-        source = "generated"
-    elif name == "fashion-mnist":
-        images, labels_n, source = _read_fashion_mnist(split, data_dir, download)
-        images = images[:, None]  # [N, 1, 28, 28]: grey, becomes 3 channels when normalised
-    elif name == "stl10":
-        images, labels_n, source = _read_stl10(split, data_dir, download)
-    else:
-        images, labels_n, source = _read_cifar(name, split, data_dir, download)
+                        f"{', '.join(IN_MEMORY)} (use build_dataset + build_loader)")
+    images, labels_n, source = _in_memory(name, split, data_dir, download, img_size, fake_size)
     return DeviceLoader(images.to(device), labels_n.to(device), batch_size, img_size=img_size, family=family,
-                        seed=seed, world_size=world_size, rank=rank, num_classes=info["num_classes"], source=source)
+                        seed=seed, world_size=world_size, rank=rank, num_classes=_INFO[name][0], source=source)

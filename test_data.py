@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+import torchvision.datasets as tvd
+
 import data
 from data import DataError, build_dataset, build_loader, set_epoch
 
@@ -19,6 +21,18 @@ STD = torch.tensor(data.IMAGENET_STD)[:, None, None]
 def unnormalise(image_3hw):
     """Back to 0..255 pixel values, to compare with what was written."""
     return (image_3hw * STD + MEAN) * 255
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """The generated archives are in the real formats but not the real files, so torchvision's md5
+    sums cannot match: give the dataset classes' file tables no md5, which torchvision takes as
+    "check that the file exists" (torchvision.datasets.utils.check_integrity with md5=None)."""
+    for cls in (tvd.CIFAR10, tvd.CIFAR100, tvd.STL10):
+        for table in ("train_list", "test_list"):
+            monkeypatch.setattr(cls, table, [[name, None] for name, _ in getattr(cls, table)])
+        if hasattr(cls, "meta"):
+            monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,14 +70,31 @@ def cifar_images(n):
     return images
 
 
-def write_cifar_batch(path, images_nchw, labels, label_key=b"labels"):
+def write_cifar_batch(path, images_nchw, labels, label_key="labels", **more_keys):
+    """One pickled batch as in the official archive (a Python 2 pickle, whose keys load as str):
+    "data" [N, 3072] uint8 (R, G, B planes, each 32×32 row-major) and a label list."""
+    batch = {"data": images_nchw.reshape(len(images_nchw), -1), label_key: list(labels), **more_keys}
     with open(path, "wb") as f:
-        pickle.dump({b"data": images_nchw.reshape(len(images_nchw), -1), label_key: list(labels)}, f)
+        pickle.dump(batch, f)
+
+
+def write_cifar_meta(folder, cifar100=False):
+    """batches.meta (CIFAR-10) / meta (CIFAR-100): the class names, also part of the archive."""
+    name, key = ("meta", "fine_label_names") if cifar100 else ("batches.meta", "label_names")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "wb") as f:
+        pickle.dump({key: [f"class{k}".encode() for k in range(100 if cifar100 else 10)]}, f)
+
+
+def touch(folder, *names):
+    """Files of the archive that a test does not read: torchvision still wants them to exist."""
+    for name in names:
+        (folder / name).write_bytes(b"")
 
 
 def write_cifar10(root, per_batch=2):
     folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
+    write_cifar_meta(folder)
     for b in range(1, 6):
         labels = [(b * per_batch + i) % 10 for i in range(per_batch)]
         write_cifar_batch(folder / f"data_batch_{b}", cifar_images(per_batch), labels)
@@ -179,12 +210,44 @@ def test_idx_label_count_must_match_image_count(tmp_path):
 def test_missing_fashion_mnist_error_names_every_place_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so ./data is empty
     monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "system")
+    (tmp_path / "mine").mkdir()
     with pytest.raises(DataError) as err:
         build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
     message = str(err.value)
-    for place in ["mine", "mine/FashionMNIST/raw", "data/fashion-mnist", "system"]:
+    for place in ["mine,", "mine/fashion-mnist", "mine/FashionMNIST/raw"]:
         assert place in message
+    assert "system" not in message and "data/" not in message  # the named folder only
     assert "train-images-idx3-ubyte" in message and "download" in message
+    with pytest.raises(DataError) as err:  # no data_dir: ./data, then the Debian copy
+        build_dataset("fashion-mnist", "train")
+    for place in ["data,", "data/fashion-mnist", "data/FashionMNIST/raw", "system"]:
+        assert place in str(err.value)
+
+
+def test_the_debian_copy_is_used_only_when_no_data_dir_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "system")
+    write_fashion(tmp_path / "system", n=5)  # gzipped, as the Debian package ships them
+    ds = build_dataset("fashion-mnist", "train", transform="none")
+    assert len(ds) == 5 and ds.source == str(tmp_path / "system")
+    assert not (tmp_path / "data").exists()  # nothing copied into the user's tree
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match="mine"):
+        build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"])
+def test_a_data_dir_that_does_not_exist_is_a_data_error_naming_it_even_if_data_holds_the_dataset(
+        tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    write_fashion(tmp_path / "data", n=4)  # a fall-back copy that must not be used silently
+    write_cifar10(tmp_path / "data")
+    write_folder(tmp_path / "data" / "imagenet")
+    with pytest.raises(DataError, match=r"data directory \S*typo does not exist"):
+        build_dataset(name, "train", data_dir=tmp_path / "typo")
+    if name in data.IN_MEMORY:
+        with pytest.raises(DataError, match="typo does not exist"):
+            data.device_loader(name, "train", 2, "cpu", data_dir=tmp_path / "typo")
 
 
 @pytest.mark.skipif(not data.SYSTEM_FASHION_MNIST.is_dir(), reason="Debian fashion-mnist files not installed")
@@ -192,7 +255,7 @@ def test_real_debian_fashion_mnist_has_60000_train_and_10000_val_images():
     train = build_dataset("fashion-mnist", "train", data_dir=data.SYSTEM_FASHION_MNIST, transform="none")
     val = build_dataset("fashion-mnist", "val", data_dir=data.SYSTEM_FASHION_MNIST, transform="none")
     assert (len(train), len(val)) == (60000, 10000)
-    assert train.images.shape == (60000, 28, 28) and train.images.dtype == torch.uint8
+    assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
     assert sorted(train.labels_n.unique().tolist()) == list(range(10))
     assert train[0][0].shape == (3, 32, 32)
 
@@ -201,7 +264,7 @@ def test_real_debian_fashion_mnist_has_60000_train_and_10000_val_images():
 # CIFAR (python pickle batches) and STL-10 (column-major binaries)
 
 
-def test_cifar10_batches_load_in_order_with_labels_and_rgb_plane_order(tmp_path):
+def test_cifar10_batches_load_in_order_with_labels_and_rgb_plane_order(tmp_path, no_md5):
     write_cifar10(tmp_path, per_batch=2)
     train = build_dataset("cifar10", "train", data_dir=tmp_path, transform="none")
     assert len(train) == 10 and [train[i][1] for i in range(10)] == [2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
@@ -212,31 +275,44 @@ def test_cifar10_batches_load_in_order_with_labels_and_rgb_plane_order(tmp_path)
     assert [val[i][1] for i in range(3)] == [7, 8, 9]
 
 
-def test_cifar100_reads_fine_labels(tmp_path):
+def test_cifar100_reads_fine_labels_not_coarse_ones(tmp_path, no_md5):
     folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    write_cifar_batch(folder / "train", cifar_images(3), [0, 57, 99], label_key=b"fine_labels")
+    write_cifar_meta(folder, cifar100=True)
+    write_cifar_batch(folder / "train", cifar_images(3), [0, 57, 99], label_key="fine_labels",
+                      coarse_labels=[1, 2, 3])
+    touch(folder, "test")
     ds = build_dataset("cifar100", "train", data_dir=tmp_path, transform="none")
     assert ds.num_classes == 100 and [ds[i][1] for i in range(3)] == [0, 57, 99]
 
 
-def test_cifar_without_the_label_key_raises_data_error(tmp_path):
+def test_cifar_without_the_label_key_raises_data_error(tmp_path, no_md5):
     folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    write_cifar_batch(folder / "test", cifar_images(2), [1, 2], label_key=b"labels")
+    write_cifar_meta(folder, cifar100=True)
+    write_cifar_batch(folder / "test", cifar_images(2), [1, 2], label_key="coarse_labels")
+    touch(folder, "train")
     with pytest.raises(DataError, match="fine_labels"):
         build_dataset("cifar100", "val", data_dir=tmp_path)
 
 
+def test_cifar_files_that_fail_torchvisions_md5_check_raise_data_error_naming_the_folder(tmp_path):
+    write_cifar10(tmp_path)  # real format, but not the official bytes
+    with pytest.raises(DataError, match=r"cifar-10-batches-py does not hold an intact cifar10.*md5"):
+        build_dataset("cifar10", "train", data_dir=tmp_path)
+
+
 def test_missing_cifar_error_names_the_expected_files_and_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"data_batch_1.*cifar-10-batches-py"):
+    (tmp_path / "nowhere").mkdir()
+    with pytest.raises(DataError, match=r"data_batch_1.*nowhere/cifar-10-batches-py.*download"):
         build_dataset("cifar10", "train", data_dir=tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"test_batch.* data/cifar-10-batches-py"):  # no data_dir: ./data
+        build_dataset("cifar10", "val")
 
 
-def test_stl10_column_major_images_are_transposed_and_labels_shifted_to_zero(tmp_path):
+def test_stl10_column_major_images_are_transposed_and_labels_shifted_to_zero(tmp_path, no_md5):
     folder = tmp_path / "stl10_binary"
     folder.mkdir()
+    touch(folder, "train_X.bin", "train_y.bin", "unlabeled_X.bin")
     images_nchw = np.zeros((2, 3, 96, 96), dtype=np.uint8)
     images_nchw[:, :, 0, :] = 255  # the top ROW is white in the true orientation
     # On disk each channel plane is column-major: write the transpose row-major.
@@ -276,6 +352,15 @@ def test_bad_image_folder_error_names_the_expected_layout(tmp_path, layout):
     root = tmp_path / "missing" if layout == "no_dir" else tmp_path
     with pytest.raises(DataError, match=r"val/<class>/\*\.jpg"):
         build_dataset("imagenet", "val", data_dir=root)
+
+
+def test_one_empty_class_folder_beside_full_ones_is_named(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    (tmp_path / "train" / "bird" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"train/<class>/\*\.jpg.*train/bird holds none") as err:
+        build_dataset("folder", "train", data_dir=tmp_path)
+    assert "cat" not in str(err.value) and "dog" not in str(err.value)
 
 
 def test_folder_dataset_without_data_dir_raises_data_error():
@@ -326,10 +411,11 @@ def test_fake_train_and_val_splits_hold_different_images():
 # Transforms
 
 
-def test_none_transform_maps_uniform_grey_to_the_imagenet_normalised_value(tmp_path):
+def test_none_transform_maps_uniform_grey_to_the_imagenet_normalised_value(tmp_path, no_md5):
     folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
+    write_cifar_meta(folder)
     write_cifar_batch(folder / "test_batch", np.full((2, 3, 32, 32), 128, dtype=np.uint8), [0, 1])
+    touch(folder, *(f"data_batch_{b}" for b in range(1, 6)))
     image, _ = build_dataset("cifar10", "val", data_dir=tmp_path, transform="none")[0]
     expected = (128 / 255 - MEAN) / STD
     assert torch.allclose(image, expected.expand(3, 32, 32), atol=1e-5)
@@ -416,6 +502,99 @@ def test_distributed_without_a_process_group_or_world_size_is_a_value_error():
         build_loader(IndexDataset(8), 2, distributed=True)
 
 
-def test_batch_larger_than_the_dataset_with_drop_last_is_a_value_error():
-    with pytest.raises(ValueError, match="batch_size 16"):
+def test_batch_larger_than_the_dataset_with_drop_last_is_a_data_error():
+    with pytest.raises(DataError, match="batch_size 16"):
         build_loader(IndexDataset(8), 16, train=True, workers=0)
+
+
+def test_check_enough_refuses_fewer_images_per_process_than_one_step_needs():
+    data.check_enough(64, 8, 4, 2, "cifar10")  # 32 per process = 8 × 4: exactly one step
+    with pytest.raises(DataError, match=r"cifar10 has 63 training images \(31 per process\).*batch_size 8 × 4"):
+        data.check_enough(63, 8, 4, 2, "cifar10")
+
+
+def test_in_memory_datasets_are_exactly_those_device_loader_takes():
+    assert data.DEVICE_DATASETS == data.IN_MEMORY == ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
+    for name in data.DATASETS:
+        if name not in data.IN_MEMORY:
+            with pytest.raises(DataError, match="too large"):
+                data.device_loader(name, "train", 2, "cpu")
+
+
+def test_every_dataset_and_the_device_loader_say_which_folder_they_read(tmp_path, no_md5):
+    write_fashion(tmp_path / "fm", n=4)
+    write_cifar10(tmp_path / "c10")
+    write_folder(tmp_path / "img")
+    assert build_dataset("fashion-mnist", "train", data_dir=tmp_path / "fm").source == str(tmp_path / "fm")
+    assert build_dataset("cifar10", "val", data_dir=tmp_path / "c10").source == str(tmp_path / "c10" / "cifar-10-batches-py")
+    assert build_dataset("imagenet", "val", data_dir=tmp_path / "img").source == str(tmp_path / "img" / "val")
+    assert build_dataset("fake", "train").source == "generated"
+    assert data.device_loader("fashion-mnist", "train", 2, "cpu", data_dir=tmp_path / "fm").source == str(tmp_path / "fm")
+    assert data.device_loader("fake", "train", 2, "cpu", fake_size=4).source == "generated"
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming mid-epoch: set_epoch(loader, epoch, start_batch)
+
+
+class CountingDataset(IndexDataset):
+    """IndexDataset that counts the items read."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        CountingDataset.reads += 1
+        return super().__getitem__(i)
+
+
+def batches(loader, epoch, start_batch=0):
+    set_epoch(loader, epoch, start_batch)
+    return [torch.as_tensor(x) for x, _ in loader]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_starting_at_batch_k_yields_batches_k_on_of_the_same_epoch_without_reading_the_earlier_ones(world_size):
+    for rank in range(world_size):
+        loader = build_loader(CountingDataset(50), 4, distributed=world_size > 1, world_size=world_size,
+                              rank=rank, workers=0, seed=5)
+        whole = batches(loader, 2)
+        CountingDataset.reads = 0
+        assert len(loader) == len(whole) == 50 // world_size // 4
+        tail = batches(loader, 2, start_batch=2)
+        assert len(loader) == len(whole)  # still the full epoch's length
+        assert CountingDataset.reads == 4 * (len(whole) - 2)  # batches 0 and 1 never read
+        assert [t.tolist() for t in tail] == [w.tolist() for w in whole[2:]]
+        assert [t.tolist() for t in batches(loader, 2)] == [w.tolist() for w in whole]  # the next pass: whole
+
+
+def test_random_crops_of_a_resumed_epoch_equal_the_uninterrupted_ones_with_any_worker_count():
+    ds = build_dataset("fake", "train", fake_size=24, transform="pretrain")
+    whole = batches(build_loader(ds, 4, workers=0, seed=1), 3)
+    assert not torch.equal(whole[0], batches(build_loader(ds, 4, workers=0, seed=1), 4)[0])  # epochs differ
+    for workers in (0, 2):
+        tail = batches(build_loader(ds, 4, workers=workers, seed=1), 3, start_batch=4)
+        assert len(tail) == 2 and all(torch.equal(t, w) for t, w in zip(tail, whole[4:]))
+
+
+def test_loading_a_training_batch_leaves_the_global_rng_untouched():
+    loader = build_loader(build_dataset("fake", "train", fake_size=8), 4, workers=0)
+    state = torch.get_rng_state()
+    batches(loader, 0)
+    assert torch.equal(torch.get_rng_state(), state)  # drop path / masks draw the same as without data
+
+
+def test_device_loader_started_at_batch_k_gives_the_uninterrupted_epochs_crops_and_skips_the_rest():
+    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for rank in (0, 1):
+        loader = data.DeviceLoader(images, torch.arange(40), 4, img_size=16, seed=2, world_size=2, rank=rank)
+        set_epoch(loader, 1)
+        whole = list(loader)
+        calls, augment = [], loader.augment
+        loader.augment = lambda img_bchw, gen: calls.append(1) or augment(img_bchw, gen)
+        set_epoch(loader, 1, start_batch=3)
+        tail = list(loader)
+        assert len(loader) == 5 and len(tail) == len(calls) == 2  # batches 0..2 never augmented
+        for (img, labels), (img_whole, labels_whole) in zip(tail, whole[3:]):
+            assert torch.equal(img, img_whole) and torch.equal(labels, labels_whole)
+    with pytest.raises(ValueError, match="start_batch"):
+        set_epoch(loader, 1, start_batch=6)
