@@ -1,5 +1,6 @@
 """Tests for issue 6 (performance): the one-FFT Fourier loss, bench.py, and data.device_loader."""
 
+import inspect
 import struct
 
 import pytest
@@ -82,16 +83,34 @@ def test_bench_reports_the_peak_memory_of_each_step_and_their_ratio(capsys):
     assert float(out.split("peak memory ")[1].split()[0]) > 0.5  # the ratio
 
 
+def tiny_cfg(*extra):
+    return bench.resolve(bench.get_parser().parse_args(TINY + list(extra)))
+
+
 def test_cpu_peak_memory_grows_with_the_batch_as_activations_do():
-    args = bench.get_parser().parse_args(TINY)
-    cfg, env, precision = bench.resolve(args)
-    peaks = []
-    for batch in (4, 32):
-        img, labels = bench.make_batch(cfg | {"batch_size": batch}, env)
-        peaks.append(bench.peak_memory("supervised", cfg, env, precision, img, labels)[0])
-    if peaks[0] is None:
-        pytest.skip("no glibc mallinfo2 here")
+    peaks = [bench.peak_memory(*bench.make_step("supervised", tiny_cfg("--batch-size", str(b))), torch.device("cpu"))
+             for b in (4, 32)]
     assert 2 * peaks[0] < peaks[1]
+
+
+def test_cpu_peak_memory_holds_weights_gradients_and_both_adamw_moments_at_least():
+    step, model = bench.make_step("a2mim", tiny_cfg())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert bench.peak_memory(step, model, torch.device("cpu")) >= 4 * param_bytes  # weights, grads, exp_avg, exp_avg_sq
+
+
+def test_cpu_peak_memory_counts_a_temporary_freed_inside_the_step_but_not_what_existed_before():
+    model = torch.nn.Linear(1, 1, bias=False)  # 4 bytes of weights
+    before = torch.zeros(8 * 2**20, dtype=torch.uint8)  # allocated before the steps: not counted
+
+    def step():  # allocates 16 MiB, then 4 MiB more while the first is alive, then frees both
+        a = torch.ones(16 * 2**20, dtype=torch.uint8)
+        b = torch.ones(4 * 2**20, dtype=torch.uint8)
+        del a, b
+
+    peak = bench.peak_memory(step, model, torch.device("cpu"))
+    assert 20 * 2**20 <= peak < 20 * 2**20 + 2**16
+    del before
 
 
 def test_bench_a2mim_step_draws_a_fresh_mask_inside_every_step_and_updates_the_weights(monkeypatch):
@@ -103,16 +122,31 @@ def test_bench_a2mim_step_draws_a_fresh_mask_inside_every_step_and_updates_the_w
         return drawn[-1]
 
     monkeypatch.setattr(a2mim, "mask_blocks", recording_mask_blocks)
-    cfg, env, precision = bench.resolve(bench.get_parser().parse_args(TINY))
-    model, optimizer = bench.build("a2mim", cfg, env)
-    step = bench.make_step("a2mim", model, optimizer, cfg, env, precision, *bench.make_batch(cfg, env))
+    cfg = tiny_cfg()
+    step, model = bench.make_step("a2mim", cfg)
     before = model.decoder.conv.weight.detach().clone()
     step()
     step()
     (device0, mask0), (device1, mask1) = drawn[:2], drawn[2:]
-    assert device0 == device1 == env.device and not torch.equal(mask0, mask1)
+    assert device0 == device1 == cfg.device and not torch.equal(mask0, mask1)
     assert not torch.equal(before, model.decoder.conv.weight)
     assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none) ends the step
+
+
+def test_both_variants_train_on_the_same_batch_from_the_same_encoder_weights():
+    (sup_step, sup), (ours_step, ours) = (bench.make_step(v, tiny_cfg()) for v in bench.VARIANTS)
+    sup_img, ours_img = (inspect.getclosurevars(s).nonlocals["img"] for s in (sup_step, ours_step))
+    assert torch.equal(sup_img, ours_img)
+    sup_weights, ours_weights = sup[0].state_dict(), ours.encoder.state_dict()  # Sequential(encoder, pool, …)
+    assert sup_weights.keys() == ours_weights.keys()
+    assert all(torch.equal(sup_weights[k], ours_weights[k]) for k in sup_weights)
+
+
+def test_bench_loader_timing_reports_the_dataloader_and_the_device_loader(capsys):
+    assert bench.main(TINY + ["--no-memory", "--loader", "fake", "--workers", "0"]) == 0
+    rates = [float(line.split("): ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("loader fake (")]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
