@@ -141,6 +141,25 @@ def torchvision_state_dict(encoder, num_classes=1000):
     return {**state, **extra}
 
 
+def export_torchvision(encoder, path):
+    """Write torchvision_state_dict(encoder) to `path`, after checking that torchvision's own model
+    loads it strictly: only the standard width and stem fit (pre-training at img_size > 64)."""
+    from runtime import atomic_save  # the one file models.py writes
+
+    if not hasattr(torchvision.models, encoder.arch):
+        raise ConfigError(f"torchvision has no {encoder.arch}, so there is nothing to export it to")
+    state = torchvision_state_dict(encoder)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        reference = getattr(torchvision.models, encoder.arch)()
+    try:
+        reference.load_state_dict(state, assign=True)  # strict: torchvision's keys and shapes
+    except RuntimeError as e:  # torch lists every mismatch; the first says enough
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
+        raise ConfigError(f"this {encoder.arch} is not torchvision's ({first}); export needs the standard width "
+                          "and stem, i.e. pre-training at img_size > 64 with --width 64") from None
+    atomic_save(path, state)
+
+
 # ---------------------------------------------------------------------------------------------
 # ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling.
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def make_checkpoint(path, arch="resnet18", img_size=32, width=8, data_name="fake
     """A checkpoint in train.py's format (see train.checkpoint_state), built in-process."""
     kw = dict(arch=arch, img_size=img_size) | ({} if arch.startswith("vit") else dict(width=width))
     torch.manual_seed(1)
-    model = A2MIM(build_encoder(**kw), mask_patch_size=img_size // 8)
+    model = A2MIM(build_encoder(**kw), mask_patch_size=32 if img_size >= 192 else img_size // 8)  # train.py's rule
     save_checkpoint(path, dict(model=model.state_dict(), encoder_kwargs=kw, config=dict(data=data_name, method="a2mim")))
     return model.encoder
 
@@ -96,7 +96,7 @@ def test_layer_decay_gives_each_vit_layer_decay_to_the_depth_minus_its_index():
         "encoder.cls_token": decay ** (depth + 1),
         "encoder.blocks.0.qkv.weight": decay ** depth,
         f"encoder.blocks.{depth - 1}.mlp.0.weight": decay,
-        "encoder.norm.weight": 1.0,
+        "fc_norm.weight": 1.0,  # after the blocks (the encoder's own final norm is off when fine-tuning)
         "head.weight": 1.0,
     }
     for name, scale in expected.items():
@@ -124,7 +124,7 @@ def test_label_subset_has_exactly_k_per_class_and_is_seed_stable():
 
 def test_label_subset_refuses_a_class_with_fewer_than_k_images():
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 10)
-    with pytest.raises(ValueError, match="class 1 has only 3 training images, fewer than --labels-per-class 5"):
+    with pytest.raises(E.EvalError, match="class 1 has only 3 training images, fewer than --labels-per-class 5"):
         E.class_balanced_subset(labels, 5, seed=0)
 
 
@@ -228,7 +228,7 @@ def plain_dict_of_another_arch(tmp_path):
     (other_arch, "holds a resnet18 model, but --arch is resnet50"),
     (plain_dict_of_another_arch, "does not fit a resnet34 encoder"),
     (lambda p: ["--init", "random", "--data", "folder", "--data-dir", str(p / "missing")], "does not exist"),
-    (lambda p: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)], "not found"),
+    (lambda p: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)], "cifar10 expects"),
     (lambda p: ["--init", "random", "--arch", "resnet18", "--layer-decay", "0.7", "--finetune"], "ViT blocks"),
 ])
 def test_bad_inputs_exit_2_with_one_sentence(tmp_path, capsys, monkeypatch, argv_of, message):
@@ -242,3 +242,276 @@ def test_no_arguments_without_a_trained_run_says_what_to_do(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     assert E.main([]) == 2
     assert "run `python3 train.py` first, or pass --init random" in capsys.readouterr().err
+
+
+def folder_state(path):
+    """{relative path: bytes} of every file under `path`: what a refused command must leave as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------
+# §7's recipes, chosen from (arch, data) (issues 14.6 and 15).
+
+
+def source_for(arch, data_name="imagenet", img_size=224):
+    """A checkpoint's source as load_source returns it, without building or saving a model."""
+    return dict(kind="checkpoint", path="ckpt.pt", weights=None, method="a2mim", data=data_name, data_dir=None,
+                encoder_kwargs=dict(arch=arch, img_size=img_size))
+
+
+def resolved(arch, argv=(), world_size=8, **source):
+    return E.resolve_config(E.get_parser().parse_args(list(argv)), source_for(arch, **source), world_size)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    # vit_*_swin_ft_simmim_*: lr 2.5e-3 per 256 → 1e-2 at batch 1024; EMA for B and L only; 200/100/150 epochs.
+    ("vit_small", dict(epochs=200, lr=1e-2, global_batch=1024, layer_decay=0.65, warmup_epochs=20, clip_grad=5.0,
+                       drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1, rand_augment=9,
+                       random_erasing=0.25, ema=0.0, optimizer="adamw", weight_decay=0.05)),
+    ("vit_base", dict(epochs=100, lr=1e-2, ema=0.99996)),
+    ("vit_large", dict(epochs=150, lr=1e-2, ema=0.99996)),
+    # convnext_{s,b}_spark_ft_*: AdamW 4e-3 at batch 4096, wd 0.05, EMA 0.9999, 300 epochs.
+    ("convnext_small", dict(epochs=300, lr=4e-3, global_batch=4096, weight_decay=0.05, drop_path=0.4, ema=0.9999,
+                            label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=9, random_erasing=0.25)),
+    ("convnext_base", dict(drop_path=0.5)),
+    ("convnext_tiny", dict(drop_path=0.1)),
+    # RSB A3: LAMB lr 8e-3 at batch 2048 (AdamW here), wd 0.02, 5 warm-up, BCE, Mixup 0.1 / CutMix 1.0,
+    # RandAugment m6, 100 epochs, train 160 px, test 224 from 236.
+    ("resnet50", dict(epochs=100, lr=8e-3, global_batch=2048, optimizer="adamw", weight_decay=0.02, warmup_epochs=5,
+                      schedule="cosine", loss="bce", mixup=0.1, cutmix=1.0, rand_augment=6, img_size=160,
+                      test_size=224, test_resize=236, drop_path=None, ema=0.0)),
+])
+def test_official_finetune_recipes_follow_the_released_configs(arch, expected):
+    cfg = resolved(arch, ["--finetune"])
+    assert cfg["recipe"] is not None and cfg["origin"]["epochs"] == "arch recipe"
+    assert {k: cfg[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("arch,expected", [
+    # r50_linear_*: SGD lr 30 at batch 256, momentum 0.9, no wd, 100 epochs, ×0.1 at 60 and 80.
+    ("resnet50", dict(epochs=100, lr=30.0, global_batch=256, momentum=0.9, weight_decay=0.0, schedule="step",
+                      milestones=[60, 80])),
+    # vit_small_p16_linear_*: SGD lr 12 at batch 1024, cosine, 90 epochs.
+    ("vit_small", dict(epochs=90, lr=12.0, global_batch=1024, weight_decay=0.0, schedule="cosine")),
+])
+def test_official_probe_is_avgpool_fc_on_augmented_crops_with_sgd(arch, expected):
+    cfg = resolved(arch)
+    assert cfg["head"] == "fc" and cfg["augment"] and cfg["optimizer"] == "sgd"
+    assert {k: cfg[k] for k in expected} == pytest.approx(expected)
+    assert isinstance(E.linear_head(8, 10, cfg["head"]), torch.nn.Linear)  # avgpool + fc: no BatchNorm
+
+
+@pytest.mark.parametrize("data_name,img_size,argv,recipe", [
+    ("imagenet", 224, [], "resnet"),
+    ("folder", 192, [], "resnet"),
+    ("folder", 128, [], None),               # an image folder below 192 px: the laptop settings
+    ("fashion-mnist", 32, [], None),
+    ("fake", 32, ["--preset", "official"], "resnet"),  # the flag stays accepted and forces the recipe
+    ("imagenet", 224, ["--preset", "laptop"], None),
+])
+def test_recipe_follows_arch_and_data_without_needing_the_preset_flag(data_name, img_size, argv, recipe):
+    cfg = resolved("resnet50", argv, world_size=1, data_name=data_name, img_size=img_size)
+    assert cfg["recipe"] == recipe
+    assert cfg["origin"]["blr"] == ("arch recipe" if recipe else "laptop default")
+    assert cfg["blr"] == (30.0 if recipe else E.DEFAULTS["probe"]["blr"])
+
+
+def test_random_encoder_on_imagenet_is_the_standard_width(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50", "--data", "imagenet"])
+    assert E.load_source(args)["encoder_kwargs"] == dict(arch="resnet50", img_size=224, width=None)
+    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50"])  # fashion-mnist: laptop width
+    assert E.load_source(args)["encoder_kwargs"]["width"] == 16
+
+
+def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    make_checkpoint(ckpt)
+    assert E.main(["--checkpoint", str(ckpt), "--epochs", "3", "--print-config"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert set(E.DEFAULTS["probe"]) <= set(lines)
+    assert lines["epochs"][1:] == ["3", "command", "line"]
+    assert lines["blr"][1:] == ["0.1", "laptop", "default"]
+    assert lines["img_size"][1:] == ["32", "checkpoint"] and lines["data"][1:] == ['"fake"', "checkpoint"]
+    assert lines["lr"][-1] == "derived"
+    assert E.main(["--init", "random", "--arch", "vit_small", "--data", "imagenet", "--finetune", "--print-config"]) == 0
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert lines["epochs"][1:] == ["200", "arch", "recipe"] and lines["img_size"][1:] == ["224", "dataset"]
+
+
+def test_help_shows_every_setting_with_its_laptop_default():
+    text = " ".join(E.get_parser().format_help().split())
+    for name, _, default, _, _ in E.SETTINGS:
+        assert "--" + name.replace("_", "-") in text
+    assert "[laptop default: probe 30, finetune 5; valid: > 0]" in text  # --epochs
+    assert "[laptop default: bn]" in text  # --head
+
+
+def test_vit_official_finetune_uses_mean_patch_token_and_fc_norm():
+    encoder = build_encoder("vit_tiny", 32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens_bdhw = encoder(x)
+        model = E.Classifier(encoder, 10).eval()
+        assert isinstance(encoder.norm, torch.nn.Identity)  # the encoder's final norm is off
+        assert isinstance(model.fc_norm, torch.nn.LayerNorm)
+        raw_bdhw = encoder(x)  # the same blocks, without the final norm
+        assert not torch.allclose(raw_bdhw, tokens_bdhw)
+        expected = model.head(model.fc_norm(raw_bdhw.flatten(2).mean(dim=2)))  # mean patch token, then LN
+        assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+def test_convnext_finetune_moves_the_trained_final_norm_behind_the_pool():
+    encoder = build_encoder("convnext_tiny", 32, width=8).eval()
+    with torch.no_grad():
+        encoder.norm.weight.uniform_(0.5, 2.0)
+        trained = {k: v.clone() for k, v in encoder.norm.state_dict().items()}
+        model = E.Classifier(encoder, 10).eval()
+        assert isinstance(encoder.norm, torch.nn.Identity)
+        assert all(torch.equal(model.fc_norm.state_dict()[k], v) for k, v in trained.items())
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(model(x), model.head(model.fc_norm(E.pool(encoder(x)))))
+
+
+def test_resnet_classifier_is_a_plain_fc_on_the_pooled_map():
+    encoder = build_encoder("resnet18", 32, width=8).eval()
+    model = E.Classifier(encoder, 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.head(E.pool(encoder(x))))
+
+
+def test_rsb_recipe_trains_at_160_and_tests_224_from_236_with_randaugment():
+    _, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--preset", "official", *SMALL])
+    train_set, val_set, _ = E.build_data(cfg)
+    assert train_set[0][0].shape == (3, 160, 160) and val_set[0][0].shape == (3, 224, 224)
+    ops = {type(t).__name__: t for t in train_set.transform.transforms}
+    assert ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert ops["RandAugment"].magnitude == 6 and "RandomHorizontalFlip" in ops and "RandomErasing" not in ops
+    test_ops = {type(t).__name__: t for t in val_set.transform.transforms}
+    assert test_ops["Resize"].size == [236] and test_ops["CenterCrop"].size == (224, 224)
+
+
+def test_vit_recipe_adds_random_erasing_and_randaugment_m9():
+    cfg = resolved("vit_base", ["--finetune"]) | dict(img_size=32, test_size=32)
+    train_tf, _ = E.recipe_transforms(cfg)
+    ops = {type(t).__name__: t for t in train_tf.transforms}
+    assert ops["RandAugment"].magnitude == 9 and ops["RandomErasing"].p == 0.25
+
+
+def test_recipe_only_augmentations_are_refused_with_the_laptop_settings(capsys):
+    assert E.main(["--init", "random", "--finetune", "--rand-augment", "9", *SMALL]) == 2
+    assert "add --preset official" in capsys.readouterr().err
+
+
+def test_ema_weights_are_evaluated_beside_the_last_weights():
+    encoder, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--epochs", "1", "--batch-size", "64",
+                             "--ema", "0.5", *SMALL])
+    train_set, val_set, num_classes = E.build_data(cfg)
+    out = E.finetune(encoder, train_set, val_set, cfg, Dist(), num_classes)
+    assert set(out) == {"", "ema_"}
+    (last, labels), (ema, ema_labels) = out[""], out["ema_"]
+    assert torch.equal(labels, ema_labels) and last.shape == ema.shape == (200, 10)
+    assert not torch.allclose(last, ema)  # an average over the steps, not the last weights
+
+
+def test_clip_grad_clips_every_step_at_the_given_norm(monkeypatch):
+    calls = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: calls.append(max_norm) or
+                        clip(params, max_norm))
+    encoder, cfg = prepared(["--init", "random", "--width", "8", "--epochs", "2", "--batch-size", "64",
+                             "--clip-grad", "5", *SMALL])
+    E.evaluate(encoder, cfg, Dist())
+    assert calls == [5.0] * 6  # 2 epochs × 3 steps of 64 out of 200 cached features
+
+
+# ------------------------------------------------------------------------------------------
+# The run folder is safe (issue 19): refused cases change nothing on disk.
+
+
+def test_export_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt.pt"
+    make_checkpoint(ckpt, img_size=224, width=64)
+    before = folder_state(tmp_path)
+    assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt)]) == 2
+    assert "is the checkpoint being read" in capsys.readouterr().err
+    assert folder_state(tmp_path) == before
+    assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt), "--overwrite"]) == 2  # not even with it
+    assert folder_state(tmp_path) == before
+
+
+def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+    ckpt, out = tmp_path / "ckpt.pt", tmp_path / "r18.pth"
+    make_checkpoint(ckpt, img_size=224, width=64)
+    out.write_text("an earlier export")
+    before = folder_state(tmp_path)
+    assert E.main(["--checkpoint", str(ckpt), "--export", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert folder_state(tmp_path) == before
+    assert E.main(["--checkpoint", str(ckpt), "--export", str(out), "--overwrite"]) == 0
+    torchvision.models.resnet18().load_state_dict(torch.load(out, weights_only=True))
+
+
+def test_exported_convnext_loads_strictly_into_torchvision_and_back(tmp_path):
+    import models
+    encoder = build_encoder("convnext_tiny", 224)  # standard stem and width
+    with torch.no_grad():
+        encoder.norm.weight.uniform_(0.5, 2.0)  # the final norm must travel too
+    models.export_torchvision(encoder, tmp_path / "cnx.pth")
+    torchvision.models.convnext_tiny().load_state_dict(torch.load(tmp_path / "cnx.pth", weights_only=True))
+    reloaded, _ = prepared(["--checkpoint", str(tmp_path / "cnx.pth"), "--arch", "convnext_tiny", "--img-size", "224",
+                            *SMALL])
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in encoder.state_dict().items())
+
+
+def test_results_unwritable_prints_accuracy_first(tmp_path, capsys):
+    (tmp_path / "not_a_dir").write_text("a file where the results folder should be")
+    before = folder_state(tmp_path)
+    argv = ["--init", "random", "--width", "8", "--epochs", "1", "--results", str(tmp_path / "not_a_dir" / "r.jsonl"),
+            *SMALL]
+    assert E.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "top-1" in out  # the accuracy is not lost...
+    last = err.strip().splitlines()[-1]  # (above it: the progress bars)
+    assert last.startswith("error: cannot append the result to") and "r.jsonl" in last  # ...then one sentence
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("flag,value,valid", [
+    ("--labels-per-class", "0", "> 0"), ("--labels-per-class", "-3", "> 0"), ("--epochs", "0", "> 0"),
+    ("--batch-size", "-1", "> 0"), ("--drop-path", "1.5", "in [0, 1)"), ("--label-smoothing", "1", "in [0, 1)"),
+    ("--weight-decay", "-0.1", ">= 0"), ("--threads", "0", "> 0"), ("--milestones", "0", "> 0"),
+])
+def test_out_of_range_settings_are_refused_with_the_valid_range(tmp_path, capsys, monkeypatch, flag, value, valid):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--init", "random", "--width", "8", *SMALL, flag, value] + (["--finetune"] if flag == "--drop-path" else [])
+    assert E.main(argv) == 2
+    assert f"{flag} must be {valid}, got" in capsys.readouterr().err
+    assert folder_state(tmp_path) == {}
+
+
+def test_threads_sets_torch_cpu_threads():
+    assert E.main(["--init", "random", "--threads", "2", "--print-config", *SMALL]) == 0
+    assert torch.get_num_threads() == 2  # the autouse fixture puts it back
+
+
+def test_a_bug_keeps_its_traceback_while_user_errors_exit_2(monkeypatch, capsys):
+    argv = ["--init", "random", "--width", "8", *SMALL]
+    monkeypatch.setattr(E, "build_data", lambda cfg: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        E.main(argv)
+
+    def bad_data(cfg):
+        raise data.DataError("no such dataset here")
+    monkeypatch.setattr(E, "build_data", bad_data)
+    assert E.main(argv) == 2 and "error: no such dataset here" in capsys.readouterr().err
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_by_torch_load(tmp_path, capsys):
+    import argparse
+    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
+    before = folder_state(tmp_path)
+    assert E.main(["--checkpoint", str(tmp_path / "pickled.pt")]) == 2
+    assert "was refused" in capsys.readouterr().err
+    assert folder_state(tmp_path) == before
