@@ -13,19 +13,15 @@ batch / 256. Each result is printed, then appended as one JSON line with its con
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Subset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -245,40 +241,24 @@ def build_loaded_encoder(source, cfg):
     return encoder
 
 
-def check_export_target(args):
-    """Before anything is read or written: never the checkpoint being read, an existing file only with --overwrite."""
-    source = args.checkpoint or DEFAULT_CHECKPOINT
-    if args.init == "random":
-        raise EvalError("--export writes a checkpoint's encoder; pass --checkpoint, not --init random")
-    if os.path.exists(args.export) and os.path.exists(source) and os.path.samefile(args.export, source):
-        raise EvalError(f"--export {args.export} is the checkpoint being read; write the export to another file")
-    if os.path.exists(args.export) and not args.overwrite:
-        raise EvalError(f"{args.export} already exists; pass --overwrite to replace it")
-
-
-def recipe_transforms(cfg):
-    """§7's (train, test) transforms, bicubic as BEiT, timm and RSB: crop + flip [+ RandAugment]; resize + centre crop."""
-    bicubic = v2.InterpolationMode.BICUBIC
-    first = [v2.ToImage(), v2.RGB()]  # any dataset's image (uint8 tensor or PIL, grey or colour) → [3, H, W]
-    last = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
-    train = [v2.RandomResizedCrop(cfg["img_size"], interpolation=bicubic), v2.RandomHorizontalFlip()]
-    if cfg["rand_augment"]:  # 2 ops as timm's rand-m9-mstd0.5, without its magnitude noise; bilinear (tensors)
-        train.append(v2.RandAugment(num_ops=2, magnitude=cfg["rand_augment"], interpolation=v2.InterpolationMode.BILINEAR))
-    erase = [v2.RandomErasing(cfg["random_erasing"], value="random")] if cfg["random_erasing"] else []  # timm's "pixel"
-    test = [v2.Resize(cfg["test_resize"] or round(cfg["test_size"] / 0.875), interpolation=bicubic),
-            v2.CenterCrop(cfg["test_size"])]
-    return v2.Compose(first + train + last + erase + [v2.ToPureTensor()]), v2.Compose(first + test + last + [v2.ToPureTensor()])
-
-
 def build_data(cfg):
     """(train set, maybe a class-balanced subset; val set; class count)."""
     kw = dict(data_dir=cfg["data_dir"], family=cfg["family"])
     train_set = data.build_dataset(cfg["data"], "train", img_size=cfg["img_size"],
                                    transform="finetune" if cfg["augment"] else "eval", **kw)
     val_set = data.build_dataset(cfg["data"], "val", img_size=cfg["test_size"], transform="eval", **kw)
-    if cfg["recipe"]:  # every data.py dataset applies its `.transform` to each image
-        train_tf, val_set.transform = recipe_transforms(cfg)
-        train_set.transform = train_tf if cfg["augment"] else val_set.transform
+    if cfg["recipe"]:  # §7's transforms instead of data.py's (each dataset applies its `.transform`), bicubic
+        bicubic = v2.InterpolationMode.BICUBIC  # as BEiT, timm and RSB
+        first = [v2.ToImage(), v2.RGB()]  # any dataset's image (uint8 tensor or PIL, grey or colour) → [3, H, W]
+        last = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)]
+        val_set.transform = v2.Compose([*first, v2.Resize(cfg["test_resize"] or round(cfg["test_size"] / 0.875),
+                                        interpolation=bicubic), v2.CenterCrop(cfg["test_size"]), *last])
+        train = [v2.RandomResizedCrop(cfg["img_size"], interpolation=bicubic), v2.RandomHorizontalFlip()]
+        if cfg["rand_augment"]:  # 2 ops as timm's rand-m9-mstd0.5 (without its magnitude noise); bilinear on tensors
+            train.append(v2.RandAugment(2, cfg["rand_augment"], interpolation=v2.InterpolationMode.BILINEAR))
+        if cfg["random_erasing"]:  # timm's "pixel" mode: per-pixel noise, on the normalised image
+            last.append(v2.RandomErasing(cfg["random_erasing"], value="random"))
+        train_set.transform = v2.Compose(first + train + last) if cfg["augment"] else val_set.transform
     num_classes = data.dataset_info(cfg["data"])["num_classes"] or train_set.num_classes
     if val_set.num_classes != num_classes:
         raise data.DataError(f"{cfg['data']} has {num_classes} training classes but {val_set.num_classes} in val")
@@ -286,7 +266,7 @@ def build_data(cfg):
         labels = getattr(train_set, "labels_n", getattr(train_set, "targets", None))  # without decoding images
         labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels  # e.g. "fake"
         idx = class_balanced_subset(labels, cfg["labels_per_class"], cfg["subset_seed"], num_classes)
-        train_set = Subset(train_set, idx.tolist())  # plain ints: datasets may not take tensor indices
+        train_set = torch.utils.data.Subset(train_set, idx.tolist())  # plain ints: datasets may not take tensor indices
     return train_set, val_set, num_classes
 
 
@@ -308,11 +288,6 @@ def interleave_shards(parts, n):
     return rearrange(torch.stack(parts), "w m ... -> (m w) ...")[:n]
 
 
-def to_device(x, env, cfg):
-    x = x.to(env.device, non_blocking=True)
-    return channels_last(x, cfg["family"], env.device) if x.ndim == 4 else x
-
-
 @torch.no_grad()
 def run_over(dataset, fn, cfg, env, desc):
     """`fn(images)` for every image, each rank on its shard → all (rows, labels) in dataset order, on the CPU."""
@@ -320,13 +295,13 @@ def run_over(dataset, fn, cfg, env, desc):
     prec, outs, labels = resolve_precision(cfg["precision"], env.device), [], []
     for img, y in tqdm(loader, desc=desc, disable=not env.is_main, dynamic_ncols=True, leave=False):
         with autocast(env.device, prec):
-            outs.append(fn(to_device(img, env, cfg)).float())
+            outs.append(fn(img.to(env.device, non_blocking=True)).float())
         labels.append(y.to(env.device))
     rows = [torch.cat(outs), torch.cat(labels)]
     if env.enabled:
         for i, r in enumerate(rows):
             parts = [torch.empty_like(r) for _ in range(env.world_size)]
-            dist.all_gather(parts, r.contiguous())
+            torch.distributed.all_gather(parts, r.contiguous())
             rows[i] = interleave_shards(parts, len(dataset))
     return rows[0].cpu(), rows[1].cpu()
 
@@ -411,7 +386,7 @@ def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_c
         loss_sum = torch.zeros((), device=env.device)
         for i, (x, y) in enumerate(batches(epoch)):
             set_lr(optimizer, lr_for_step(epoch * steps_per_epoch + i, cfg, steps_per_epoch))
-            x, y = to_device(x, env, cfg), y.to(env.device)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device)
             if mixers:
                 x, y = v2.RandomChoice(mixers)(x, y)
             with autocast(env.device, prec):
@@ -427,10 +402,9 @@ def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_c
                 after_step()
             loss_sum += loss.detach()
             bar.update(1)
-        mean = loss_sum.item() / steps_per_epoch  # one host sync per epoch
-        if not math.isfinite(mean):
+        if not loss_sum.isfinite():  # one host sync per epoch
             raise EvalError(f"the training loss became non-finite in epoch {epoch + 1}; lower --blr")
-        bar.set_postfix(epoch=epoch + 1, loss=f"{mean:.4f}")
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / steps_per_epoch:.4f}")
     bar.close()
 
 
@@ -447,49 +421,35 @@ def for_ranks(module, env):
         return module, module
     if env.device.type == "cuda":
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module, DDP(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return module, nn.parallel.DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
 
 
-def frozen_features(encoder):
-    """[B, 3, H, W] → [B, C] of an encoder in eval mode without gradients: weights and BN statistics stay put."""
+def probe(encoder, train_set, val_set, cfg, env, num_classes):
+    """Linear probe: the encoder in eval mode without gradients (its weights and BN statistics stay put)."""
     encoder.eval().requires_grad_(False)
-    return torch.no_grad()(lambda img: pool(encoder(img)))
+    features = torch.no_grad()(lambda img: pool(encoder(img)).float())
+    head, threads = linear_head(encoder.out_channels, num_classes, cfg["head"]).to(env.device), torch.get_num_threads()
+    if cfg["augment"]:  # §7's: features of every augmented batch, the head under DDP
+        head, trainable = for_ranks(head, env)
+        forward, (batches, steps) = (lambda img: trainable(features(img))), loader_epochs(train_set, cfg, env)
+    else:  # ours: features once, each rank its shard; all ranks train the same head on all of them
+        x_nc, y_n = run_over(train_set, features, cfg, env, "train features")
+        batch = min(cfg["global_batch"], len(x_nc))
+        trainable, forward, steps = head, head, len(x_nc) // batch  # drop the last partial batch (BatchNorm)
 
-
-def probe_cached(encoder, train_set, val_set, cfg, env, num_classes):
-    """Probe on features computed once: each rank extracts its shard, all train the same head on all (no DDP)."""
-    features = frozen_features(encoder)
-    x_train, y_train = run_over(train_set, features, cfg, env, "train features")
-    x_val, y_val = run_over(val_set, features, cfg, env, "val features")
-    head = linear_head(encoder.out_channels, num_classes, cfg["head"]).to(env.device)
-    batch = min(cfg["global_batch"], len(x_train))
-    steps = len(x_train) // batch  # the last partial batch is dropped (BatchNorm dislikes size 1)
-
-    def batches(epoch):
-        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
-        return ((x_train[idx], y_train[idx]) for idx in perm[: steps * batch].split(batch))
-    threads = torch.get_num_threads()  # a CPU hack: 2 threads made a step 70× slower on a busy 2-core machine
-    torch.set_num_threads(1 if env.device.type == "cpu" and cfg["threads"] is None else threads)
-    fit(head, head, build_optimizer(head, cfg), batches, steps, cfg, env, num_classes)
+        def batches(epoch):
+            order = torch.randperm(len(x_nc), generator=torch.Generator().manual_seed(cfg["seed"] + epoch))
+            return ((x_nc[idx], y_n[idx]) for idx in order[: steps * batch].split(batch))
+        if env.device.type == "cpu" and cfg["threads"] is None:  # a hack: with 2 threads a head step
+            torch.set_num_threads(1)  # ran 70× slower (46 vs 0.6 ms) on a busy 2-core machine
+    fit(forward, trainable, build_optimizer(head, cfg), batches, steps, cfg, env, num_classes)
     torch.set_num_threads(threads)
-    with torch.no_grad():
-        return {"": (torch.cat([head.eval()(x.to(env.device)).cpu() for x in x_val.split(4096)]), y_val)}
-
-
-def probe_streamed(encoder, train_set, val_set, cfg, env, num_classes):
-    """Linear probe with augmentation (§7's): the frozen features are recomputed for every batch."""
-    features = frozen_features(encoder)
-    head, trainable = for_ranks(linear_head(encoder.out_channels, num_classes, cfg["head"]).to(env.device), env)
-    batches, steps = loader_epochs(train_set, cfg, env)
-    fit(lambda img: trainable(features(img).float()), trainable, build_optimizer(head, cfg), batches, steps, cfg,
-        env, num_classes)
-    return {"": run_over(val_set, lambda img: head.eval()(features(img).float()), cfg, env, "val")}
+    return {"": run_over(val_set, lambda img: head.eval()(features(img)), cfg, env, "val")}
 
 
 def finetune(encoder, train_set, val_set, cfg, env, num_classes):
     """Every weight trains (BatchNorm statistics update, drop path on); with --ema their EMA is evaluated too."""
-    model = channels_last(Classifier(encoder, num_classes).to(env.device), cfg["family"], env.device)
-    model, trainable = for_ranks(model, env)
+    model, trainable = for_ranks(Classifier(encoder, num_classes).to(env.device), env)
     scale_fn = layer_decay_fn(len(encoder.blocks), cfg["layer_decay"]) if cfg["layer_decay"] else None
     optimizer = build_optimizer(model, cfg, scale_fn)  # names without DDP's "module." prefix
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) if cfg["ema"] else None
@@ -510,7 +470,7 @@ def evaluate(encoder, cfg, env):
         print(f"{cfg['mode']} of {cfg['arch']} ({cfg['checkpoint'] or 'random init'}) on {cfg['data']}, {recipe}: "
               f"{len(train_set)} train / {len(val_set)} val images, {env.world_size} process(es) on {env.device.type}, "
               f"{cfg['optimizer']} lr {cfg['lr']:.3g}, global batch {cfg['global_batch']}, {cfg['epochs']} epochs", flush=True)
-    way = finetune if cfg["mode"] == "finetune" else probe_streamed if cfg["augment"] else probe_cached
+    way = finetune if cfg["mode"] == "finetune" else probe
     result = dict(num_train=len(train_set), num_classes=num_classes)
     for prefix, (logits_nk, labels_n) in way(encoder, train_set, val_set, cfg, env, num_classes).items():
         hit_nk = logits_nk.topk(min(5, num_classes), dim=1).indices == labels_n[:, None]  # top-5 of ≥ 5 classes
@@ -543,8 +503,14 @@ def main(argv=None):
     start = time.time()
     try:
         env = setup_distributed()
-        if args.export:
-            check_export_target(args)
+        if args.export:  # before anything is read or written: never the checkpoint being read, nor a file
+            read = args.checkpoint or DEFAULT_CHECKPOINT  # that exists, unless --overwrite
+            if args.init == "random":
+                raise EvalError("--export writes a checkpoint's encoder; pass --checkpoint, not --init random")
+            if os.path.exists(args.export) and os.path.exists(read) and os.path.samefile(args.export, read):
+                raise EvalError(f"--export {args.export} is the checkpoint being read; write the export to another file")
+            if os.path.exists(args.export) and not args.overwrite:
+                raise EvalError(f"{args.export} already exists; pass --overwrite to replace it")
         source = load_source(args)
         cfg = resolve_config(args, source, env.world_size)
         if cfg["threads"]:
@@ -559,7 +525,8 @@ def main(argv=None):
                 models.export_torchvision(encoder, args.export)
                 print(f"wrote {cfg['arch']} from {cfg['checkpoint']} as a torchvision state dict to {args.export}")
             return 0
-        result = evaluate(encoder.to(env.device), cfg, env)
+        # channels_last weights make every conv's output channels_last too (faster under bf16)
+        result = evaluate(channels_last(encoder.to(env.device), cfg["family"], env.device), cfg, env)
         if env.is_main:
             report(cfg, result, time.time() - start)
     except user_errors() as e:

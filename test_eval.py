@@ -393,10 +393,11 @@ def test_rsb_recipe_trains_at_160_and_tests_224_from_236_with_randaugment():
 
 
 def test_vit_recipe_adds_random_erasing_and_randaugment_m9():
-    cfg = resolved("vit_base", ["--finetune"]) | dict(img_size=32, test_size=32)
-    train_tf, _ = E.recipe_transforms(cfg)
-    ops = {type(t).__name__: t for t in train_tf.transforms}
+    _, cfg = prepared(["--init", "random", "--arch", "vit_tiny", "--finetune", "--preset", "official", *SMALL])
+    train_set, val_set, _ = E.build_data(cfg)
+    ops = {type(t).__name__: t for t in train_set.transform.transforms}
     assert ops["RandAugment"].magnitude == 9 and ops["RandomErasing"].p == 0.25
+    assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)  # a ViT trains and tests at its own size
 
 
 def test_recipe_only_augmentations_are_refused_with_the_laptop_settings(capsys):
