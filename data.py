@@ -1,21 +1,14 @@
-"""Datasets, transforms and loaders for A²MIM pre-training and evaluation.
+"""Datasets, transforms and loaders: every dataset yields (image float [3, S, S] normalised with the
+ImageNet mean/std, int label). Masks are drawn by the training step (a2mim.py), not here.
 
-Every dataset yields `(image_3hw, label)`: a float tensor [3, S, S] normalised with the ImageNet
-mean/std (also for CIFAR & co., so one normalisation serves every encoder), and an int label.
-Images stay uint8 until the transform, which does the geometry first and converts to float last.
-Masks are NOT drawn here: the training step draws them on the device (a2mim.py), so the loader
-stays a plain image pipeline that eval_linear.py can reuse.
-
-torchvision reads the files. Where (DATA_DIR = data_dir / --data-dir; if given it must exist, and
-nothing else is searched; if not, ./data and the Debian copy are):
-  fashion-mnist  DATA_DIR, DATA_DIR/fashion-mnist or DATA_DIR/FashionMNIST/raw: the IDX files, gzipped
-                 or not; else the same under ./data, else /usr/share/datasets/fashion-mnist (Debian).
-  cifar10/100    DATA_DIR/cifar-10-batches-py (cifar-100-python), the unpacked official archive.
-  stl10          DATA_DIR/stl10_binary, the unpacked official archive.
-  imagenet       DATA_DIR (default ./data/imagenet) with train/<class>/*.jpg and val/<class>/*.jpg.
-  folder         DATA_DIR (required), same layout as imagenet; the class count is read from disk.
-  fake           nothing on disk: images are generated from the index (deterministic).
-`download=True` lets torchvision fetch fashion-mnist / cifar / stl10 into DATA_DIR (or ./data).
+torchvision reads the files from DIR = data_dir / --data-dir (if given, it must exist and only it is
+searched), else from ./data and, for Fashion-MNIST, then /usr/share/datasets/fashion-mnist (Debian):
+  fashion-mnist  the IDX files, gzipped or not, in DIR, DIR/fashion-mnist or DIR/FashionMNIST/raw.
+  cifar10/100    DIR/cifar-10-batches-py (cifar-100-python); stl10: DIR/stl10_binary (the archives).
+  imagenet       DIR (default ./data/imagenet) with train/<class>/*.jpg and val/<class>/*.jpg.
+  folder         DIR (required), laid out as imagenet; the class count is read from disk.
+  fake           nothing on disk: images generated from the index (deterministic).
+download=True lets torchvision fetch fashion-mnist / cifar / stl10 into DIR (or ./data).
 """
 
 import gzip
@@ -29,41 +22,36 @@ from pathlib import Path
 
 import torch
 import torchvision.datasets as tvd
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "fake")
 IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")  # whole split as one uint8 tensor
-DEVICE_DATASETS = IN_MEMORY  # what device_loader can hold on a GPU (47-150 MB each)
+DEVICE_DATASETS = IN_MEMORY  # what device_loader holds on a GPU (47-150 MB each)
 TRANSFORMS = ("pretrain", "finetune", "eval", "none")
 SPLITS = ("train", "val")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = {"cnn": (0.8, 1.0), "vit": (0.67, 1.0)}  # §6: RandomResizedCrop scale for pre-training
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-# Datasets smaller than this (in native pixels) get the CIFAR-style recipes (pad-and-crop, plain
-# resize); from here on the ImageNet-style ones (scale-jitter crops, resize-then-centre-crop).
+# Native size below this: CIFAR-style recipes (pad-and-crop, plain resize); else ImageNet-style ones.
 LARGE_IMAGE_PX = 96
 
 # name -> (num_classes, default training size, channels stored in the files, native size or None)
 # Fashion-MNIST is 28 px but trains at 32: 28 is not divisible by the 4-px mask block nor by the
 # encoder stride 8 used at small sizes, 32 is (32 / 4 = 8 mask blocks, 32 / 8 = 4 feature cells).
-_INFO = {
-    "fashion-mnist": (10, 32, 1, 28),
-    "cifar10": (10, 32, 3, 32),
-    "cifar100": (100, 32, 3, 32),
-    "stl10": (10, 96, 3, 96),
-    "imagenet": (1000, 224, 3, None),  # None: varied sizes, treated as large
-    "folder": (None, 224, 3, None),  # classes counted from disk when built
-    "fake": (10, 32, 3, 32),  # generated at the requested size; see _FakeImages
-}
-# torchvision's class for each archive it reads (the class knows its folder, files and md5 sums).
+_INFO = {"fashion-mnist": (10, 32, 1, 28), "cifar10": (10, 32, 3, 32), "cifar100": (100, 32, 3, 32),
+         "stl10": (10, 96, 3, 96), "imagenet": (1000, 224, 3, None),  # None: varied sizes, "large"
+         "folder": (None, 224, 3, None),  # classes counted from disk
+         "fake": (10, 32, 3, 32)}  # generated at the requested size
+# torchvision's class for each archive (the class knows its folder, its files and their md5 sums).
 _TORCHVISION = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}
 
 
 class DataError(ValueError):
-    """A missing or malformed dataset, or too little of it; one sentence naming what and where."""
+    """A missing or malformed dataset, or too little of it: one sentence naming what and where."""
 
 
 def dataset_info(name):
@@ -75,8 +63,7 @@ def dataset_info(name):
 
 
 def seed_for(*parts):
-    """One seed per tuple of ints, e.g. (seed, epoch, index): a hash, so that nearby tuples get
-    unrelated random streams and no linear formula can make two tuples collide."""
+    """A seed per tuple of ints, e.g. (seed, epoch, index): hashed, so distinct tuples never collide."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
@@ -85,51 +72,35 @@ def check_enough(n_images, batch_size, accum_steps, world_size, name):
     per_process = n_images // world_size  # DistributedSampler(drop_last=True)'s share
     if per_process < batch_size * accum_steps:
         raise DataError(f"{name} has {n_images} training images ({per_process} per process): batch_size "
-                        f"{batch_size} × {accum_steps} accumulation step(s) exceeds that, so there is not "
-                        f"one full step; lower the batch size")
+                        f"{batch_size} × {accum_steps} accumulation step(s) exceeds that; lower the batch size")
 
 
-# ----------------------------------------------------------------------------------------------
-# Transforms (METHOD.md §6 for pre-training; §7-style recipes scaled down for the small datasets)
+# --- Transforms (§6 for pre-training; §7-style recipes scaled down for the small datasets) -----
 
 
 def build_transform(kind, img_size, *, family="cnn", large=True):
-    """uint8 [C, H, W] -> float [C, S, S] normalised with the ImageNet mean/std.
-
-    `large` picks the ImageNet-style recipe (native images >= 96 px) over the CIFAR-style one.
-    """
+    """uint8 [C, H, W] -> float [C, S, S] normalised; `large`: the ImageNet-style recipe (>= 96 px)."""
     S = img_size
-    if kind == "pretrain":
-        # §6: RandomResizedCrop scale (0.8, 1) for ResNet/ConvNeXt, (0.67, 1) for ViT, plus flip.
-        # The same crop is used for 28/32-px data: a mild zoom keeps the small objects whole.
-        geometry = [v2.RandomResizedCrop(S, scale=_crop_scale(family)), v2.RandomHorizontalFlip()]
+    if kind == "pretrain":  # §6; also for 28/32-px data: a mild zoom keeps the small objects whole
+        geometry = [v2.RandomResizedCrop(S, scale=CROP_SCALE[family]), v2.RandomHorizontalFlip()]
     elif kind == "finetune" and large:
         geometry = [v2.RandomResizedCrop(S, scale=(0.08, 1.0)), v2.RandomHorizontalFlip()]
-    elif kind == "finetune":
-        # CIFAR-style: the standard 4-px pad-and-crop; the 0.08 crop would destroy 32-px images.
+    elif kind == "finetune":  # CIFAR-style 4-px pad-and-crop: the 0.08 crop would destroy 32-px images
         geometry = [v2.Resize(S), v2.RandomCrop(S, padding=4), v2.RandomHorizontalFlip()]
     elif kind == "eval" and large:
         geometry = [v2.Resize(int(S / 0.875)), v2.CenterCrop(S)]  # the usual 224-from-256 ratio
-    elif kind in ("eval", "none"):
-        # Deterministic. CenterCrop is a no-op on square data and squares the folder images.
+    elif kind in ("eval", "none"):  # CenterCrop: a no-op on square data, squares the folder images
         geometry = [v2.Resize(S), v2.CenterCrop(S)]
     else:
         raise ValueError(f"unknown transform {kind!r}; choose one of {', '.join(TRANSFORMS)}")
     return v2.Compose(geometry + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _crop_scale(family):
-    if family not in ("cnn", "vit"):
-        raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
-    return (0.67, 1.0) if family == "vit" else (0.8, 1.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading the small datasets: each returns (images uint8 [N, C, H, W], labels long [N], folder)
+# --- Reading: each reader returns (images uint8 [N, C, H, W], labels [N], the folder read) --------
 
 
 def _roots(data_dir, download, *defaults, expects=""):
-    """The folder the user named (it must exist, unless it is to be downloaded into), else the defaults."""
+    """[the folder the user named] (it must exist, unless it is to be downloaded into), else the defaults."""
     if data_dir is None:
         return [Path(d) for d in defaults]
     if not (Path(data_dir).is_dir() or download):
@@ -155,17 +126,15 @@ def _fashion_mnist(name, split, data_dir, download):
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
     roots = _roots(data_dir, download, "data", SYSTEM_FASHION_MNIST)
     places = [r / sub for r in roots for sub in ("", "fashion-mnist", "FashionMNIST/raw")]
-    for attempt in ("look", "download") if download else ("look",):
-        if attempt == "download":
-            try:  # into roots[0]/FashionMNIST/raw, one of the places
-                tvd.FashionMNIST(roots[0], train=split == "train", download=True)
-            except (OSError, RuntimeError) as err:
-                raise DataError(f"downloading fashion-mnist into {roots[0]} failed ({err})") from None
-        for folder in places:
-            # The plain file or its .gz twin (plain first: faster to read).
-            found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
-            if all(found):
-                return _read_idx(found[0], read_image_file)[:, None], _read_idx(found[1], read_label_file), folder
+    if download:  # into roots[0]/FashionMNIST/raw, one of the places (torchvision skips files it has)
+        try:
+            tvd.FashionMNIST(roots[0], train=split == "train", download=True)
+        except (OSError, RuntimeError) as err:
+            raise DataError(f"downloading fashion-mnist into {roots[0]} failed ({err})") from None
+    for folder in places:  # the plain file or its .gz twin (plain first: faster to read)
+        found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
+        if all(found):
+            return _read_idx(found[0], read_image_file)[:, None], _read_idx(found[1], read_label_file), folder
     raise DataError(f"fashion-mnist files {' + '.join(names)} (or .gz) not found in any of: "
                     f"{', '.join(map(str, dict.fromkeys(places)))} (pass download=True / --download to fetch them)")
 
@@ -174,104 +143,44 @@ def _torchvision_archive(name, split, data_dir, download):
     cls = _TORCHVISION[name]
     roots = _roots(data_dir, download, "data")
     files = ", ".join(f for f, _ in cls.train_list + cls.test_list)
-    root = next((r for r in roots if (r / cls.base_folder).is_dir()), None)
-    if root is None and not download:
+    root = next((r for r in roots if (r / cls.base_folder).is_dir()), None if not download else roots[0])
+    if root is None:
         raise DataError(f"{name} expects {files} in {' or '.join(str(r / cls.base_folder) for r in roots)} "
                         f"(the unpacked official archive; pass download=True / --download to fetch it)")
-    root = root or roots[0]
     kw = {"split": "train" if split == "train" else "test"} if name == "stl10" else {"train": split == "train"}
-    try:
+    try:  # RuntimeError: torchvision's "not found or corrupted" (a file missing or off its md5 sum)
         ds = cls(str(root), download=download, **kw)
-    except RuntimeError as err:  # torchvision's "not found or corrupted": a file missing or off its md5
-        raise DataError(f"{root / cls.base_folder} does not hold an intact {name} ({files}, "
-                        f"checked against torchvision's md5 sums): {err}") from None
-    except (OSError, EOFError, KeyError, ValueError) as err:  # an unreadable pickle / binary, no network
-        raise DataError(f"cannot read {name} from {root / cls.base_folder} ({type(err).__name__}: {err})") from None
-    # CIFAR's data is [N, H, W, C] (numpy), STL-10's already [N, C, H, W] with labels shifted to 0..9.
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:  # also a bad pickle, no network
+        raise DataError(f"{root / cls.base_folder} does not hold an intact {name} ({files}; md5 sums checked "
+                        f"by torchvision): {type(err).__name__}: {err}") from None
+    # CIFAR's data is [N, H, W, C]; STL-10's is [N, C, H, W] already, with labels shifted to 0..9.
     images = torch.as_tensor(ds.data).permute(0, 3, 1, 2) if name != "stl10" else torch.as_tensor(ds.data)
-    labels = ds.labels if name == "stl10" else ds.targets
-    return images.contiguous(), torch.as_tensor(labels).long(), root / cls.base_folder
-
-
-def _in_memory(name, split, data_dir, download, img_size, fake_size):
-    """The whole split of a small dataset: (images uint8 [N, C, H, W], labels_n long [N], source)."""
-    if name == "fake":
-        fake = _FakeImages(split, fake_size, img_size, transform=lambda image: image)
-        return torch.stack([fake[i][0] for i in range(fake_size)]), torch.arange(fake_size) % 10, "generated"
-    read = _fashion_mnist if name == "fashion-mnist" else _torchvision_archive
-    images, labels_n, folder = read(name, split, data_dir, download)
-    num_classes = _INFO[name][0]
-    if len(images) != len(labels_n):
-        raise DataError(f"{folder} has {len(images)} images but {len(labels_n)} labels")
-    if len(labels_n) and not 0 <= labels_n.min() <= labels_n.max() < num_classes:
-        raise DataError(f"{folder} has labels outside 0..{num_classes - 1}")
-    return images, labels_n, str(folder)
-
-
-# ----------------------------------------------------------------------------------------------
-# Dataset classes
-
-
-class _TensorImages(Dataset):
-    """A whole split held in memory: uint8 images [N, 1 or 3, H, W], labels_n long [N]."""
-
-    def __init__(self, images, labels_n, transform, num_classes, source):
-        self.images, self.labels_n, self.transform = images, labels_n, transform
-        self.num_classes, self.source = num_classes, source
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        # A grey [1, H, W] image is replicated to the 3 channels the encoders take.
-        return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels_n[index])
+    return images.contiguous(), torch.as_tensor(ds.labels if name == "stl10" else ds.targets), root / cls.base_folder
 
 
 # Ten well-separated class colours (RGB in 0..1) for the fake dataset; fixed so runs agree.
-_FAKE_COLOURS = torch.tensor([
-    [0.90, 0.10, 0.10], [0.10, 0.80, 0.10], [0.10, 0.20, 0.90], [0.95, 0.85, 0.10],
-    [0.80, 0.10, 0.80], [0.10, 0.85, 0.85], [0.95, 0.55, 0.10], [0.50, 0.50, 0.50],
-    [0.55, 0.30, 0.10], [0.95, 0.95, 0.95],
-])
+_FAKE_COLOURS = torch.tensor([[0.90, 0.10, 0.10], [0.10, 0.80, 0.10], [0.10, 0.20, 0.90], [0.95, 0.85, 0.10],
+                              [0.80, 0.10, 0.80], [0.10, 0.85, 0.85], [0.95, 0.55, 0.10], [0.50, 0.50, 0.50],
+                              [0.55, 0.30, 0.10], [0.95, 0.95, 0.95]])
 _FAKE_SEED = {"train": 20_230_000, "val": 1_020_230_000}  # far apart: the splits share no image
 
 
-class _FakeImages(Dataset):
-    """Synthetic images whose class is learnable: class colour + smooth texture + pixel noise.
-
-    Image i comes from a generator seeded with (split base + i): the same on every call, in every
-    worker, with no storage. Label = i mod 10 (balanced). The smooth texture gives masked-image
-    modeling something non-trivial to reconstruct.
-    """
-
-    def __init__(self, split, size, img_size, transform):
-        self.base_seed, self.size, self.img_size = _FAKE_SEED[split], size, img_size
-        self.transform, self.num_classes, self.source = transform, 10, "generated"
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, index):
-        index = int(index)  # a Subset built from a tensor passes 0-d tensors
-        if not 0 <= index < self.size:
-            raise IndexError(f"fake index {index} outside 0..{self.size - 1}")
-        label, S = index % self.num_classes, self.img_size
-        gen = torch.Generator().manual_seed(self.base_seed + index)
-        grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)  # low-frequency texture: 4×4 upsampled
+def _fake(split, size, S):
+    """Learnable synthetic images, uint8 [N, 3, S, S]: image i's class (i mod 10) colour + a smooth
+    texture (something for masked-image modeling to reconstruct) + pixel noise, drawn from a
+    generator seeded split base + i, so the same in every run."""
+    def image(i):
+        gen = torch.Generator().manual_seed(_FAKE_SEED[split] + i)
+        grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)  # the texture: a 4×4 grid upsampled
         texture_3hw = torch.nn.functional.interpolate(grid_13hw, size=(S, S), mode="bilinear")[0]
-        noise_3hw = 0.05 * torch.randn(3, S, S, generator=gen)
-        image_3hw = 0.6 * _FAKE_COLOURS[label, :, None, None] + 0.4 * texture_3hw + noise_3hw
-        return self.transform((image_3hw.clamp(0, 1) * 255).round().to(torch.uint8)), label
+        image_3hw = 0.6 * _FAKE_COLOURS[i % 10, :, None, None] + 0.4 * texture_3hw
+        return ((image_3hw + 0.05 * torch.randn(3, S, S, generator=gen)).clamp(0, 1) * 255).round().byte()
+    return torch.stack([image(i) for i in range(size)]), torch.arange(size) % 10, "generated"
 
 
 def _load_rgb(path):
-    """ImageFolder's loader: uint8 [3, H, W]; an undecodable file is a DataError naming it.
-
-    Fail loudly: skipping or substituting a broken image would silently change the dataset (and
-    the sample order across runs); one clear message lets the user fix the file.
-    """
-    from PIL import Image
-
+    """ImageFolder's loader: uint8 [3, H, W]. A broken image is a DataError naming it, not skipped:
+    skipping would silently change the dataset (and the sample order across runs)."""
     try:
         with Image.open(path) as img:
             return v2.functional.pil_to_tensor(img.convert("RGB"))
@@ -289,58 +198,65 @@ def _image_folder(name, split, data_dir, transform):
     if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
         raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}")
     dataset = tvd.ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
-    empty = sorted(set(dataset.classes) - {dataset.classes[t] for t in dataset.targets})
+    empty = [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in set(dataset.targets)]
     if empty:
-        raise DataError(f"{name} expects images at {layout}, but {', '.join(str(split_dir / c) for c in empty)} "
+        raise DataError(f"{name} expects images at {layout}, but {', '.join(empty)} "
                         f"hold{'s' if len(empty) == 1 else ''} none")
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------
-# Public builders
+class _TensorImages(Dataset):
+    """A whole split in memory: uint8 images [N, 1 or 3, H, W], labels_n long [N]."""
 
+    def __init__(self, images, labels_n, transform, num_classes, source):
+        if len(images) != len(labels_n):
+            raise DataError(f"{source} has {len(images)} images but {len(labels_n)} labels")
+        if len(labels_n) and not 0 <= labels_n.min() <= labels_n.max() < num_classes:
+            raise DataError(f"{source} has labels outside 0..{num_classes - 1}")
+        self.images, self.labels_n, self.transform = images, labels_n.long(), transform
+        self.num_classes, self.source = num_classes, str(source)
 
-def _checked(name, split, img_size, fake_size=1):
-    """The checks build_dataset and device_loader share; returns the image size to use."""
-    info = dataset_info(name)  # raises DataError on an unknown name
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    img_size = info["img_size"] if img_size is None else img_size
-    for what, value in (("img_size", img_size), ("fake_size", fake_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{what} must be a positive int, got {value!r}")
-    return img_size
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):  # a grey [1, H, W] image is replicated to the encoders' 3 channels
+        return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels_n[index])
 
 
 def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretrain", family="cnn",
                   download=False, fake_size=512):
-    """A Dataset of (image float [3, S, S] normalised, int label) for one split.
-
-    `transform` is a recipe name (see build_transform). The result has `.num_classes` (read from
-    disk for "folder") and `.source` (the folder read, or "generated", for the log line).
-    """
-    img_size = _checked(name, split, img_size, fake_size)
-    native = img_size if name == "fake" else _INFO[name][3]
-    tf = build_transform(transform, img_size, family=family, large=native is None or native >= LARGE_IMAGE_PX)
+    """A Dataset of (image float [3, S, S] normalised, int label) for one split, with `.num_classes`
+    (read from disk for "folder") and `.source` (the folder read, or "generated", for the log line).
+    `transform` is a recipe name (see build_transform)."""
+    info = dataset_info(name)  # raises DataError on an unknown name
+    S = info["img_size"] if img_size is None else img_size
+    for what, value in (("img_size", S), ("fake_size", fake_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    if split not in SPLITS or family not in CROP_SCALE:
+        raise ValueError(f"split must be one of {SPLITS} and family one of {tuple(CROP_SCALE)}, "
+                         f"got {split!r} and {family!r}")
+    native = S if name == "fake" else _INFO[name][3]
+    tf = build_transform(transform, S, family=family, large=native is None or native >= LARGE_IMAGE_PX)
     if name in ("imagenet", "folder"):
         return _image_folder(name, split, data_dir, tf)
     if name == "fake":
-        return _FakeImages(split, fake_size, img_size, tf)
-    images, labels_n, source = _in_memory(name, split, data_dir, download, img_size, fake_size)
-    return _TensorImages(images, labels_n, tf, _INFO[name][0], source)
+        images, labels_n, source = _fake(split, fake_size, S)
+    else:
+        read = _fashion_mnist if name == "fashion-mnist" else _torchvision_archive
+        images, labels_n, source = read(name, split, data_dir, download)
+    return _TensorImages(images, labels_n, tf, info["num_classes"], source)
+
+
+# --- Loaders ---------------------------------------------------------------------------------
 
 
 class _Sampler(DistributedSampler):
-    """DistributedSampler (rank r reads r::world of the epoch's order, randperm seeded seed + epoch;
-    one process is world size 1) whose next pass may start part-way, so that a resumed epoch skips
-    the images already seen without reading them."""
+    """DistributedSampler (epoch order: randperm seeded seed + epoch, rank r takes r::world; one
+    process is world size 1) whose next pass can start part-way: a resumed epoch skips what it saw."""
 
-    start = 0
-
-    def set_epoch(self, epoch, start=0):
-        super().set_epoch(epoch)
-        self.start = start
+    start = 0  # set by set_epoch below
 
     def __iter__(self):
         start, self.start = self.start, 0  # only the next pass starts late
@@ -348,9 +264,8 @@ class _Sampler(DistributedSampler):
 
 
 class _SeededItems(Dataset):
-    """Draws item i's random augmentation from its own seed (seed, epoch, i), so that an image gets
-    the same crop in any worker, on any number of processes, and in a resumed epoch. The global
-    RNG (drop path's, the masks') is left as it was."""
+    """Draws item i's random augmentation from its own seed (seed, epoch, i): the same crop in any
+    worker, on any number of processes and in a resumed epoch; the global RNG is left as it was."""
 
     def __init__(self, dataset, sampler):
         self.dataset, self.sampler = dataset, sampler
@@ -359,70 +274,59 @@ class _SeededItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        with torch.random.fork_rng(devices=[]):  # the transforms draw from the CPU default generator
-            torch.default_generator.manual_seed(seed_for(self.sampler.seed, self.sampler.epoch, index))
+        state = torch.get_rng_state()  # the transforms draw from the CPU default generator
+        torch.default_generator.manual_seed(seed_for(self.sampler.seed, self.sampler.epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
 
 
-def _world(distributed, world_size, rank):
-    """(world_size, rank): explicit values win, else torch.distributed's, else a single process."""
+def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=None, seed=0, world_size=None,
+                 rank=None):
+    """DataLoader: seeded shuffling and augmentation, the last partial batch dropped (train), or the
+    dataset order (eval). distributed: each rank reads its 1/world_size shard, as DistributedSampler
+    (which for eval pads the last shard with a few repeats); world_size/rank default to the process
+    group's (without one torch raises "Default process group has not been initialized")."""
     if not distributed:
-        return 1, 0
-    if (world_size is None or rank is None) and not torch.distributed.is_initialized():
-        raise ValueError("distributed=True needs an initialised process group or explicit world_size and rank")
+        world_size, rank = 1, 0
     world_size = torch.distributed.get_world_size() if world_size is None else world_size
-    return world_size, torch.distributed.get_rank() if rank is None else rank
-
-
-def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=None, seed=0,
-                 drop_last=None, pin_memory=None, world_size=None, rank=None):
-    """DataLoader with seeded shuffling and augmentation (train) or the dataset order (eval).
-
-    distributed: each rank reads its own 1/world_size shard, as DistributedSampler. Note that for
-    eval (drop_last=False) DistributedSampler pads the last shard by repeating a few samples.
-    world_size/rank default to the initialised process group; pass them to test without one.
-    """
-    world_size, rank = _world(distributed, world_size, rank)
-    drop_last = train if drop_last is None else drop_last
-    if drop_last:
+    rank = torch.distributed.get_rank() if rank is None else rank
+    if train:
         check_enough(len(dataset), batch_size, 1, world_size, "the dataset")
     sampler = _Sampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=train)
     return DataLoader(
         _SeededItems(dataset, sampler) if train else dataset, batch_size=batch_size, sampler=sampler,
         num_workers=min(8, (os.cpu_count() or 1) // world_size) if workers is None else workers,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, drop_last=drop_last,
-        # Not persistent: each epoch's workers copy the sampler's epoch when they start.
-        persistent_workers=False,
-        # Its own generator: starting a pass would otherwise draw the workers' base seed from the global RNG.
-        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(), drop_last=train,
+        persistent_workers=False,  # each epoch's workers start with a copy of the sampler's new epoch
+        generator=torch.Generator().manual_seed(seed),  # else starting a pass draws from the global RNG
     )
 
 
 def set_epoch(loader, epoch, start_batch=0):
     """Make the next pass over `loader` (build_loader's or device_loader's) yield epoch `epoch`'s
-    batches from index `start_batch` on, without reading the earlier ones: the same batches as that
-    part of an uninterrupted epoch (order and augmentation are functions of seed, epoch, rank and
-    position). len(loader) stays the full epoch's length."""
+    batches from index `start_batch` on, without reading the earlier ones: the batches an
+    uninterrupted epoch gives there (order and augmentation depend on seed, epoch, rank, position
+    only). len(loader) stays the full epoch's."""
     if not 0 <= start_batch <= len(loader):
         raise ValueError(f"start_batch must be in 0..{len(loader)}, got {start_batch}")
-    loader.sampler.set_epoch(epoch, start_batch * loader.batch_size)
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = start_batch * loader.batch_size
 
 
-# ----------------------------------------------------------------------------------------------
-# Device-resident small datasets, à la airbench: the uint8 split lives on the GPU (47-150 MB) and
-# whole batches are cropped and flipped there, as build_transform("pretrain") + build_loader do:
-# DistributedSampler's order, RandomResizedCrop's boxes, flip p = 0.5. The resize is bilinear
-# without antialiasing (equal to the CPU one when upsampling, always so for 28/32-px data at 32 px
-# and up), and not rounded to uint8 before normalising.
+# --- On the device, à la airbench -------------------------------------------------------------
+# A small dataset's uint8 split lives on the GPU (47-150 MB) and whole batches are cropped and
+# flipped there, as build_transform("pretrain") + build_loader do: DistributedSampler's order,
+# RandomResizedCrop's boxes, flip p = 0.5. But the resize is bilinear without antialiasing (equal to
+# the CPU's when upsampling, as for 28/32-px data at >= 32 px) and not rounded to uint8.
 
 
 def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4 / 3), *, generator=None,
                                device=None, tries=10):
-    """RandomResizedCrop's boxes for a batch: (top_b, left_b, height_b, width_b), long [B].
-
-    As torchvision: up to `tries` (area, log-aspect) draws per image, the first box that fits wins
-    (here all are drawn at once), else the central crop of the clamped aspect ratio.
-    """
+    """RandomResizedCrop's boxes for a batch, (top_b, left_b, height_b, width_b) long [B]: as torchvision,
+    the first of `tries` (area, log-aspect) draws that fits (all drawn at once), else the central crop
+    of the clamped aspect ratio; the offset uniform over the positions where the box fits."""
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     u_2bt = torch.rand(2, batch_size, tries, generator=generator, device=device)
     area_bt = height * width * (scale[0] + (scale[1] - scale[0]) * u_2bt[0])
@@ -433,25 +337,19 @@ def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4
     fh, fw = min(height, round(width / min(ratio))), min(width, round(height * max(ratio)))  # the fallback
     h_b = torch.where(found_b, h_bt.gather(1, first_b1)[:, 0], fh)
     w_b = torch.where(found_b, w_bt.gather(1, first_b1)[:, 0], fw)
-    # Offsets uniform over the positions where the box fits (as torch.randint); the fallback centred.
     u_2b = torch.rand(2, batch_size, generator=generator, device=device)
-    top_b = torch.minimum((u_2b[0] * (height - h_b + 1)).long(), height - h_b)
+    top_b = torch.minimum((u_2b[0] * (height - h_b + 1)).long(), height - h_b)  # as torch.randint
     left_b = torch.minimum((u_2b[1] * (width - w_b + 1)).long(), width - w_b)
     return torch.where(found_b, top_b, (height - fh) // 2), torch.where(found_b, left_b, (width - fw) // 2), h_b, w_b
 
 
 def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
-    """Crop box b out of image b and resize it to size × size: float [B, C, size, size].
-
-    F.interpolate's bilinear arithmetic (align_corners=False, no antialias) on each crop: output
-    pixel o reads crop pixel (o + ½)·h/size − ½, clamped to the crop, so the crop's border pixels
-    are repeated rather than its neighbours read. One grid_sample for the batch; `flip_b` (bool [B])
-    mirrors the output horizontally.
-    """
+    """Box b of image b resized to size × size, float [B, C, size, size], in one grid_sample; `flip_b`
+    (bool [B]) mirrors it. F.interpolate's bilinear arithmetic on the crop alone: output pixel o
+    reads (o + ½)·h/size − ½, clamped to the crop, so its neighbours are never read."""
     H, W = img_bchw.shape[-2:]
     centre_s = torch.arange(size, device=img_bchw.device, dtype=torch.float32) + 0.5
     h_b1, w_b1 = height_b[:, None].float(), width_b[:, None].float()
-    # Source coordinates in the full image, in pixels: [B, size] for rows and for columns.
     ys_bs = top_b[:, None] + (centre_s * h_b1 / size - 0.5).clamp(min=torch.zeros_like(h_b1), max=h_b1 - 1)
     xs_bs = left_b[:, None] + (centre_s * w_b1 / size - 0.5).clamp(min=torch.zeros_like(w_b1), max=w_b1 - 1)
     if flip_b is not None:
@@ -459,41 +357,33 @@ def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
     # grid_sample's coordinates (align_corners=False): pixel p of n sits at (2p + 1)/n − 1.
     gx_b1s, gy_bs1 = ((2 * xs_bs + 1) / W - 1)[:, None, :], ((2 * ys_bs + 1) / H - 1)[:, :, None]
     grid_bss2 = torch.stack(torch.broadcast_tensors(gx_b1s, gy_bs1), dim=-1)
-    return torch.nn.functional.grid_sample(img_bchw.float(), grid_bss2, mode="bilinear",
-                                           padding_mode="border", align_corners=False)
+    return torch.nn.functional.grid_sample(img_bchw.float(), grid_bss2, padding_mode="border", align_corners=False)
 
 
 class DeviceLoader:
-    """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]) on the images' device.
-
-    `images_nchw` uint8 [N, 1 or 3, H, W] and `labels_n` must already be there. Like build_loader's
-    loaders it has len() (batches per epoch and rank), `batch_size` and a `sampler` (itself) with
-    set_epoch, so that set_epoch(loader, epoch, start_batch) above works for both.
-    """
+    """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]) where the images are:
+    `images_nchw` uint8 [N, 1 or 3, H, W] and `labels_n` must be on the device already. Like
+    build_loader's loaders it has len() (batches per epoch and rank), `batch_size` and a _Sampler."""
 
     def __init__(self, images_nchw, labels_n, batch_size, *, img_size, family="cnn", seed=0, world_size=1,
                  rank=0, num_classes=None, source=""):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         check_enough(len(images_nchw), batch_size, 1, world_size, source or "the dataset")
+        self.sampler = _Sampler(range(len(images_nchw)), num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
         self.images_nchw, self.labels_n, self.batch_size, self.img_size = images_nchw, labels_n, batch_size, img_size
-        self.seed, self.world_size, self.rank, self.epoch, self.start = seed, world_size, rank, 0, 0
-        self.scale, self.num_classes, self.source, self.sampler = _crop_scale(family), num_classes, str(source), self
-        self.num_samples = len(images_nchw) // world_size  # per rank, as DistributedSampler(drop_last=True)
+        self.scale, self.num_classes, self.source = CROP_SCALE[family], num_classes, str(source)
         # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
-        std_13, mean_13 = (torch.tensor(v, device=images_nchw.device).view(1, 3, 1, 1) for v in (IMAGENET_STD, IMAGENET_MEAN))
+        std_13, mean_13 = (torch.tensor(v, device=images_nchw.device)[:, None, None] for v in (IMAGENET_STD, IMAGENET_MEAN))
         self.mul_13, self.add_13 = 1 / (255 * std_13), -mean_13 / std_13
 
     def __len__(self):
-        return self.num_samples // self.batch_size
+        return len(self.sampler) // self.batch_size
 
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
+    def set_epoch(self, epoch):
+        self.sampler.set_epoch(epoch)
 
     def indices(self):
-        """This rank's sample order for the current epoch (on the CPU): DistributedSampler's."""
-        order_n = torch.randperm(len(self.images_nchw), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return order_n[: self.num_samples * self.world_size][self.rank :: self.world_size]
+        """This rank's sample order for the current epoch, long [N / world] (from sampler.start on)."""
+        return torch.tensor(list(self.sampler))
 
     def augment(self, img_bchw, generator=None):
         """uint8 [B, C, H, W] → float [B, 3, S, S]: random resized crop, flip, normalise."""
@@ -503,23 +393,23 @@ class DeviceLoader:
         return torch.addcmul(self.add_13, resized_crop(img_bchw, *box, self.img_size, flip_b), self.mul_13)
 
     def __iter__(self):
-        B, first, self.start = self.batch_size, self.start // self.batch_size, 0  # only the next pass starts late
-        order_n = self.indices().to(self.images_nchw.device)
-        for b in range(first, len(self)):
-            # Batch b's crops and flips come from its own seed: a resumed epoch repeats them exactly.
-            gen = torch.Generator(self.images_nchw.device).manual_seed(seed_for(self.seed, self.epoch, self.rank, b))
-            idx_b = order_n[b * B : (b + 1) * B]
+        B, first, s = self.batch_size, self.sampler.start // self.batch_size, self.sampler
+        order_n = self.indices().to(self.images_nchw.device)  # batches first.. of the epoch
+        for b in range(first, len(self)):  # batch b's crops and flips from its own seed: resumable
+            gen = torch.Generator(self.images_nchw.device).manual_seed(seed_for(s.seed, s.epoch, s.rank, b))
+            idx_b = order_n[(b - first) * B : (b - first + 1) * B]
             yield self.augment(self.images_nchw[idx_b], gen), self.labels_n[idx_b]
 
 
 def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn", seed=0, data_dir=None,
                   world_size=1, rank=0, download=False, fake_size=512):
-    """The whole split of a small dataset on `device`, as a pre-training DeviceLoader; read as
-    build_dataset reads it (same places, same errors). world_size/rank shard it like DistributedSampler."""
-    img_size = _checked(name, split, img_size, fake_size)
-    if name not in IN_MEMORY:
+    """A small dataset's split on `device` as a pre-training DeviceLoader, sharded like DistributedSampler;
+    read by build_dataset (same places, same errors)."""
+    if dataset_info(name) and name not in IN_MEMORY:
         raise DataError(f"{name} is too large to hold on the device; device_loader takes "
                         f"{', '.join(IN_MEMORY)} (use build_dataset + build_loader)")
-    images, labels_n, source = _in_memory(name, split, data_dir, download, img_size, fake_size)
-    return DeviceLoader(images.to(device), labels_n.to(device), batch_size, img_size=img_size, family=family,
-                        seed=seed, world_size=world_size, rank=rank, num_classes=_INFO[name][0], source=source)
+    ds = build_dataset(name, split, data_dir=data_dir, img_size=img_size, transform="none", family=family,
+                       download=download, fake_size=fake_size)
+    return DeviceLoader(ds.images.to(device), ds.labels_n.to(device), batch_size, family=family, seed=seed,
+                        img_size=img_size or _INFO[name][1], world_size=world_size, rank=rank,
+                        num_classes=ds.num_classes, source=ds.source)
