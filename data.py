@@ -99,13 +99,11 @@ def build_transform(kind, img_size, *, family="cnn", large=True):
 # --- Reading: each reader returns (images uint8 [N, C, H, W], labels [N], the folder read) --------
 
 
-def _roots(data_dir, download, *defaults, expects=""):
-    """[the folder the user named] (it must exist, unless it is to be downloaded into), else the defaults."""
-    if data_dir is None:
-        return [Path(d) for d in defaults]
-    if not (Path(data_dir).is_dir() or download):
+def _root(data_dir, download, default="data", expects=""):
+    """The folder the user named (it must exist, unless it is to be downloaded into), else the default."""
+    if data_dir is not None and not (Path(data_dir).is_dir() or download):
         raise DataError(f"data directory {data_dir} does not exist{expects}")
-    return [Path(data_dir)]
+    return Path(default if data_dir is None else data_dir)
 
 
 def _read_idx(path, reader):
@@ -124,13 +122,14 @@ def _read_idx(path, reader):
 def _fashion_mnist(name, split, data_dir, download):
     prefix = "train" if split == "train" else "t10k"
     names = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    roots = _roots(data_dir, download, "data", SYSTEM_FASHION_MNIST)
+    root = _root(data_dir, download)
+    roots = [root] if data_dir is not None else [root, SYSTEM_FASHION_MNIST]
     places = [r / sub for r in roots for sub in ("", "fashion-mnist", "FashionMNIST/raw")]
-    if download:  # into roots[0]/FashionMNIST/raw, one of the places (torchvision skips files it has)
+    if download:  # into root/FashionMNIST/raw, one of the places (torchvision skips files it has)
         try:
-            tvd.FashionMNIST(roots[0], train=split == "train", download=True)
+            tvd.FashionMNIST(root, train=split == "train", download=True)
         except (OSError, RuntimeError) as err:
-            raise DataError(f"downloading fashion-mnist into {roots[0]} failed ({err})") from None
+            raise DataError(f"downloading fashion-mnist into {root} failed ({err})") from None
     for folder in places:  # the plain file or its .gz twin (plain first: faster to read)
         found = [next((p for p in (folder / n, folder / f"{n}.gz") if p.is_file()), None) for n in names]
         if all(found):
@@ -140,22 +139,20 @@ def _fashion_mnist(name, split, data_dir, download):
 
 
 def _torchvision_archive(name, split, data_dir, download):
-    cls = _TORCHVISION[name]
-    roots = _roots(data_dir, download, "data")
-    files = ", ".join(f for f, _ in cls.train_list + cls.test_list)
-    root = next((r for r in roots if (r / cls.base_folder).is_dir()), None if not download else roots[0])
-    if root is None:
-        raise DataError(f"{name} expects {files} in {' or '.join(str(r / cls.base_folder) for r in roots)} "
-                        f"(the unpacked official archive; pass download=True / --download to fetch it)")
+    cls, root = _TORCHVISION[name], _root(data_dir, download)
+    folder, files = root / cls.base_folder, ", ".join(f for f, _ in cls.train_list + cls.test_list)
+    if not (folder.is_dir() or download):
+        raise DataError(f"{name} expects {files} in {folder} (the unpacked official archive; "
+                        f"pass download=True / --download to fetch it)")
     kw = {"split": "train" if split == "train" else "test"} if name == "stl10" else {"train": split == "train"}
     try:  # RuntimeError: torchvision's "not found or corrupted" (a file missing or off its md5 sum)
         ds = cls(str(root), download=download, **kw)
     except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:  # also a bad pickle, no network
-        raise DataError(f"{root / cls.base_folder} does not hold an intact {name} ({files}; md5 sums checked "
-                        f"by torchvision): {type(err).__name__}: {err}") from None
+        raise DataError(f"{folder} does not hold an intact {name} ({files}; md5 sums checked by torchvision): "
+                        f"{type(err).__name__}: {err}") from None
     # CIFAR's data is [N, H, W, C]; STL-10's is [N, C, H, W] already, with labels shifted to 0..9.
     images = torch.as_tensor(ds.data).permute(0, 3, 1, 2) if name != "stl10" else torch.as_tensor(ds.data)
-    return images.contiguous(), torch.as_tensor(ds.labels if name == "stl10" else ds.targets), root / cls.base_folder
+    return images.contiguous(), torch.as_tensor(ds.labels if name == "stl10" else ds.targets), folder
 
 
 # Ten well-separated class colours (RGB in 0..1) for the fake dataset; fixed so runs agree.
@@ -166,9 +163,8 @@ _FAKE_SEED = {"train": 20_230_000, "val": 1_020_230_000}  # far apart: the split
 
 
 def _fake(split, size, S):
-    """Learnable synthetic images, uint8 [N, 3, S, S]: image i's class (i mod 10) colour + a smooth
-    texture (something for masked-image modeling to reconstruct) + pixel noise, drawn from a
-    generator seeded split base + i, so the same in every run."""
+    """Learnable images uint8 [N, 3, S, S]: class (i mod 10) colour + a smooth texture (something to
+    reconstruct) + pixel noise, from a generator seeded split base + i, so the same in every run."""
     def image(i):
         gen = torch.Generator().manual_seed(_FAKE_SEED[split] + i)
         grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)  # the texture: a 4×4 grid upsampled
@@ -194,14 +190,15 @@ def _image_folder(name, split, data_dir, transform):
         raise DataError("dataset 'folder' needs data_dir pointing at DIR with "
                         "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg")
     layout = f"{data_dir or 'data/imagenet'}/{split}/<class>/*.jpg"
-    split_dir = _roots(data_dir, False, "data/imagenet", expects=f" ({name} expects {layout})")[0] / split
-    if not split_dir.is_dir() or not any(p.is_dir() for p in split_dir.iterdir()):
-        raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}")
-    dataset = tvd.ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
-    empty = [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in set(dataset.targets)]
-    if empty:
+    split_dir = _root(data_dir, False, "data/imagenet", expects=f" ({name} expects {layout})") / split
+    try:
+        dataset = tvd.ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
+    except FileNotFoundError:  # torchvision's "no such directory" or "couldn't find any class folder"
+        raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}") from None
+    have_images = set(dataset.targets)
+    if empty := [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in have_images]:
         raise DataError(f"{name} expects images at {layout}, but {', '.join(empty)} "
-                        f"hold{'s' if len(empty) == 1 else ''} none")
+                        f"hold{'s' * (len(empty) == 1)} none")
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
 
@@ -267,11 +264,8 @@ class _SeededItems(Dataset):
     """Draws item i's random augmentation from its own seed (seed, epoch, i): the same crop in any
     worker, on any number of processes and in a resumed epoch; the global RNG is left as it was."""
 
-    def __init__(self, dataset, sampler):
+    def __init__(self, dataset, sampler):  # no __len__: the DataLoader asks the sampler
         self.dataset, self.sampler = dataset, sampler
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, index):
         state = torch.get_rng_state()  # the transforms draw from the CPU default generator
@@ -306,9 +300,8 @@ def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=
 
 def set_epoch(loader, epoch, start_batch=0):
     """Make the next pass over `loader` (build_loader's or device_loader's) yield epoch `epoch`'s
-    batches from index `start_batch` on, without reading the earlier ones: the batches an
-    uninterrupted epoch gives there (order and augmentation depend on seed, epoch, rank, position
-    only). len(loader) stays the full epoch's."""
+    batches from `start_batch` on without reading the earlier ones: the same batches as there in an
+    uninterrupted epoch (order and augmentation are functions of seed, epoch, rank, position only)."""
     if not 0 <= start_batch <= len(loader):
         raise ValueError(f"start_batch must be in 0..{len(loader)}, got {start_batch}")
     loader.sampler.set_epoch(epoch)
@@ -372,8 +365,8 @@ class DeviceLoader:
         self.images_nchw, self.labels_n, self.batch_size, self.img_size = images_nchw, labels_n, batch_size, img_size
         self.scale, self.num_classes, self.source = CROP_SCALE[family], num_classes, str(source)
         # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
-        std_13, mean_13 = (torch.tensor(v, device=images_nchw.device)[:, None, None] for v in (IMAGENET_STD, IMAGENET_MEAN))
-        self.mul_13, self.add_13 = 1 / (255 * std_13), -mean_13 / std_13
+        std_3, mean_3 = torch.tensor(IMAGENET_STD)[:, None, None], torch.tensor(IMAGENET_MEAN)[:, None, None]
+        self.mul_13, self.add_13 = (1 / (255 * std_3)).to(images_nchw.device), (-mean_3 / std_3).to(images_nchw.device)
 
     def __len__(self):
         return len(self.sampler) // self.batch_size
@@ -393,11 +386,11 @@ class DeviceLoader:
         return torch.addcmul(self.add_13, resized_crop(img_bchw, *box, self.img_size, flip_b), self.mul_13)
 
     def __iter__(self):
-        B, first, s = self.batch_size, self.sampler.start // self.batch_size, self.sampler
-        order_n = self.indices().to(self.images_nchw.device)  # batches first.. of the epoch
-        for b in range(first, len(self)):  # batch b's crops and flips from its own seed: resumable
+        first, s = self.sampler.start // self.batch_size, self.sampler
+        order_n = self.indices().to(self.images_nchw.device)  # from batch `first` of the epoch on
+        for b, idx_b in enumerate(order_n.split(self.batch_size)[: len(self) - first], start=first):
+            # Batch b's crops and flips come from its own seed, so a resumed epoch repeats them.
             gen = torch.Generator(self.images_nchw.device).manual_seed(seed_for(s.seed, s.epoch, s.rank, b))
-            idx_b = order_n[(b - first) * B : (b - first + 1) * B]
             yield self.augment(self.images_nchw[idx_b], gen), self.labels_n[idx_b]
 
 
@@ -405,7 +398,8 @@ def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn
                   world_size=1, rank=0, download=False, fake_size=512):
     """A small dataset's split on `device` as a pre-training DeviceLoader, sharded like DistributedSampler;
     read by build_dataset (same places, same errors)."""
-    if dataset_info(name) and name not in IN_MEMORY:
+    dataset_info(name)  # DataError on an unknown name
+    if name not in IN_MEMORY:
         raise DataError(f"{name} is too large to hold on the device; device_loader takes "
                         f"{', '.join(IN_MEMORY)} (use build_dataset + build_loader)")
     ds = build_dataset(name, split, data_dir=data_dir, img_size=img_size, transform="none", family=family,
