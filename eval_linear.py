@@ -8,8 +8,7 @@
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint CKPT --data imagenet --data-dir /data/imagenet --finetune
 
 Settings: laptop default < checkpoint < §7's arch recipe (by itself on ImageNet or an image folder at
->= 192 px) < command line; `--print-config` shows each value and where it came from. lr = blr × global
-batch / 256. Each result is printed, then appended as one JSON line with its configuration to `--results`.
+>= 192 px) < command line (`--print-config` shows each value's origin); lr = blr × global batch / 256.
 """
 import argparse
 import json
@@ -33,57 +32,52 @@ from runtime import (PRECISIONS, CheckpointError, RunError, autocast, channels_l
 
 DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")  # train.py's default run
 
-
 class EvalError(RunError):
     """A run that must not start (conflicting settings, a diverged head): one sentence, exit 2."""
 
-
-# --- Settings, written once: the parser, --help and --print-config come from this table. -----
-
+# Settings, written once: the parser, --help and --print-config come from this table.
 SETTINGS = [  # name, type or choices, laptop default ({mode: value} where modes differ), valid range, meaning
     ("data", str, None, None, f"dataset: {', '.join(data.DATASETS)} (default: the checkpoint's, else fashion-mnist)"),
     ("data_dir", str, None, None, "where the dataset lives (see data.py)"),
-    ("img_size", int, None, ">0", "training resolution (default: the encoder's)"),
-    ("test_size", int, None, ">0", "evaluation centre crop (default: --img-size)"),
-    ("test_resize", int, None, ">0", "resize before that crop (arch recipes; default test size / 0.875)"),
-    ("labels_per_class", int, None, ">0", "train on K images per class (seeded, class-balanced)"),
+    ("img_size", int, None, "> 0", "training resolution (default: the encoder's)"),
+    ("test_size", int, None, "> 0", "evaluation centre crop (default: --img-size)"),
+    ("test_resize", int, None, "> 0", "resize before that crop (arch recipes; default test size / 0.875)"),
+    ("labels_per_class", int, None, "> 0", "train on K images per class (seeded, class-balanced)"),
     ("subset_seed", int, 0, None, "seed of the --labels-per-class subset"),
-    ("epochs", int, dict(probe=30, finetune=5), ">0", "training epochs"),
-    ("batch_size", int, dict(probe=256, finetune=128), ">0", "per process; global = this × world size"),
+    ("epochs", int, dict(probe=30, finetune=5), "> 0", "training epochs"),
+    ("batch_size", int, dict(probe=256, finetune=128), "> 0", "per process; global = this × world size"),
     ("optimizer", ("sgd", "adamw"), dict(probe="sgd", finetune="adamw"), None, "AdamW stands in for RSB's LAMB too"),
-    ("blr", float, dict(probe=0.1, finetune=1e-3), ">0", "base lr per 256 images of global batch"),
-    ("momentum", float, 0.9, "[0,1)", "SGD momentum"),
-    ("weight_decay", float, dict(probe=0.0, finetune=0.05), ">=0", "never on norms, biases, embeddings"),
+    ("blr", float, dict(probe=0.1, finetune=1e-3), "> 0", "base lr per 256 images of global batch"),
+    ("momentum", float, 0.9, "in [0, 1)", "SGD momentum"),
+    ("weight_decay", float, dict(probe=0.0, finetune=0.05), ">= 0", "never on norms, biases, embeddings"),
     ("schedule", ("cosine", "step"), "cosine", None, "per-step cosine, or ×0.1 at each of --milestones"),
-    ("milestones", "ints", None, ">0", "epochs of the ×0.1 steps (schedule 'step')"),
-    ("warmup_epochs", float, dict(probe=0, finetune=1), ">=0", "linear lr warm-up"),
-    ("min_lr", float, dict(probe=0.0, finetune=1e-6), ">=0", "end of the cosine"),
-    ("clip_grad", float, 0.0, ">=0", "max gradient norm (0 = no clipping)"),
-    ("layer_decay", float, None, ">0", "layer-wise lr decay, ViT fine-tuning (laptop: 0.65 for a ViT)"),
-    ("drop_path", float, None, "[0,1)", "stochastic depth when fine-tuning a ViT / ConvNeXt (laptop: 0.1)"),
+    ("milestones", "ints", None, "> 0", "epochs of the ×0.1 steps (schedule 'step')"),
+    ("warmup_epochs", float, dict(probe=0, finetune=1), ">= 0", "linear lr warm-up"),
+    ("min_lr", float, dict(probe=0.0, finetune=1e-6), ">= 0", "end of the cosine"),
+    ("clip_grad", float, 0.0, ">= 0", "max gradient norm (0 = no clipping)"),
+    ("layer_decay", float, None, "> 0", "layer-wise lr decay, ViT fine-tuning (laptop: 0.65 for a ViT)"),
+    ("drop_path", float, None, "in [0, 1)", "stochastic depth when fine-tuning a ViT / ConvNeXt (laptop: 0.1)"),
     ("loss", ("ce", "bce"), "ce", None, "cross-entropy, or RSB's binary cross-entropy"),
-    ("label_smoothing", float, dict(probe=0.0, finetune=0.1), "[0,1)", "label smoothing"),
-    ("mixup", float, 0.0, ">=0", "Mixup alpha, fine-tuning only (0 = off)"),
-    ("cutmix", float, 0.0, ">=0", "CutMix alpha, fine-tuning only (0 = off)"),
-    ("rand_augment", int, 0, ">=0", "RandAugment magnitude, 2 ops (0 = off; arch recipes)"),
-    ("random_erasing", float, 0.0, "[0,1)", "random erasing probability (arch recipes)"),
-    ("ema", float, 0.0, "[0,1)", "EMA decay of the fine-tuned weights, evaluated beside them (0 = off)"),
+    ("label_smoothing", float, dict(probe=0.0, finetune=0.1), "in [0, 1)", "label smoothing"),
+    ("mixup", float, 0.0, ">= 0", "Mixup alpha, fine-tuning only (0 = off)"),
+    ("cutmix", float, 0.0, ">= 0", "CutMix alpha, fine-tuning only (0 = off)"),
+    ("rand_augment", int, 0, ">= 0", "RandAugment magnitude, 2 ops (0 = off; arch recipes)"),
+    ("random_erasing", float, 0.0, "in [0, 1)", "random erasing probability (arch recipes)"),
+    ("ema", float, 0.0, "in [0, 1)", "EMA decay of the fine-tuned weights, evaluated beside them (0 = off)"),
     ("augment", bool, dict(probe=False, finetune=True), None, "augment training images (probe off: cached features)"),
     ("head", ("bn", "fc"), "bn", None, "probe head: 'bn' = BatchNorm without affine + Linear (ours), 'fc' = §7's"),
     ("precision", PRECISIONS, "auto", None, "auto = bf16 on GPU, fp32 on CPU"),
-    ("workers", int, None, ">=0", "data loader workers per process (default: data.py's)"),
-    ("threads", int, None, ">0", "torch CPU threads (default: torch's, but 1 for the cached probe's head)"),
+    ("workers", int, None, ">= 0", "data loader workers per process (default: data.py's)"),
+    ("threads", int, None, "> 0", "torch CPU threads (default: torch's, but 1 for the cached probe's head)"),
     ("seed", int, 0, None, "seed of the head, a random encoder and the data order"),
     ("results", str, os.path.join("out", "results.jsonl"), None, "JSONL file each result line is appended to"),
 ]
-RANGES = {">0": (lambda v: v > 0, "> 0"), ">=0": (lambda v: v >= 0, ">= 0"), "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)")}
-DEFAULTS = {mode: {name: d[mode] if isinstance(d, dict) else d for name, _, d, _, _ in SETTINGS}
-            for mode in ("probe", "finetune")}  # also what reproduce.py's budgets run with
-# Our laptop fine-tuning defaults that depend on the encoder (torchvision's ResNet has no drop path).
+RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
+DEFAULTS = {m: {n: d[m] if isinstance(d, dict) else d for n, _, d, _, _ in SETTINGS} for m in ("probe", "finetune")}
+# DEFAULTS (reproduce.py's budgets read them) and the laptop fine-tuning ones that depend on the encoder:
 LAPTOP_FINETUNE = {"vit": dict(layer_decay=0.65, drop_path=0.1), "convnext": dict(drop_path=0.1), "resnet": {}}
 
-# §7 as released: openmixup's configs/benchmarks/classification/imagenet/<name>.py. batch_size is
-# per process for 8 processes; the lr follows the global batch actually run.
+# §7 as released (openmixup's configs/benchmarks/classification/imagenet/<name>.py); batch sizes per process of 8.
 PROBE = dict(optimizer="sgd", weight_decay=0.0, warmup_epochs=0, head="fc", augment=True)  # avgpool + fc, crop + flip
 FINETUNE = dict(optimizer="adamw", weight_decay=0.05, min_lr=1e-6, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
                 rand_augment=9, random_erasing=0.25)
@@ -107,24 +101,21 @@ RECIPES = {
         convnext=FINETUNE | dict(epochs=300, batch_size=512, blr=2.5e-4, warmup_epochs=5, drop_path=0.4, ema=0.9999)),
 }
 RECIPES["probe"]["convnext"] = RECIPES["probe"]["resnet"]
-FINETUNE_PER_ARCH = {
-    "vit_small": dict(epochs=200), "vit_base": dict(ema=0.99996), "vit_large": dict(epochs=150, ema=0.99996),
+RECIPES["finetune"] |= dict(  # per arch, over its family's: ViT-S/B/L epochs, EMA for B/L, ConvNeXt drop path;
     # convnext_t_spark_ft_*_ep400 has drop path 0.1 (and 400 ep, lr 4e-4, wd 0.01, layer decay 0.7: not taken).
-    "convnext_tiny": dict(drop_path=0.1), "convnext_base": dict(drop_path=0.5),
-}
-
+    vit_small=dict(epochs=200), vit_base=dict(ema=0.99996), vit_large=dict(epochs=150, ema=0.99996),
+    convnext_tiny=dict(drop_path=0.1), convnext_base=dict(drop_path=0.5))
 
 def recipe_applies(preset, data_name, img_size):
     """ImageNet-size data gets the released recipe of its arch, the small datasets our laptop one."""
     return preset == "official" if preset != "auto" else data_name in ("imagenet", "folder") and img_size >= 192
-
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", help=f"train.py checkpoint or torchvision state dict (default {DEFAULT_CHECKPOINT})")
     a("--init", choices=("checkpoint", "random"), default="checkpoint", help="'random' = the untrained baseline")
-    a("--arch", choices=models.ARCHS, help="encoder for --init random or a torchvision file; checked against a checkpoint")
+    a("--arch", choices=models.ARCHS, help="for --init random or a torchvision file; checked against a checkpoint")
     a("--width", type=int, help="ResNet/ConvNeXt width for --init random (default 16; standard with an arch recipe)")
     a("--finetune", action="store_true", help="fine-tune all weights instead of a linear probe")
     a("--preset", choices=("auto", "official", "laptop"), default="auto",
@@ -133,50 +124,46 @@ def get_parser():
     a("--overwrite", action="store_true", help="let --export replace an existing file")
     a("--print-config", action="store_true", help="print each resolved setting and where it came from, then exit")
     for name, kind, default, valid, text in SETTINGS:
-        shown = ", ".join(f"{m} {v}" for m, v in default.items()) if isinstance(default, dict) else default
+        shown = (", ".join(f"{m} {v}" for m, v in default.items()) if isinstance(default, dict) else default,
+                 f"; valid: {valid}" if valid else "")
         kw = (dict(choices=kind) if isinstance(kind, tuple) else dict(action=argparse.BooleanOptionalAction)
               if kind is bool else dict(type=int, nargs="+") if kind == "ints" else dict(type=kind))
-        valid = f"; valid: {RANGES[valid][1]}" if valid else ""
-        a("--" + name.replace("_", "-"), help=f"{text} [laptop default: {shown}{valid}]", **kw)
+        a("--" + name.replace("_", "-"), help=f"{text} [laptop default: {shown[0]}{shown[1]}]", **kw)
     return p
-
 
 def resolve_config(args, source, world_size):
     """All settings, later layers winning; cfg["origin"][name] says which layer (or "derived")."""
     mode, arch = "finetune" if args.finetune else "probe", source["encoder_kwargs"]["arch"]
     cli = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS[mode]}
-    if cli.get("data", source["data"]) != source["data"]:
-        source = source | dict(data_dir=None)  # the checkpoint's data dir belongs to its own dataset
-    found = dict(data=source["data"], data_dir=source["data_dir"], img_size=source["encoder_kwargs"]["img_size"])
+    same_data = cli.get("data", source["data"]) == source["data"]  # else the checkpoint's data dir is another's
+    found = dict(data=source["data"], data_dir=source["data_dir"] if same_data else None,
+                 img_size=source["encoder_kwargs"]["img_size"])
     kind = "vit" if models.arch_family(arch) == "vit" else "convnext" if arch.startswith("convnext") else "resnet"
     layers = [("laptop default", DEFAULTS[mode] | (LAPTOP_FINETUNE[kind] if mode == "finetune" else {})),
               ("checkpoint" if source["kind"] != "random" else "dataset", found), ("command line", cli)]
-    if recipe_applies(args.preset, cli.get("data", found["data"]), found["img_size"]):
-        per_arch = FINETUNE_PER_ARCH.get(arch, {}) if mode == "finetune" else {}
-        layers.insert(2, ("arch recipe", RECIPES[mode][kind] | per_arch))
-    else:
-        kind = None
+    recipe = recipe_applies(args.preset, cli.get("data", found["data"]), found["img_size"])
+    if recipe:
+        layers.insert(2, ("arch recipe", RECIPES[mode][kind] | RECIPES[mode].get(arch, {})))
     cfg, origin = {}, {}
     for where, layer in layers:
         cfg.update(layer)
         origin.update(dict.fromkeys(layer, where))
     if cfg["test_size"] is None:
         cfg["test_size"], origin["test_size"] = cfg["img_size"], origin["img_size"]
-    cfg.update(mode=mode, arch=arch, family=models.arch_family(arch), recipe=kind, preset=args.preset,
-               init=source["kind"], checkpoint=source["path"], pretrain_method=source["method"],
-               encoder_kwargs=source["encoder_kwargs"], world_size=world_size, global_batch=cfg["batch_size"] * world_size)
-    cfg["lr"] = cfg["blr"] * cfg["global_batch"] / 256
+    cfg.update(mode=mode, arch=arch, family=models.arch_family(arch), recipe=kind if recipe else None,
+               preset=args.preset, init=source["kind"], checkpoint=source["path"], pretrain_method=source["method"],
+               encoder_kwargs=source["encoder_kwargs"], world_size=world_size,
+               global_batch=cfg["batch_size"] * world_size, lr=cfg["blr"] * cfg["batch_size"] * world_size / 256)
     cfg["origin"] = {k: origin.get(k, "derived") for k in cfg}
     check_config(cfg)
     return cfg
 
-
 def check_config(cfg):
     """Values out of range and combinations that cannot work, each as one sentence."""
     for name, _, _, valid, _ in SETTINGS:
-        ok, text = RANGES.get(valid, (None, None))
-        if ok and not all(v is None or ok(v) for v in (cfg[name] if isinstance(cfg[name], list) else [cfg[name]])):
-            raise EvalError(f"--{name.replace('_', '-')} must be {text}, got {cfg[name]}")
+        values = cfg[name] if isinstance(cfg[name], list) else [cfg[name]]
+        if valid and not all(v is None or RANGES[valid](v) for v in values):
+            raise EvalError(f"--{name.replace('_', '-')} must be {valid}, got {cfg[name]}")
     if cfg["schedule"] == "step" and not cfg["milestones"]:
         raise EvalError("schedule 'step' needs --milestones (epochs of the ×0.1 steps, e.g. 60 80)")
     if cfg["layer_decay"] is not None and cfg["family"] != "vit":
@@ -186,14 +173,11 @@ def check_config(cfg):
     if cfg["mode"] == "probe" and (cfg["mixup"] or cfg["cutmix"]):
         raise EvalError("Mixup/CutMix are fine-tuning options; add --finetune or drop them")
     if not cfg["recipe"] and (cfg["rand_augment"] or cfg["random_erasing"] or cfg["test_resize"]):
-        raise EvalError("RandAugment, random erasing and --test-resize belong to the ImageNet-style recipes of §7; "
-                        "add --preset official or drop them")
-
+        raise EvalError("RandAugment, random erasing and --test-resize are §7's; add --preset official or drop them")
 
 def load_source(args):
-    """{kind: "checkpoint" (train.py's) / "torchvision" / "random", path, weights, encoder_kwargs, method, data, data_dir}."""
-    # Weights without a config: --arch, --data, the dataset's size. A random ResNet/ConvNeXt gets
-    # train.py's laptop width 16 unless the arch recipe applies; a torchvision file is the standard one.
+    """{kind: "checkpoint" (train.py's) / "torchvision" / "random", path, weights, encoder_kwargs, method, data,
+    data_dir}. Without a config: --arch, --data, its size; a random CNN is 16 wide unless the arch recipe applies."""
     name = args.data or ("imagenet" if args.preset == "official" else "fashion-mnist")
     plain = dict(arch=args.arch or "resnet18", img_size=args.img_size or data.dataset_info(name)["img_size"])
     if args.init == "random":
@@ -204,8 +188,8 @@ def load_source(args):
         return dict(kind="random", path=None, weights=None, method=None, encoder_kwargs=plain, data=name, data_dir=None)
     path = args.checkpoint or DEFAULT_CHECKPOINT
     if args.checkpoint is None and not os.path.isfile(path):
-        raise EvalError(f"no --checkpoint given and {path} does not exist; run `python3 train.py` first, "
-                        "or pass --init random for the random-encoder baseline")
+        raise EvalError(f"no --checkpoint given and {path} does not exist; run `python3 train.py` first, or pass "
+                        "--init random for the random-encoder baseline")
     try:
         state = load_checkpoint(path, arch=args.arch)
     except CheckpointError as not_ours:
@@ -213,16 +197,16 @@ def load_source(args):
         if not (isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values())):
             raise not_ours from None
         if args.arch is None:
-            raise EvalError(f"{path} is a plain state dict; pass --arch to say which torchvision model it holds") from None
-        return dict(kind="torchvision", path=path, weights=weights, method=None, encoder_kwargs=plain | dict(small_stem=False),
-                    data=name, data_dir=None)
+            raise EvalError(f"{path} is a plain state dict; pass --arch to name its torchvision model") from None
+        plain["small_stem"] = False  # torchvision's stem, at the standard width (export writes nothing else)
+        return dict(kind="torchvision", path=path, weights=weights, method=None, encoder_kwargs=plain, data=name,
+                    data_dir=None)
     kw, config = state["encoder_kwargs"], state.get("config", {})
     if args.width is not None and kw.get("width") != args.width:
         raise CheckpointError(f"{path} holds a {kw['arch']} of width {kw.get('width')}, but --width is {args.width}")
     weights = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
     return dict(kind="checkpoint", path=path, weights=weights, encoder_kwargs=kw, method=config.get("method"),
                 data=config.get("data", "fashion-mnist"), data_dir=config.get("data_dir"))
-
 
 def build_loaded_encoder(source, cfg):
     """build_encoder from the source's kwargs, then its weights (strict: same keys and shapes)."""
@@ -239,7 +223,6 @@ def build_loaded_encoder(source, cfg):
             first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
             raise CheckpointError(f"{source['path']} does not fit a {kw['arch']} encoder ({first})") from None
     return encoder
-
 
 def build_data(cfg):
     """(train set, maybe a class-balanced subset; val set; class count)."""
@@ -269,7 +252,6 @@ def build_data(cfg):
         train_set = torch.utils.data.Subset(train_set, idx.tolist())  # plain ints: datasets may not take tensor indices
     return train_set, val_set, num_classes
 
-
 def class_balanced_subset(labels, k, seed, num_classes=None):
     """Sorted indices of exactly `k` images per class, the same for (labels, k, seed) on every rank."""
     labels, gen, picks = torch.as_tensor(labels), torch.Generator().manual_seed(seed), []
@@ -280,13 +262,10 @@ def class_balanced_subset(labels, k, seed, num_classes=None):
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
     return torch.cat(picks).sort().values
 
-
 def interleave_shards(parts, n):
-    """W per-rank shards [m, ...] → [n, ...] in dataset order. DistributedSampler (no shuffle) gives
-    rank r the samples r, r + W, r + 2W, ..., padded at the end by repeating the start: interleaving
-    restores the order, cutting at n drops the padding, so every sample counts exactly once."""
+    """W per-rank shards [m, ...] → [n, ...] in dataset order: rank r holds samples r, r + W, ... (padded at the
+    end by repeating the start), so interleaving restores the order and cutting at n counts each sample once."""
     return rearrange(torch.stack(parts), "w m ... -> (m w) ...")[:n]
-
 
 @torch.no_grad()
 def run_over(dataset, fn, cfg, env, desc):
@@ -305,11 +284,9 @@ def run_over(dataset, fn, cfg, env, desc):
             rows[i] = interleave_shards(parts, len(dataset))
     return rows[0].cpu(), rows[1].cpu()
 
-
 def pool(feat_bchw):
     """[B, C, h, w] → [B, C]: global average pool; for a ViT exactly the mean patch token."""
     return feat_bchw.mean(dim=(2, 3))
-
 
 def linear_head(channels, num_classes, kind="fc"):
     """[B, C] → [B, K]. 'fc': a Linear (§7's probe, the classifier). 'bn' (our probe, MAE's): BatchNorm1d
@@ -319,12 +296,10 @@ def linear_head(channels, num_classes, kind="fc"):
     nn.init.zeros_(fc.bias)
     return fc if kind == "fc" else nn.Sequential(nn.BatchNorm1d(channels, affine=False, eps=1e-6), fc)
 
-
 class Classifier(nn.Module):
     """Encoder + global average pool + `fc_norm` + Linear, all trained: [B, 3, H, W] → [B, K]. As released:
     ResNet: no norm. ViT: the encoder's final norm off, a fresh LayerNorm on the mean patch token (BEiT's
     fc_norm). ConvNeXt: its final LayerNorm moves behind the pool (gap_before_final_norm=True)."""
-
     def __init__(self, encoder, num_classes):
         super().__init__()
         c, final = encoder.out_channels, getattr(encoder, "norm", None)
@@ -338,7 +313,6 @@ class Classifier(nn.Module):
     def forward(self, x_bchw):
         return self.head(self.fc_norm(pool(self.encoder(x_bchw))))
 
-
 def layer_decay_fn(depth, decay):
     """BEiT's layer-wise lr decay around a ViT of `depth` blocks, as param_groups' lr_scale_fn: block
     k gets decay^(depth − k), patch/position embedding and cls token decay^(depth + 1), the rest 1."""
@@ -349,7 +323,6 @@ def layer_decay_fn(depth, decay):
         return decay ** (depth + 1) if embedding else 1.0
     return scale
 
-
 def build_optimizer(module, cfg, lr_scale_fn=None):
     # param_groups: no weight decay on norms, biases, embeddings; lr_scale for layer decay.
     groups = param_groups(module, weight_decay=cfg["weight_decay"], lr_scale_fn=lr_scale_fn)
@@ -357,13 +330,11 @@ def build_optimizer(module, cfg, lr_scale_fn=None):
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999))  # also for RSB's LAMB: not in torch
 
-
 def lr_for_step(step, cfg, steps_per_epoch):
     """Warm-up, then cosine, or ×0.1 at each milestone epoch (the 60/80 probe protocol)."""
     return lr_at(step, lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch,
                  warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), min_lr=cfg["min_lr"],
                  schedule=cfg["schedule"], step_at=[m * steps_per_epoch for m in cfg["milestones"] or ()])
-
 
 def classification_loss(logits_bk, target, cfg, num_classes):
     """Cross-entropy with label smoothing (Mixup's soft targets too), or RSB's BCE on one-hot targets."""
@@ -373,8 +344,7 @@ def classification_loss(logits_bk, target, cfg, num_classes):
         return F.binary_cross_entropy_with_logits(logits_bk, target_bk * (1 - s) + s / num_classes)
     return F.cross_entropy(logits_bk, target, label_smoothing=cfg["label_smoothing"])
 
-
-def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_classes, after_step=None):
+def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_classes, after_step=lambda: None):
     """Train `trainable` (a probe head, or the classifier) on `batches(epoch)`: (features or images, labels)."""
     prec = resolve_precision(cfg["precision"], env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=prec == "fp16")
@@ -398,8 +368,7 @@ def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_c
                 nn.utils.clip_grad_norm_(trainable.parameters(), cfg["clip_grad"])
             scaler.step(optimizer)
             scaler.update()
-            if after_step is not None:
-                after_step()
+            after_step()
             loss_sum += loss.detach()
             bar.update(1)
         if not loss_sum.isfinite():  # one host sync per epoch
@@ -407,22 +376,19 @@ def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_c
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / steps_per_epoch:.4f}")
     bar.close()
 
-
 def loader_epochs(dataset, cfg, env):
     """(batches(epoch), steps per epoch) of a shuffled, augmented loader; a shard per rank."""
     loader = data.build_loader(dataset, cfg["batch_size"], train=True, distributed=env.enabled,
                                workers=cfg["workers"], seed=cfg["seed"])
     return (lambda epoch: data.set_epoch(loader, epoch) or iter(loader)), len(loader)
 
-
 def for_ranks(module, env):
     """(module, what to train): under torchrun SyncBatchNorm on GPUs (as §6) and DDP; else the module twice."""
     if not env.enabled:
         return module, module
-    if env.device.type == "cuda":
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return module, nn.parallel.DistributedDataParallel(module, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-
+    cuda = env.device.type == "cuda"
+    module = nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else module
+    return module, nn.parallel.DistributedDataParallel(module, device_ids=[env.local_rank] if cuda else None)
 
 def probe(encoder, train_set, val_set, cfg, env, num_classes):
     """Linear probe: the encoder in eval mode without gradients (its weights and BN statistics stay put)."""
@@ -446,7 +412,6 @@ def probe(encoder, train_set, val_set, cfg, env, num_classes):
     torch.set_num_threads(threads)
     return {"": run_over(val_set, lambda img: head.eval()(features(img)), cfg, env, "val")}
 
-
 def finetune(encoder, train_set, val_set, cfg, env, num_classes):
     """Every weight trains (BatchNorm statistics update, drop path on); with --ema their EMA is evaluated too."""
     model, trainable = for_ranks(Classifier(encoder, num_classes).to(env.device), env)
@@ -455,12 +420,11 @@ def finetune(encoder, train_set, val_set, cfg, env, num_classes):
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True) if cfg["ema"] else None
     batches, steps = loader_epochs(train_set, cfg, env)
     fit(trainable, trainable, optimizer, batches, steps, cfg, env, num_classes,
-        after_step=ema and (lambda: ema.update_parameters(model)))
+        after_step=(lambda: ema.update_parameters(model)) if ema else (lambda: None))
     out = {"": run_over(val_set, model.eval(), cfg, env, "val")}
     if ema is not None:
         out["ema_"] = run_over(val_set, ema.module.eval(), cfg, env, "val (EMA)")
     return out
-
 
 def evaluate(encoder, cfg, env):
     """Train the chosen way, then top-1/top-5 over the whole val split (also of the EMA weights)."""
@@ -469,22 +433,20 @@ def evaluate(encoder, cfg, env):
         recipe = f"the {cfg['recipe']} recipe of §7" if cfg["recipe"] else "laptop settings"
         print(f"{cfg['mode']} of {cfg['arch']} ({cfg['checkpoint'] or 'random init'}) on {cfg['data']}, {recipe}: "
               f"{len(train_set)} train / {len(val_set)} val images, {env.world_size} process(es) on {env.device.type}, "
-              f"{cfg['optimizer']} lr {cfg['lr']:.3g}, global batch {cfg['global_batch']}, {cfg['epochs']} epochs", flush=True)
+              f"{cfg['optimizer']} lr {cfg['lr']:.3g}, global batch {cfg['global_batch']}, {cfg['epochs']} epochs")
     way = finetune if cfg["mode"] == "finetune" else probe
-    result = dict(num_train=len(train_set), num_classes=num_classes)
+    result = dict(num_train=len(train_set), num_val=len(val_set), num_classes=num_classes)
     for prefix, (logits_nk, labels_n) in way(encoder, train_set, val_set, cfg, env, num_classes).items():
         hit_nk = logits_nk.topk(min(5, num_classes), dim=1).indices == labels_n[:, None]  # top-5 of ≥ 5 classes
         for k in (1, 5):
             result[f"{prefix}top{k}"] = round(100.0 * hit_nk[:, :k].any(dim=1).float().mean().item(), 3)
-        result["num_val"] = len(labels_n)
     return result
 
-
 def report(cfg, result, seconds):
-    """Print the result, then append it with its configuration as one JSON line (a bad file never costs the accuracy)."""
+    """Print the result, then append it as one JSON line with its configuration (never losing the accuracy)."""
     ema = f"; EMA weights top-1 {result['ema_top1']:.2f} %" if "ema_top1" in result else ""
     print(f"{cfg['mode']}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % on {result['num_val']} "
-          f"val images{ema} ({seconds:.0f} s)", flush=True)
+          f"val images{ema} ({seconds:.0f} s); appending it to {cfg['results']}", flush=True)
     record = dict(mode=cfg["mode"], **result, checkpoint=cfg["checkpoint"], init=cfg["init"], arch=cfg["arch"],
                   data=cfg["data"], labels_per_class=cfg["labels_per_class"], wall_time_s=round(seconds, 1),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"), config=cfg)
@@ -495,20 +457,18 @@ def report(cfg, result, seconds):
     except OSError as e:
         raise EvalError(f"cannot append the result to {cfg['results']} ({e.strerror or e}); "
                         "the accuracy above is not recorded") from None
-    print(f"appended to {cfg['results']}")
-
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     start = time.time()
     try:
         env = setup_distributed()
-        if args.export:  # before anything is read or written: never the checkpoint being read, nor a file
+        if args.export:  # before anything is read or written: never the checkpoint being read, nor another file
             read = args.checkpoint or DEFAULT_CHECKPOINT  # that exists, unless --overwrite
             if args.init == "random":
                 raise EvalError("--export writes a checkpoint's encoder; pass --checkpoint, not --init random")
             if os.path.exists(args.export) and os.path.exists(read) and os.path.samefile(args.export, read):
-                raise EvalError(f"--export {args.export} is the checkpoint being read; write the export to another file")
+                raise EvalError(f"--export {args.export} is the checkpoint being read; export to another file")
             if os.path.exists(args.export) and not args.overwrite:
                 raise EvalError(f"{args.export} already exists; pass --overwrite to replace it")
         source = load_source(args)
@@ -535,7 +495,6 @@ def main(argv=None):
     finally:
         cleanup_distributed()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
