@@ -223,9 +223,8 @@ class _TensorImages(Dataset):
 
 def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretrain", family="cnn",
                   download=False, fake_size=512):
-    """A Dataset of (image float [3, S, S] normalised, int label) for one split, with `.num_classes`
-    (read from disk for "folder") and `.source` (the folder read, or "generated", for the log line).
-    `transform` is a recipe name (see build_transform)."""
+    """(image float [3, S, S], int label) of one split through the `transform` recipe, with `.num_classes`
+    (read from disk for "folder") and `.source` (the folder read, or "generated", for the log line)."""
     info = dataset_info(name)  # raises DataError on an unknown name
     S = info["img_size"] if img_size is None else img_size
     for what, value in (("img_size", S), ("fake_size", fake_size)):
@@ -279,9 +278,8 @@ class _SeededItems(Dataset):
 def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=None, seed=0, world_size=None,
                  rank=None):
     """DataLoader: seeded shuffling and augmentation, the last partial batch dropped (train), or the
-    dataset order (eval). distributed: each rank reads its 1/world_size shard, as DistributedSampler
-    (which for eval pads the last shard with a few repeats); world_size/rank default to the process
-    group's (without one torch raises "Default process group has not been initialized")."""
+    dataset order (eval). distributed: rank r reads its shard, as DistributedSampler (which pads the
+    last eval shard with a few repeats); world_size/rank default to the process group's."""
     if not distributed:
         world_size, rank = 1, 0
     world_size = torch.distributed.get_world_size() if world_size is None else world_size
@@ -308,11 +306,10 @@ def set_epoch(loader, epoch, start_batch=0):
     loader.sampler.start = start_batch * loader.batch_size
 
 
-# --- On the device, à la airbench -------------------------------------------------------------
-# A small dataset's uint8 split lives on the GPU (47-150 MB) and whole batches are cropped and
-# flipped there, as build_transform("pretrain") + build_loader do: DistributedSampler's order,
-# RandomResizedCrop's boxes, flip p = 0.5. But the resize is bilinear without antialiasing (equal to
-# the CPU's when upsampling, as for 28/32-px data at >= 32 px) and not rounded to uint8.
+# --- On the device, à la airbench: a small dataset's uint8 split lives on the GPU (47-150 MB) and
+# whole batches are cropped and flipped there, as build_transform("pretrain") + build_loader do
+# (DistributedSampler's order, RandomResizedCrop's boxes, flip p = 0.5), except that the resize is
+# bilinear without antialias (the CPU's when upsampling, as 28/32-px data to >= 32 px) and unrounded.
 
 
 def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4 / 3), *, generator=None,
@@ -396,8 +393,7 @@ class DeviceLoader:
 
 def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn", seed=0, data_dir=None,
                   world_size=1, rank=0, download=False, fake_size=512):
-    """A small dataset's split on `device` as a pre-training DeviceLoader, sharded like DistributedSampler;
-    read by build_dataset (same places, same errors)."""
+    """A small dataset's split on `device` as a pre-training DeviceLoader, read by build_dataset."""
     dataset_info(name)  # DataError on an unknown name
     if name not in IN_MEMORY:
         raise DataError(f"{name} is too large to hold on the device; device_loader takes "
