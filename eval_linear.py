@@ -78,9 +78,9 @@ DEFAULTS = {m: {n: d[m] if isinstance(d, dict) else d for n, _, d, _, _ in SETTI
 LAPTOP_FINETUNE = {"vit": dict(layer_decay=0.65, drop_path=0.1), "convnext": dict(drop_path=0.1), "resnet": {}}
 
 # §7 as released (openmixup's configs/benchmarks/classification/imagenet/<name>.py); batch sizes per process of 8.
-PROBE = dict(optimizer="sgd", weight_decay=0.0, warmup_epochs=0, head="fc", augment=True)  # avgpool + fc, crop + flip
-FINETUNE = dict(optimizer="adamw", weight_decay=0.05, min_lr=1e-6, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
-                rand_augment=9, random_erasing=0.25)
+PROBE = dict(optimizer="sgd", momentum=0.9, weight_decay=0.0, warmup_epochs=0, min_lr=0.0, head="fc", augment=True)
+FINETUNE = dict(optimizer="adamw", schedule="cosine", weight_decay=0.05, min_lr=1e-6, loss="ce", label_smoothing=0.1,
+                mixup=0.8, cutmix=1.0, rand_augment=9, random_erasing=0.25, augment=True)
 RECIPES = {
     # r50_linear_sz224_4b64_step_ep100: SGD lr 30 at batch 256, ×0.1 at 60 / 80. ConvNeXt: the same.
     "probe": dict(resnet=PROBE | dict(epochs=100, batch_size=32, blr=30.0, schedule="step", milestones=[60, 80]),
