@@ -267,7 +267,7 @@ def resolved(arch, argv=(), world_size=8, **source):
     # vit_*_swin_ft_simmim_*: lr 2.5e-3 per 256 → 1e-2 at batch 1024; EMA for B and L only; 200/100/150 epochs.
     ("vit_small", dict(epochs=200, lr=1e-2, global_batch=1024, layer_decay=0.65, warmup_epochs=20, clip_grad=5.0,
                        drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1, rand_augment=9,
-                       random_erasing=0.25, ema=0.0, optimizer="adamw", weight_decay=0.05)),
+                       random_erasing=0.25, ema=0.0, optimizer="adamw", weight_decay=0.05, schedule="cosine")),
     ("vit_base", dict(epochs=100, lr=1e-2, ema=0.99996)),
     ("vit_large", dict(epochs=150, lr=1e-2, ema=0.99996)),
     # convnext_{s,b}_spark_ft_*: AdamW 4e-3 at batch 4096, wd 0.05, EMA 0.9999, 300 epochs.
@@ -390,6 +390,15 @@ def test_rsb_recipe_trains_at_160_and_tests_224_from_236_with_randaugment():
     assert ops["RandAugment"].magnitude == 6 and "RandomHorizontalFlip" in ops and "RandomErasing" not in ops
     test_ops = {type(t).__name__: t for t in val_set.transform.transforms}
     assert test_ops["Resize"].size == [236] and test_ops["CenterCrop"].size == (224, 224)
+
+
+def test_official_probe_trains_on_bicubic_crops_and_flips_only():
+    _, cfg = prepared(["--init", "random", "--width", "8", "--preset", "official", *SMALL])
+    train_set, val_set, _ = E.build_data(cfg)
+    ops = {type(t).__name__: t for t in train_set.transform.transforms}
+    assert ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert "RandomHorizontalFlip" in ops and "RandAugment" not in ops and "RandomErasing" not in ops
+    assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
 
 
 def test_vit_recipe_adds_random_erasing_and_randaugment_m9():
