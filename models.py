@@ -142,10 +142,8 @@ def torchvision_state_dict(encoder, num_classes=1000):
 
 
 def export_torchvision(encoder, path):
-    """Write torchvision_state_dict(encoder) to `path`, after checking that torchvision's own model
-    loads it strictly: only the standard width and stem fit (pre-training at img_size > 64)."""
+    """Write torchvision_state_dict(encoder) to `path` once torchvision's own model loads it strictly."""
     from runtime import atomic_save  # the one file models.py writes
-
     if not hasattr(torchvision.models, encoder.arch):
         raise ConfigError(f"torchvision has no {encoder.arch}, so there is nothing to export it to")
     state = torchvision_state_dict(encoder)
