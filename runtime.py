@@ -26,6 +26,7 @@ class Dist:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    cpu_group: object = None  # gloo group for small host-side all-reduces (stop flags, RNG states)
 
     @property
     def is_main(self):
@@ -46,7 +47,8 @@ def setup_distributed(device=None):
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    return Dist(rank, local_rank, world, dev)
+    cpu_group = dist.new_group(backend="gloo") if world > 1 and use_cuda else None  # None: the default (gloo)
+    return Dist(rank, local_rank, world, dev, cpu_group)
 
 
 def cleanup_distributed():
@@ -176,23 +178,40 @@ def set_rng_state(state):
 # ---------------------------------------------------------------------------------------------
 
 
-def no_weight_decay(name, param):
-    """§6: no decay on norms, biases, the mask token (and γ), position embedding, cls token,
-    LayerScale and relative position bias — i.e. everything that is not a weight matrix/kernel."""
+# §6, the released configs' `paramwise_options`: a parameter whose name matches gets no weight
+# decay. Our names equal the released ones where it matters (torchvision ResNet: bn1..3 match,
+# `downsample.1` does not, so that BatchNorm IS decayed, as released); ConvNeXt's LayerScale is
+# `layer_scale` here (`gamma` there) and its LayerNorms match nothing (decayed, as released); the
+# ViT configs add norm, pos_embed, cls_token and LayerScale `gamma` (and `bias` catches the
+# relative-position-bias tables, as released). The gate γ is `mask_token.gamma` here but
+# `mask_gamma` there, so it gets its own settings (gamma_*) instead of the token's.
+RELEASED = r"(bn|ln|gn)(\d+)?.(weight|bias)|bias|mask_token"
+NO_DECAY = {"resnet": RELEASED, "convnext": RELEASED + "|layer_scale", "vit": RELEASED + "|norm|pos_embed|cls_token|gamma"}
+
+
+def no_weight_decay(name, param, arch=None):
+    """`arch` given: the released rule above. None (eval_linear's fine-tuning): no decay on
+    anything that is not a weight matrix / kernel (norms, biases, tokens, embeddings, LayerScale)."""
+    if arch is not None:
+        return re.search(NO_DECAY[arch.split("_")[0].rstrip("0123456789")], name) is not None
     keys = ("mask_token", "pos_embed", "cls_token", "rel_pos_bias", "gamma_1", "gamma_2")
     return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
 
 
-def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None):
-    """AdamW groups. Each group carries `lr_scale`, multiplied into the scheduled lr every step:
-    `token_lr_scale` for the mask token (0.1 in the ResNet recipe), `lr_scale_fn(name)` for
-    anything else (eval_linear.py uses it for layer-wise lr decay)."""
+def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None, arch=None, gamma_lr_scale=None,
+                 gamma_weight_decay=None):
+    """AdamW groups, each with `lr_scale` (multiplied into the scheduled lr): `token_lr_scale` for
+    the mask token T, `gamma_lr_scale` / `gamma_weight_decay` for its gate γ (None: as T),
+    `lr_scale_fn(name)` for anything else (eval_linear.py: layer-wise lr decay)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        wd = 0.0 if no_weight_decay(name, p) else weight_decay
+        wd = 0.0 if no_weight_decay(name, p, arch) else weight_decay
         scale = token_lr_scale if "mask_token" in name else (lr_scale_fn(name) if lr_scale_fn else 1.0)
+        if name.endswith("mask_token.gamma"):
+            wd = wd if gamma_weight_decay is None else gamma_weight_decay
+            scale = scale if gamma_lr_scale is None else gamma_lr_scale
         groups.setdefault((wd, scale), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
 
@@ -210,6 +229,14 @@ def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0,
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_scheduled_lr(optimizer, step, **schedule):
+    """§6, as mmcv's lr hooks: each group follows `lr_at` from its own peak (lr × lr_scale) to the
+    same absolute min_lr. Returns the lr of a group with scale 1 (for the log)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, **{**schedule, "lr": schedule["lr"] * group.get("lr_scale", 1.0)})
+    return lr_at(step, **schedule)
 
 
 def broadcast_buffers(model, env):

@@ -109,7 +109,7 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
 def test_nonfinite_loss_step_is_skipped_when_asked(tmp_path, monkeypatch, capsys):
     _nan_at_call(monkeypatch, 2)
     assert train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]) == 0
-    assert "step 2: non-finite loss, step skipped" in capsys.readouterr().err
+    assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
     state = train.load_checkpoint(tmp_path / CKPT)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
@@ -162,7 +162,7 @@ def test_truncated_jpeg_is_a_clear_error_naming_the_file_even_from_a_worker(tmp_
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["--img-size", "32", "--mask-patch-size", "5"], "divisible by the mask block size"),
+    (["--img-size", "32", "--mask-patch-size", "5"], "of the mask block size 5"),
     (["--img-size", "36", "--mask-patch-size", "4"], "divisible by the resnet18 output stride 8"),
     (["--data", "mnist"], "fashion-mnist"),  # lists the choices
     (["--accum-steps", "0"], "at least 1"),
@@ -181,7 +181,7 @@ def test_unknown_arch_lists_the_choices(capsys):
 def test_resume_from_a_pickle_that_weights_only_refuses_is_a_clear_error(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"model": runtime.Dist()}, evil)  # an arbitrary object: weights_only=True refuses it
-    out = run_fails(tmp_path, capsys, "--data", "fake", "--resume", str(evil), expect="not a readable PyTorch checkpoint")
+    out = run_fails(tmp_path, capsys, "--data", "fake", "--resume", str(evil), expect="loading it could run code")
     assert not out.exists()
 
 
@@ -191,3 +191,224 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
     cut = tmp_path / "cut.pt"
     cut.write_bytes((tmp_path / "a" / CKPT).read_bytes()[:5000])
     run_fails(tmp_path, capsys, *RUN, "--resume", str(cut), expect="not a readable PyTorch checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-emption: SIGTERM / SIGUSR1 / Ctrl-C finish the step, checkpoint, exit 128 + signal.
+# ---------------------------------------------------------------------------------------------
+
+
+def wait_for_first_log_line(proc, run_dir):
+    log = run_dir / "log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it logged a step"
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
+def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is_exact(tmp_path, reference, sig, code):
+    argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
+    proc = train_cli(*argv)
+    wait_for_first_log_line(proc, tmp_path / "a2mim_resnet18_fake")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-2000:]
+    state = train.load_checkpoint(tmp_path / CKPT)
+    assert f"stopped by {sig.name} after step {state['step']}: checkpoint" in err and "run the same command again" in err
+    assert 4 <= state["step"] < 32
+    finish(*argv)
+    assert_same_model(tmp_path / CKPT, reference)
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_lock(tmp_path, reference):
+    argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
+    first = train_cli(*argv)
+    run_dir = tmp_path / "a2mim_resnet18_fake"
+    wait_for_first_log_line(first, run_dir)
+    first.send_signal(signal.SIGSTOP)  # hold it still, lock held, while the second one tries
+    before = snapshot(tmp_path)
+    second = train_cli(*argv)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 2 and f"another train.py is running in {run_dir}" in err.strip().splitlines()[-1]
+    assert snapshot(tmp_path) == before
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finish(*argv)  # the lock died with its process
+    assert_same_model(tmp_path / CKPT, reference)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite gradients and weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _corrupt_at_call(monkeypatch, k, what):
+    """After the k-th micro-step's backward (0-based): a NaN gradient ("grad") or an inf weight ("weight")."""
+    real, calls = train.forward_backward, {"n": 0}
+
+    def forward_backward(model, *args, **kw):
+        out = real(model, *args, **kw)
+        if calls["n"] == k:
+            w = runtime.unwrap(model).decoder.conv.weight
+            with torch.no_grad():
+                (w.grad if what == "grad" else w)[0] = float("nan") if what == "grad" else float("inf")
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+
+
+def test_skip_mode_skips_a_step_whose_gradients_are_not_finite_while_the_loss_is(tmp_path, monkeypatch, capsys):
+    _corrupt_at_call(monkeypatch, 2, "grad")
+    assert train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]) == 0
+    assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
+    state = train.load_checkpoint(tmp_path / CKPT)
+    assert state["step"] == 8 and train.first_nonfinite(state["model"], state["optimizer"]["state"]) is None
+
+
+def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(tmp_path, monkeypatch, capsys):
+    argv = [*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]
+    assert train.main([*argv, "--max-steps", "2"]) == 0
+    good = snapshot(tmp_path)
+    _corrupt_at_call(monkeypatch, 1, "weight")  # loss and gradients of that step are still finite
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the weights became non-finite (decoder.conv.weight)" in err and "last good checkpoint" in err
+    assert (tmp_path / CKPT).read_bytes() == good[CKPT]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused before anything is written (the folder is compared before and after)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-step run: the folder that refused commands must leave untouched."""
+    out = tmp_path_factory.mktemp("finished")
+    finish(*RUN, "--max-steps", "2", "--out-dir", str(out))
+    return out
+
+
+def refused(folder, argv, expect, capsys):
+    before = snapshot(folder)
+    code = train.main([*RUN, "--max-steps", "2", "--out-dir", str(folder), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err and err[-1].startswith("error: ") and expect in err[-1], err
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    (["--max-steps", "-1"], "--max-steps must be at least 1"),
+    (["--img-size", "0"], "--img-size must be at least 1"),
+    (["--mask-patch-size", "0"], "--mask-patch-size must be at least 1"),
+    (["--width", "0"], "--width must be at least 1"),
+    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
+    (["--fft-weight", "-1"], "--fft-weight must be at least 0"),
+    (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+    (["--mask-ratio", "1"], "--mask-ratio must be in (0, 1)"),
+    (["--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
+    (["--accum-steps", "0"], "--accum-steps must be at least 1"),
+    (["--blr", "0"], "--blr must be greater than 0"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--schedule", "step"], "--schedule step needs --step-epoch"),
+])
+def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(finished, capsys, argv, expect):
+    refused(finished, argv, expect, capsys)
+
+
+def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unless_overwrite(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "A", "--mask-ratio", "0.5"]) == 0
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "B"]) == 0
+    capsys.readouterr()
+    other = str(tmp_path / "B" / "checkpoint.pt")
+    refused(tmp_path, ["--run-name", "A", "--resume", other, "--max-steps", "3"], f"{tmp_path / 'A'} holds a different run", capsys)
+    assert train.main([*RUN, "--out-dir", str(tmp_path), "--run-name", "A", "--resume", other, "--max-steps", "3",
+                       "--overwrite"]) == 0
+    assert train.load_checkpoint(tmp_path / "A" / "checkpoint.pt")["step"] == 3
+
+
+def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_command_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48"]) == 2
+    assert "does not map onto the 12×12 token site" in capsys.readouterr().err and not out.exists()
+    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48", "--mask-patch-size", "4"]) == 0
+
+
+def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printed(tmp_path, capsys):
+    out = run_fails(tmp_path, capsys, "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), expect=str(tmp_path / "nope"))
+    assert not out.exists()
+    root = _image_folder(tmp_path / "data")
+    assert train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
+                       "--workers", "0", "--max-steps", "1", "--vis-every", "0", "--out-dir", str(out)]) == 0
+    assert f"images from {root / 'train'}" in capsys.readouterr().out
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes_the_tmp(tmp_path, monkeypatch, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    good = (tmp_path / CKPT).read_bytes()
+
+    def full_disk(obj, f, *a, **kw):
+        f.write(b"x" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime.torch, "save", full_disk)
+    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on the device while writing" in err and "the previous checkpoint.pt is intact" in err
+    assert (tmp_path / CKPT).read_bytes() == good and not (tmp_path / (CKPT + ".tmp")).exists()
+
+
+def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(blocker / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"error: cannot create the output folder {blocker / 'out' / 'a2mim_resnet18_fake'}: " \
+        f"{blocker} is a file, not a folder"
+    assert snapshot(tmp_path) == {"file": b"not a folder"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder_is_one_sentence_before_training(tmp_path, capsys):
+    (tmp_path / "ro").mkdir(mode=0o555)
+    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path / "ro")]) == 2
+    assert "is not writable" in capsys.readouterr().err and not list((tmp_path / "ro").iterdir())
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished, capsys):
+    before = snapshot(finished)
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(finished)]) == 0
+    assert "nothing to do" in capsys.readouterr().out and snapshot(finished) == before
+
+
+def test_changed_epochs_on_resume_is_stated_in_one_line(tmp_path, capsys):
+    assert train.main([*RUN, "--epochs", "1", "--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
+    assert train.main([*RUN, "--epochs", "2", "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --epochs")]
+    assert notes == ["note: --epochs is 2, the checkpoint's run planned 1: the lr schedule from step 3 on is the 2-epoch one"]
+
+
+def test_a_bug_keeps_its_traceback_main_catches_only_the_projects_errors(tmp_path, monkeypatch):
+    def bug(*a, **kw):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(train, "build_model", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path)])
+
+
+def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

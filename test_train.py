@@ -11,7 +11,10 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torchvision.utils
+from PIL import Image
 
+import data
 import runtime
 import train
 from a2mim import A2MIM, mask_blocks
@@ -43,55 +46,143 @@ def assert_same_weights(a, b):
 
 
 # ---------------------------------------------------------------------------------------------
-# The official recipes (PAPER.md §6)
+# Recipes from (arch, data), and the settings table (METHOD.md §6)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_official_resnet50_preset_matches_paper_at_8_gpus():
-    cfg = resolved("--arch", "resnet50", "--preset", "official", world=8)
-    assert cfg["global_batch"] == 2048 and cfg["batch_size"] == 256
-    assert cfg["lr"] == pytest.approx(1.2e-3)
-    assert (cfg["schedule"], cfg["warmup_epochs"], cfg["min_lr"]) == ("cosine", 10, 1e-5)
-    assert (cfg["weight_decay"], cfg["token_lr_scale"], cfg["clip_grad"]) == (0.05, 0.1, None)
-    assert (cfg["img_size"], cfg["mask_patch_size"], cfg["mask_ratio"]) == (224, 32, 0.6)
-    assert (cfg["epochs"], cfg["data"], cfg["width"]) == (300, "imagenet", 64)
+def print_config(*argv, env=None):
+    """`train.py --print-config` in a subprocess → ({setting: value}, {setting: source}, stdout)."""
+    out = subprocess.run([sys.executable, "train.py", *argv, "--print-config"], cwd=HERE, capture_output=True,
+                         text=True, env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    rows = [line.split(None, 2) for line in out.stdout.splitlines() if not line.startswith("note:")]
+    return {r[0]: json.loads(r[1]) for r in rows}, {r[0]: (r[2] if len(r) > 2 else "") for r in rows}, out.stdout
 
 
-def test_official_vit_base_preset_matches_paper_at_8_gpus():
-    cfg = resolved("--arch", "vit_base", "--preset", "official", world=8)
+def test_design_card_command_is_the_papers_resnet50_recipe_and_2048_at_8_processes():
+    for how in (dict(env={"WORLD_SIZE": "8"}), dict(argv=["--assume-world-size", "8"])):
+        cfg, source, _ = print_config("--arch", "resnet50", "--data", "imagenet", *how.get("argv", []), env=how.get("env"))
+        assert (cfg["global_batch"], cfg["batch_size"], cfg["world_size"]) == (2048, 256, 8)
+        assert cfg["lr"] == pytest.approx(1.2e-3)
+        assert (cfg["width"], cfg["epochs"], cfg["warmup_epochs"], cfg["schedule"], cfg["min_lr"]) == (64, 300, 10, "cosine", 1e-5)
+        assert (cfg["img_size"], cfg["mask_patch_size"], cfg["mask_ratio"], cfg["accum_steps"]) == (224, 32, 0.6, 1)
+        assert (cfg["weight_decay"], cfg["token_lr_scale"], cfg["clip_grad"], cfg["sync_bn"]) == (0.05, 0.1, None, True)
+        assert all(source[k].startswith("arch recipe") for k in ("width", "epochs", "batch_size", "blr", "warmup_epochs"))
+        assert source["arch"] == source["data"] == "command line"
+
+
+def test_paper_recipe_on_fewer_processes_says_batch_and_lr_against_the_papers():
+    _, _, out = print_config("--arch", "vit_base", "--data", "imagenet")
+    assert "note: the paper's vit_base recipe is global batch 2048, lr 0.0004" in out
+    assert "this run: 1 process(es), global batch 256, lr 5e-05" in out
+    assert "note:" not in print_config("--arch", "vit_base", "--data", "imagenet", "--assume-world-size", "8")[2]
+
+
+def test_official_preset_stays_accepted_and_gives_the_same_recipe():
+    assert resolved("--arch", "resnet50", "--preset", "official", world=8) | dict(preset=None, source=None) == \
+        resolved("--arch", "resnet50", "--data", "imagenet", world=8) | dict(preset=None, source=None)
+
+
+def test_official_vit_base_recipe_matches_paper_at_8_gpus():
+    cfg = resolved("--arch", "vit_base", "--data", "imagenet", world=8)
     assert (cfg["batch_size"], cfg["accum_steps"], cfg["global_batch"]) == (128, 2, 2048)
     assert cfg["lr"] == pytest.approx(4e-4)
     assert (cfg["schedule"], cfg["step_epoch"], cfg["epochs"], cfg["warmup_epochs"]) == ("step", 700, 800, 10)
-    assert (cfg["clip_grad"], cfg["drop_path"], cfg["weight_decay"]) == (5.0, 0.1, 0.05)
+    assert (cfg["clip_grad"], cfg["drop_path"], cfg["weight_decay"], cfg["token_lr_scale"]) == (5.0, 0.1, 0.05, 1.0)
+    assert resolved("--arch", "vit_small", "--data", "imagenet", world=8)["batch_size"] == 256
 
 
-def test_command_line_flags_override_the_preset():
-    cfg = resolved("--arch", "resnet50", "--preset", "official", "--batch-size", "64", "--epochs", "100", world=8)
+def test_image_folder_at_192_px_or_more_gets_the_arch_recipe_smaller_data_the_small_one():
+    assert resolved("--arch", "resnet50", "--data", "folder", "--img-size", "192")["epochs"] == 300
+    small = resolved("--arch", "resnet50", "--data", "folder", "--img-size", "160")
+    assert (small["epochs"], small["width"], small["mask_patch_size"]) == (2, 16, 20)
+    cifar = resolved("--arch", "resnet50", "--data", "cifar10")
+    assert (cifar["epochs"], cifar["img_size"], cifar["source"]["epochs"]) == (2, 32, "small-data recipe")
+
+
+def test_default_job_is_the_small_data_recipe_with_the_short_run_lr():
+    cfg = resolved()
+    assert (cfg["arch"], cfg["width"], cfg["data"], cfg["epochs"], cfg["batch_size"]) == ("resnet18", 16, "fashion-mnist", 2, 128)
+    assert cfg["blr"] == 4e-3 and cfg["lr"] == pytest.approx(1e-3)
+
+
+def test_command_line_flags_override_the_recipe_and_are_named_as_the_source():
+    cfg = resolved("--arch", "resnet50", "--data", "imagenet", "--batch-size", "64", "--epochs", "100", world=8)
     assert cfg["global_batch"] == 512 and cfg["lr"] == pytest.approx(3e-4) and cfg["epochs"] == 100
+    assert cfg["source"]["batch_size"] == "command line" and cfg["source"]["blr"].startswith("arch recipe")
 
 
-def test_print_config_prints_resolved_json():
-    out = subprocess.run([sys.executable, "train.py", "--arch", "vit_base", "--preset", "official",
-                          "--print-config", "--assume-world-size", "8"], cwd=HERE, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["lr"] == pytest.approx(4e-4)
+def test_help_shows_every_settings_default():
+    text = " ".join(train.get_parser().format_help().split())
+    for s in train.SETTINGS:
+        assert f"{train.flag(s.name)}" in text and f"default {s.default}" in text, s.name
 
 
-def test_no_weight_decay_on_norm_bias_token_and_token_lr_scaled():
-    model = A2MIM(build_encoder("resnet18", 32, width=8), mask_patch_size=4)
-    groups = train.param_groups(model, weight_decay=0.05, token_lr_scale=0.1)
+# ---------------------------------------------------------------------------------------------
+# Weight decay, the token and its gate γ, and the schedule of every group (§6)
+# ---------------------------------------------------------------------------------------------
+
+
+def group_of(model, groups):
+    """{parameter name: (weight_decay, lr_scale)}."""
     name_of = {id(p): n for n, p in model.named_parameters()}
-    for g in groups:
-        names = [name_of[id(p)] for p in g["params"]]
-        for n in names:
-            decayed = not (n.endswith(".bias") or "bn" in n or "mask_token" in n or "downsample.1" in n)
-            assert (g["weight_decay"] > 0) == decayed, n
-            assert g["lr_scale"] == (0.1 if "mask_token" in n else 1.0), n
-    vit = A2MIM(build_encoder("vit_tiny", 32), mask_patch_size=4)
-    no_wd = {n for n, p in vit.named_parameters() if runtime.no_weight_decay(n, p)}
-    assert {"encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.gamma_1",
-            "encoder.blocks.0.rel_pos_bias.table", "mask_token.token"} <= no_wd
-    assert "encoder.blocks.0.qkv.weight" not in no_wd
+    return {name_of[id(p)]: (g["weight_decay"], g["lr_scale"]) for g in groups for p in g["params"]}
+
+
+def test_resnet_decay_follows_the_released_name_rule_downsample_bn_is_decayed():
+    model = A2MIM(build_encoder("resnet18", 32, width=8), mask_patch_size=4)
+    got = group_of(model, runtime.param_groups(model, weight_decay=0.05, arch="resnet18", token_lr_scale=0.1))
+    assert got["encoder.layer2.0.downsample.1.weight"] == (0.05, 1.0)  # released: 'downsample.1' matches no key
+    assert got["encoder.layer2.0.downsample.1.bias"] == (0.0, 1.0)
+    assert got["encoder.bn1.weight"] == got["encoder.layer1.0.bn2.weight"] == (0.0, 1.0)
+    assert got["encoder.layer1.0.conv1.weight"] == got["decoder.conv.weight"] == (0.05, 1.0)
+    assert got["mask_token.token"] == (0.0, 0.1)
+
+
+def test_convnext_layernorm_weights_are_decayed_and_layerscale_is_not():
+    model = A2MIM(build_encoder("convnext_tiny", 32, width=8), mask_patch_size=4)
+    got = group_of(model, runtime.param_groups(model, weight_decay=0.05, arch="convnext_tiny"))
+    norms = [n for n, m in model.named_modules() if "Norm" in type(m).__name__]
+    assert norms and all(got[f"{n}.weight"][0] == 0.05 and got[f"{n}.bias"][0] == 0.0 for n in norms)
+    scales = [n for n in got if "layer_scale" in n]
+    assert scales and all(got[n][0] == 0.0 for n in scales)
+
+
+def test_vit_norms_embeddings_layerscale_and_rel_pos_tables_are_not_decayed():
+    model = A2MIM(build_encoder("vit_tiny", 32), mask_patch_size=4)
+    got = group_of(model, runtime.param_groups(model, weight_decay=0.05, arch="vit_tiny"))
+    for n in ("encoder.pos_embed", "encoder.cls_token", "encoder.blocks.0.gamma_1", "encoder.blocks.0.norm1.weight",
+              "encoder.norm.weight", "encoder.blocks.0.rel_pos_bias.table", "mask_token.token"):
+        assert got[n][0] == 0.0, n
+    assert got["encoder.blocks.0.qkv.weight"][0] == got["encoder.blocks.0.mlp.0.weight"][0] == 0.05
+
+
+@pytest.mark.parametrize("argv, gamma", [
+    (["--arch", "resnet50", "--data", "imagenet"], (0.05, 1.0)),  # r50_..._init_..._ep300
+    (["--arch", "resnet50", "--data", "imagenet", "--epochs", "100"], (0.0, 0.1)),  # r50_..._init_..._ep100
+    (["--arch", "resnet101", "--data", "imagenet"], (0.05, 1.0)),
+    (["--arch", "convnext_tiny", "--data", "imagenet"], (0.0, 0.1)),
+    (["--data", "fake"], (0.0, 0.1)),  # the small-data recipe
+])
+def test_gamma_gate_weight_decay_and_lr_follow_the_recipe(argv, gamma):
+    cfg = resolved(*argv) | dict(arch="resnet18" if "convnext" not in " ".join(argv) else "convnext_tiny",
+                                 img_size=32, width=8, mask_patch_size=4)
+    model = train.build_model(cfg, runtime.Dist())
+    got = group_of(model, train.build_optimizer(model, cfg, runtime.Dist()).param_groups)
+    assert got["mask_token.gamma"] == gamma
+    assert got["mask_token.token"] == (0.0, 0.1)
+
+
+def test_every_group_anneals_from_its_own_peak_to_the_same_absolute_min_lr():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    opt = torch.optim.AdamW([{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1, 0.01))])
+    sched = dict(lr=1e-3, total_steps=100, warmup_steps=10, min_lr=1e-5)
+    train.set_scheduled_lr(opt, 9, **sched)  # end of warm-up: each at its own peak
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4, 1e-5])
+    train.set_scheduled_lr(opt, 55, **sched)  # half-way through the cosine: min + (peak − min) / 2
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5 + (p - 1e-5) / 2 for p in (1e-3, 1e-4, 1e-5)])
+    train.set_scheduled_lr(opt, 100, **sched)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5] * 3)
 
 
 def test_lr_schedule_warms_up_then_follows_cosine_or_step():
@@ -166,7 +257,7 @@ import sys, torch, runtime, train
 args = train.get_parser().parse_args(sys.argv[2:])
 env = runtime.setup_distributed()
 cfg = train.resolve_config(args, env.world_size)
-model = train.run(cfg, args, env)
+model, _ = train.run(cfg, args, env)
 torch.save(model.state_dict(), f"{sys.argv[1]}/rank{env.rank}.pt")
 runtime.cleanup_distributed()
 """
@@ -205,15 +296,37 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, stop_af
     assert_same_weights(a, b)
 
 
-def test_run_folder_writes_checkpoint_log_and_reconstructions(tmp_path, capsys):
-    argv = [*TINY, "--max-steps", "4", "--vis-every", "2", "--out-dir", str(tmp_path)]
+def test_run_folder_writes_checkpoint_log_and_legible_labelled_reconstructions_from_the_dataloader(tmp_path, capsys):
+    argv = [*TINY, "--max-steps", "4", "--vis-every", "2", "--device-data", "off", "--out-dir", str(tmp_path)]
     assert train.main(argv) == 0
     run = tmp_path / "a2mim_resnet18_fake"
-    assert {"checkpoint.pt", "config.json", "log.jsonl", "recon_step000002.png", "recon_step000004.png"} <= set(os.listdir(run))
+    pngs = sorted(p.name for p in run.glob("recon_step*.png"))
+    assert pngs == [f"recon_step00000{s}_original-input-prediction-pasted.png" for s in (2, 4)]
+    assert {"checkpoint.pt", "config.json", "log.jsonl"} <= set(os.listdir(run))
+    with Image.open(run / pngs[0]) as png:  # 8 rows × 4 columns of 32-px images, upscaled to 96 px
+        assert png.size == (4 * 96 + 5 * 2, 8 * 96 + 9 * 2)
     rec = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "loss_spatial", "loss_freq", "lr", "img_per_s"} <= rec.keys()
     assert "python eval_linear.py --checkpoint" in capsys.readouterr().out
     assert not list(run.glob("*.tmp"))  # the atomic write left no temporary file
+
+
+def test_reconstruction_columns_come_from_the_models_own_output():
+    """The input column is the model's `input` (its own fill), not a fill redone outside it."""
+    model = A2MIM(build_encoder("resnet18", 32, width=8), mask_patch_size=4, method="simmim")
+    img = torch.randn(2, 3, 32, 32)
+    out = model(img)
+    out["input"] = torch.full_like(img, 0.5)  # a marker only the model's output can carry
+    seen = {}
+    real = torchvision.utils.save_image
+    try:
+        torchvision.utils.save_image = lambda t, path, **kw: seen.setdefault("t", t)
+        train.save_reconstructions("unused.png", img, out)
+    finally:
+        torchvision.utils.save_image = real
+    tiles = seen["t"].view(2, 4, 3, 96, 96)
+    mean, std = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(tiles[:, 1], (0.5 * std + mean).clamp(0, 1).expand(2, 3, 96, 96))
 
 
 def test_folder_of_another_run_is_refused_and_left_untouched(tmp_path, capsys):
