@@ -263,19 +263,37 @@ runtime.cleanup_distributed()
 """
 
 
-def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_ranks(tmp_path):
+def torchrun(tmp_path, *argv):
     script = tmp_path / "run_and_dump.py"
     script.write_text(TORCHRUN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
-           str(script), str(tmp_path), *TINY, "--max-steps", "3", "--out-dir", str(tmp_path / "out")]
+           str(script), str(tmp_path), *TINY, *argv]
     out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_ranks(tmp_path):
+    torchrun(tmp_path, "--max-steps", "3", "--out-dir", str(tmp_path / "out"))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert_same_weights(r0, r1)
     ckpt = train.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_fake" / "checkpoint.pt")
     assert ckpt["step"] == 3 and ckpt["config"]["global_batch"] == 32
     assert_same_weights(ckpt["model"], r0)
+
+
+def test_two_process_gloo_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path):
+    """Each rank's own RNG state is saved and restored; the loaders start at the batch after the
+    checkpoint without reading the earlier ones (16 steps per epoch here; stopped at 5 and 21)."""
+    common = ["--epochs", "2", "--width", "8", "--drop-path", "0.1", "--arch", "resnet18"]
+    torchrun(tmp_path, *common, "--out-dir", str(tmp_path / "a"))
+    for stop in ("5", "21", None):
+        torchrun(tmp_path, *common, "--out-dir", str(tmp_path / "b"), *(["--max-steps", stop] if stop else []))
+    a = train.load_checkpoint(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    b = train.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    assert b["step"] == a["step"] == 32
+    assert_same_weights(a["model"], b["model"])
 
 
 # ---------------------------------------------------------------------------------------------
