@@ -1,36 +1,19 @@
-"""Reproduce the README "Results" tables on Fashion-MNIST with one command (issue 8).
+"""Reproduce the Results tables on Fashion-MNIST with one command (issues 8, 17).
 
-    python reproduce.py --budget full                  # the main table, ≤ 2.5 h on a 2-core CPU
-    python reproduce.py --budget full_paper_lr         # the first main table: train.py's default pre-training lr
-    python reproduce.py --budget full --only ablations # the ResNet ablations (1 h 20 min on the CPU with --jobs 2)
-    python reproduce.py --budget full --only sweep     # the fine-tuning recipe search (ran on a GPU)
-    python reproduce.py --budget full --only all --table --plot   # print the tables, write results/loss_curves.png
     python reproduce.py                                # smoke budget: a few steps of everything, ~5 min
-    python reproduce.py --budget long --only all --jobs 8         # longer pre-training, for one GPU (not run yet)
+    python reproduce.py --budget full --jobs 2         # the main table; --only ablations / sweep / all
+    python reproduce.py --budget full --only all --table --plot   # the tables, results/loss_curves.png
 
-On a GPU add `--jobs N`: these small models leave it mostly idle, so N steps run side by side
-(all pre-trainings first, then all evaluations; each step's output in RUNS_DIR/logs/).
-
-What runs: train.py pre-trains each encoder of EXPERIMENTS (A²MIM and SimMIM, same budget and
-settings for both), then eval_linear.py evaluates every checkpoint and a random-init baseline per
-arch: a linear probe on the full training set, and fine-tuning on 100 labels per class (1,000
-images) for seeds 1, 2, 3 (`--seed S --subset-seed S`: the subset and the run change together).
-Results are eval_linear.py's own JSON lines (`--results`); this script only adds results/runs.jsonl
-(command, seconds, machine) and reads everything back for `--table` and `--plot`.
-
-Every step is a subprocess (`python3 train.py ...`), so threads and memory start clean each time.
-Finished work is skipped: a checkpoint that reached its epochs (or --max-steps), a result line
-with the same checkpoint, mode, label count, seed and recipe (epochs, batch, blr). So after an
-interruption, run the same command again; train.py resumes a half-finished run from its folder
-by itself. (Other fine-tuning flags are not compared: after changing one of those, move the old
-result lines out of the file first.)
-
-The smoke budget writes to results/smoke and out/repro_smoke, never into the real results.
+Jobs are data (name, script, args; run as `python3 SCRIPT ARGS`): train.py pre-trains A²MIM and SimMIM alike (the
+ResNet rows once per pre-training seed); eval_linear.py probes each checkpoint and a random init, and fine-tunes on 100
+labels per class, seeds 1-3. A row: mean ± std over pre-training × fine-tuning seeds. RESULTS_DIR/runs.jsonl adds each
+job's part, seconds, machine. Rerun a stopped run to continue it: finished jobs (same encoder, mode, labels, seed and
+recipe) are skipped, train.py resumes a half-done pre-training.
 """
 import argparse
+import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -38,23 +21,16 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 
-# ---------------------------------------------------------------------------------------------
-# What to run. Same pre-training settings for both methods: the comparison is not tuned for one.
-# ---------------------------------------------------------------------------------------------
-
-# Main table: (arch, method) pairs pre-trained on Fashion-MNIST at 32 px.
-EXPERIMENTS = [
-    dict(name="a2mim_resnet18", arch="resnet18", method="a2mim", args=["--width", "16"]),
-    dict(name="simmim_resnet18", arch="resnet18", method="simmim", args=["--width", "16"]),
-    dict(name="a2mim_vit_tiny", arch="vit_tiny", method="a2mim", args=[]),
-    dict(name="simmim_vit_tiny", arch="vit_tiny", method="simmim", args=[]),
+EXPERIMENTS = [  # the main table, pre-trained on Fashion-MNIST at 32 px
+    dict(name="a2mim_resnet18", arch="resnet18", args=["--method", "a2mim", "--width", "16"]),
+    dict(name="simmim_resnet18", arch="resnet18", args=["--method", "simmim", "--width", "16"]),
+    dict(name="a2mim_vit_tiny", arch="vit_tiny", args=["--method", "a2mim"]),
+    dict(name="simmim_vit_tiny", arch="vit_tiny", args=["--method", "simmim"]),
 ]
-RANDOM_INIT = {"resnet18": ["--width", "16"], "vit_tiny": []}  # the baseline encoder per arch
-
-# Ablations (§5 of the paper, ResNet only): one change each against the A²MIM default
-# (mask block 4 px = img/8, ratio 0.6, Fourier loss on, mean fill, token at layer4's input, γ gate).
+RANDOM_INIT = {a: ["--init", "random", "--arch", a, *w] for a, w in (("resnet18", ["--width", "16"]), ("vit_tiny", []))}
+# Ablations (METHOD.md §5, ResNet-18/16), one change each against the A²MIM default (mask block 4 px = img/8,
+# ratio 0.6, Fourier loss on, mean fill, token at layer4's input, γ gate).
 ABLATIONS = [
     dict(name="default", change="none (A²MIM defaults)", args=[]),
     dict(name="mask2", change="mask block 2 px", args=["--mask-patch-size", "2"]),
@@ -66,388 +42,238 @@ ABLATIONS = [
     dict(name="token_stem", change="token at the stem", args=["--token-at", "stem"]),
     dict(name="no_gamma", change="γ gate off (add)", args=["--token-mode", "add"]),
 ]
-
-# Budgets. `full`, measured on the 2-core development CPU (results/runs.jsonl): main table
-# ~2 h 10 min (7,533 s one at a time in the first run; 7,766 s with --jobs 2); ResNet-18/16
-# pre-training ~11-12 min for 5 epochs, ViT-tiny ~21-25 min for 3; a ResNet probe or fine-tune
-# ~1 min, a ViT one 3-4½ min. The ablations: 4,803 s with --jobs 2 on that CPU (their first run,
-# full_paper_lr, took 153 s on one H100 with --jobs 9).
-#
-# Pre-training lr of the full and long budgets: blr 4e-3 (lr 1e-3 at batch 128) for both methods
-# and both encoders, not train.py's paper-scaled default 3e-4 (lr 7.5e-5), which leaves these few
-# thousand steps far from converged (budget "full_paper_lr" below keeps the first run; README).
+# Pre-training lr, both methods and encoders: blr 4e-3 (lr 1e-3 at batch 128); the paper's 3e-4 leaves these few
+# thousand steps far from converged. A stated lr adds "_blr<value>" to the folder: other lrs never pass for it.
 PRETRAIN_LR = ["--blr", "4e-3"]
-# Fine-tuning recipe: picked on RANDOM INIT alone (so it cannot favour either method) from a grid
-# of batch {32, 128} x blr {1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2}, 20 epochs, 2 seeds, on an H100
-# (results/ft_sweep.jsonl; README "Results"): the best mean of ResNet-18/16 and ViT-tiny.
-# eval_linear's default (batch 128, blr 1e-3) left random init ~35 points short.
+# Every evaluation states its recipe (epochs, batch, blr), part of what identifies a result. The probe: 30 epochs of
+# SGD on cached features. Fine-tuning: picked on RANDOM INIT alone (fair to both methods) by `--only sweep`.
+PROBE = ["--epochs", "30", "--batch-size", "256", "--blr", "0.1"]
 SWEPT_FINETUNE = ["--epochs", "20", "--batch-size", "32", "--blr", "3.2e-2"]
+SMOKE = ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"]
+SMOKE_EVAL = ["--epochs", "1", "--batch-size", "50", "--blr", "1e-3"]
 BUDGETS = {
-    "smoke": dict(
-        pretrain={"resnet18": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
-                  "vit_tiny": ["--epochs", "1", "--max-steps", "5", "--vis-every", "0"]},
-        ablation_pretrain=["--epochs", "1", "--max-steps", "5", "--vis-every", "0"],
-        probe=["--epochs", "1", "--labels-per-class", "10"],
-        finetune=["--epochs", "1", "--batch-size", "50"], ablation_finetune=["--epochs", "1", "--batch-size", "50"],
-        labels_per_class=10, seeds=[1],
-        sweep=dict(pretrain=["--epochs", "1", "--max-steps", "5", "--vis-every", "0"], epochs=1,
-                   batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
-        results_dir=os.path.join("results", "smoke"), runs_dir=os.path.join("out", "repro_smoke")),
-    "full": dict(
-        pretrain={"resnet18": ["--epochs", "5", *PRETRAIN_LR], "vit_tiny": ["--epochs", "3", *PRETRAIN_LR]},
-        # The ablations use the main table's pre-training lr and fine-tuning recipe too (their first
-        # run, before the sweep and the lr change, is budget "full_paper_lr").
-        ablation_pretrain=["--epochs", "2", *PRETRAIN_LR],
-        probe=[],  # eval_linear's default: 30 epochs of SGD on cached features of all 60k images
-        finetune=SWEPT_FINETUNE, labels_per_class=100, seeds=[1, 2, 3], ablation_finetune=SWEPT_FINETUNE,
-        sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20,
-                   batch_sizes=[32, 128], blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
-        results_dir="results", runs_dir=os.path.join("out", "repro")),
+    "smoke": dict(pretrain={"resnet18": SMOKE, "vit_tiny": SMOKE}, pretrain_seeds={"resnet18": [0, 1]}, ablation_pretrain=SMOKE,
+                  probe=[*SMOKE_EVAL, "--labels-per-class", "10"], finetune=SMOKE_EVAL, ablation_finetune=SMOKE_EVAL, seeds=[1],
+                  labels_per_class=10, sweep=dict(pretrain=SMOKE, epochs=1, batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
+                  results_dir="results/smoke", runs_dir="out/repro_smoke"),
+    # 2-core CPU (results/runs.jsonl): ResNet-18/16 pre-training ~12 min, ViT-tiny ~21-25; an evaluation 1-4½ min.
+    "full": dict(pretrain={"resnet18": ["--epochs", "5", *PRETRAIN_LR], "vit_tiny": ["--epochs", "3", *PRETRAIN_LR]},
+                 pretrain_seeds={"resnet18": [0, 1, 2]}, ablation_pretrain=["--epochs", "2", *PRETRAIN_LR], probe=PROBE,
+                 finetune=SWEPT_FINETUNE, ablation_finetune=SWEPT_FINETUNE, labels_per_class=100, seeds=[1, 2, 3],
+                 sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20, batch_sizes=[32, 128],
+                            blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
+                 results_dir="results", runs_dir="out/repro"),
 }
-# The first run of the main table and the ablations (README "Results"): train.py's default
-# pre-training lr; the ablations also with eval_linear's default fine-tuning recipe (batch 128,
-# blr 1e-3), as they ran before the recipe sweep.
-BUDGETS["full_paper_lr"] = BUDGETS["full"] | dict(
-    pretrain={"resnet18": ["--epochs", "5"], "vit_tiny": ["--epochs", "3"]},
-    ablation_pretrain=["--epochs", "2"], ablation_finetune=["--epochs", "20"])
-# The same tables with 6-10x longer pre-training, for one GPU (`--budget long --only all --jobs 8`):
-# do the fine-tuning gains over random init grow with a longer schedule (README "Results")?
-# Not run yet. From the H100 timings of the ablations (2 epochs of ResNet-18/16 in ~36 s with 9
-# runs side by side) a guess of 15-20 min for --only all: run --only main and --only ablations as
-# separate calls where one command may only run 10 min. Fine-tuning everywhere with the swept recipe.
-BUDGETS["long"] = BUDGETS["full"] | dict(
+BUDGETS["long"] = BUDGETS["full"] | dict(  # issue 17 §4: does the ordering hold with more pre-training?
     pretrain={"resnet18": ["--epochs", "30", *PRETRAIN_LR], "vit_tiny": ["--epochs", "30", *PRETRAIN_LR]},
-    ablation_pretrain=["--epochs", "10", *PRETRAIN_LR],
-    results_dir=os.path.join("results", "long"), runs_dir=os.path.join("out", "repro_long"))
-MAIN_RESULTS, ABLATION_RESULTS, SWEEP_RESULTS = "fashion_mnist.jsonl", "ablations.jsonl", "ft_sweep.jsonl"
+    ablation_pretrain=["--epochs", "10", *PRETRAIN_LR], results_dir="results/long", runs_dir="out/repro_long")
+RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl")
+PARTS = ("pre-training", "probe", "fine-tune")
 
 
 class StepFailed(Exception):
-    """A sub-command exited non-zero: one sentence, exit 2."""
+    """A job's command exited non-zero: one sentence, exit 2."""
 
 
-# ---------------------------------------------------------------------------------------------
-# The job list: every command of a budget, in order, with what marks it as done.
-# ---------------------------------------------------------------------------------------------
+def _flag(args, flag):
+    return args[args.index(flag) + 1] if flag in args else None
 
 
-def pretrain_job(name, arch, args, budget_args, runs_dir, data):
-    cmd = ["train.py", "--arch", arch, *args, "--data", data, *budget_args,
-           "--out-dir", runs_dir, "--run-name", name]
-    return dict(kind="pretrain", name=name, cmd=cmd, checkpoint=os.path.join(runs_dir, name, "checkpoint.pt"),
-                epochs=int(_flag(cmd, "--epochs")), max_steps=int(_flag(cmd, "--max-steps") or 0))
+def pretrain(name, arch, args, budget_args, c, seed=0):
+    """A train.py job; pre-training seed 0 keeps the plain name (the first runs had no seed flag)."""
+    blr = _flag(budget_args, "--blr")
+    name += (f"_blr{blr}" if blr else "") + (f"_seed{seed}" if seed else "")
+    return dict(name=name, script="train.py", part="pre-training", checkpoint=os.path.join(c.runs_dir, name, "checkpoint.pt"),
+                args=["--arch", arch, *args, "--data", c.data, *budget_args, *(["--seed", str(seed)] if seed else []),
+                      "--out-dir", c.runs_dir, "--run-name", name])
 
 
-def eval_jobs(name, source, b, results, data, seeds, finetune_args):
-    """One probe and one fine-tune per seed for an encoder; `source` = eval_linear's encoder flags."""
-    jobs = [dict(kind="eval", name=name, mode="probe", seed=1, labels=_labels(b["probe"]), results=results,
-                 cmd=["eval_linear.py", *source, "--data", data, *b["probe"], "--seed", "1", "--results", results])]
-    return jobs + [finetune_job(name, source, b, results, data, s, finetune_args) for s in seeds]
+def evaluate(name, source, extras, results, c, **row):
+    """eval_linear.py jobs of encoder `source` (flags), one per (flags, seed) of `extras`, in table `row`."""
+    return [dict(name=name, script="eval_linear.py", part="fine-tune" if "--finetune" in x else "probe", results=results,
+                 args=[*source, "--data", c.data, *x, "--seed", str(s), *(["--subset-seed", str(s)] if "--finetune" in x else []),
+                       "--results", results], **row) for x, s in extras]
 
 
-def finetune_job(name, source, b, results, data, seed, recipe_args):
-    """Fine-tuning on the budget's labels per class; the subset is drawn with the run's own seed."""
-    cmd = ["eval_linear.py", *source, "--data", data, "--finetune", "--labels-per-class", str(b["labels_per_class"]),
-           *recipe_args, "--seed", str(seed), "--subset-seed", str(seed), "--results", results]
-    return dict(kind="eval", name=name, mode="finetune", seed=seed, labels=b["labels_per_class"], results=results, cmd=cmd)
-
-
-def _blr_suffix(pretrain_args):
-    """"_blr<value>" when a budget's pre-training sets --blr, else "": runs at another pre-training
-    lr get their own folder, so they never pass for each other when a result is looked up."""
-    blr = _flag(pretrain_args, "--blr")
-    return f"_blr{blr}" if blr else ""
-
-
-def run_name(e, b):
-    """A main-table pre-training's folder: its EXPERIMENTS name plus the budget's lr suffix."""
-    return e["name"] + _blr_suffix(b["pretrain"][e["arch"]])
-
-
-def ablation_name(a, b):
-    """An ablation's pre-training folder: ablation_<ABLATIONS name> plus the budget's lr suffix."""
-    return f"ablation_{a['name']}" + _blr_suffix(b["ablation_pretrain"])
-
-
-def build_jobs(args):
-    b = BUDGETS[args.budget]
-    jobs = []
-    if args.only in ("main", "all"):
-        results = os.path.join(args.results_dir, MAIN_RESULTS)
-        for e in (e for e in EXPERIMENTS if e["arch"] in args.archs):
-            pre = pretrain_job(run_name(e, b), e["arch"], ["--method", e["method"], *e["args"]],
-                               b["pretrain"][e["arch"]], args.runs_dir, args.data)
-            jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"], b["finetune"])]
-        for arch in (a for a in RANDOM_INIT if a in args.archs):
-            source = ["--init", "random", "--arch", arch, *RANDOM_INIT[arch]]
-            jobs += eval_jobs(f"random_{arch}", source, b, results, args.data, b["seeds"], b["finetune"])
-    if args.only in ("ablations", "all") and "resnet18" in args.archs:
-        results = os.path.join(args.results_dir, ABLATION_RESULTS)
-        for a in ABLATIONS:
-            pre = pretrain_job(ablation_name(a, b), "resnet18", ["--method", "a2mim", "--width", "16", *a["args"]],
-                               b["ablation_pretrain"], args.runs_dir, args.data)
-            jobs += [pre, *eval_jobs(pre["name"], ["--checkpoint", pre["checkpoint"]], b, results, args.data, b["seeds"],
-                                         b["ablation_finetune"])]
-    if args.only == "sweep":
-        jobs += sweep_jobs(args, b)
+def build_jobs(c):
+    b, out, jobs = BUDGETS[c.budget], {k: os.path.join(c.results_dir, v) for k, v in RESULTS.items()}, []
+    evals = lambda finetune: [(b["probe"], 1)] + [  # noqa: E731 (a probe, and a fine-tune per seed)
+        (["--finetune", "--labels-per-class", str(b["labels_per_class"]), *finetune], s) for s in b["seeds"]]
+    # Rows of pre-trained encoders: (name, arch, label, train.py args, budget's args, pre-training seeds, fine-tuning, results)
+    rows = [(e["name"], e["arch"], _flag(e["args"], "--method") + (f", blr {_flag(pre, '--blr')}" if "--blr" in pre else ""),
+             e["args"], pre, b["pretrain_seeds"].get(e["arch"], [0]), b["finetune"], out["main"])
+            for e in EXPERIMENTS if e["arch"] in c.archs and c.only in ("main", "all") for pre in [b["pretrain"][e["arch"]]]]
+    rows += [(f"ablation_{a['name']}", "resnet18", a["change"], ["--method", "a2mim", "--width", "16", *a["args"]],
+              b["ablation_pretrain"], [0], b["ablation_finetune"], out["ablations"])
+             for a in ABLATIONS if "resnet18" in c.archs and c.only in ("ablations", "all")]
+    for name, arch, label, args, budget_args, seeds, finetune, results in rows:
+        row = dict(row=pretrain(name, arch, args, budget_args, c)["name"], arch=arch, label=label)
+        for seed in seeds:  # one row: every pre-training seed's evaluations
+            pre = pretrain(name, arch, args, budget_args, c, seed)
+            jobs += [pre, *evaluate(pre["name"], ["--checkpoint", pre["checkpoint"]], evals(finetune), results, c, **row)]
+    for a in (a for a in RANDOM_INIT if a in c.archs and c.only in ("main", "all")):
+        row = dict(row=f"random_{a}", arch=a, label="random init")
+        jobs += evaluate(f"random_{a}", RANDOM_INIT[a], evals(b["finetune"]), out["main"], c, **row)
+    if c.only == "sweep":  # every (batch, blr) of the grid for random init and short pre-trainings of the ResNet
+        sw = b["sweep"]
+        pres = [pretrain(f"sweep_{m}_resnet18", "resnet18", ["--method", m, "--width", "16"], sw["pretrain"], c)
+                for m in ("a2mim", "simmim") if "resnet18" in c.archs]
+        sources = [(p["name"], ["--checkpoint", p["checkpoint"]]) for p in pres] + [
+            (f"sweep_random_{a}", RANDOM_INIT[a]) for a in RANDOM_INIT if a in c.archs]
+        grid = [(["--finetune", "--labels-per-class", str(b["labels_per_class"]), "--epochs", str(sw["epochs"]), "--batch-size",
+                  str(bs), "--blr", f"{blr:g}"], s) for s in sw["seeds"] for bs in sw["batch_sizes"] for blr in sw["blrs"]]
+        jobs += pres + [j for x in grid for name, source in sources for j in evaluate(name, source, [x], out["sweep"], c)]
     return jobs
-
-
-def sweep_jobs(args, b):
-    """The fine-tuning recipe search: every (batch, blr) of the grid for random init and for short
-    A²MIM / SimMIM pre-trainings of the ResNet. The main table's recipe is the grid point with the
-    best random-init mean (so the choice cannot favour either method); the rest is reported too."""
-    sw, results = b["sweep"], os.path.join(args.results_dir, SWEEP_RESULTS)
-    jobs, sources = [], []
-    if "resnet18" in args.archs:
-        for method in ("a2mim", "simmim"):
-            pre = pretrain_job(f"sweep_{method}_resnet18", "resnet18", ["--method", method, "--width", "16"],
-                               sw["pretrain"], args.runs_dir, args.data)
-            jobs.append(pre)
-            sources.append((pre["name"], ["--checkpoint", pre["checkpoint"]]))
-    sources += [(f"sweep_random_{a}", ["--init", "random", "--arch", a, *RANDOM_INIT[a]]) for a in RANDOM_INIT if a in args.archs]
-    for seed in sw["seeds"]:
-        for batch in sw["batch_sizes"]:
-            for blr in sw["blrs"]:
-                recipe_args = ["--epochs", str(sw["epochs"]), "--batch-size", str(batch), "--blr", f"{blr:g}"]
-                jobs += [finetune_job(name, source, b, results, args.data, seed, recipe_args) for name, source in sources]
-    return jobs
-
-
-def _flag(cmd, flag):
-    return cmd[cmd.index(flag) + 1] if flag in cmd else None
-
-
-def _labels(flags):
-    value = _flag(flags, "--labels-per-class")
-    return int(value) if value else None
-
-
-# ---------------------------------------------------------------------------------------------
-# Skipping finished work, running the rest.
-# ---------------------------------------------------------------------------------------------
 
 
 def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
+    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def result_key(record):
-    """What identifies one evaluation: encoder (checkpoint path, or 'random <arch>'), mode, labels,
-    seed, and the recipe (epochs, batch, blr), so a changed recipe is never taken for done."""
-    c = record["config"]
-    encoder = record["checkpoint"] or f"random {record['arch']}"
-    return encoder, record["mode"], record["labels_per_class"], c["seed"], (c["epochs"], c["batch_size"], c["blr"])
+def result_key(r):  # one evaluation: encoder (checkpoint or 'random <arch>'), mode, labels, seed, (epochs, batch, blr)
+    c = r["config"]
+    return r["checkpoint"] or f"random {r['arch']}", r["mode"], r["labels_per_class"], c["seed"], \
+        (c["epochs"], c["batch_size"], c["blr"])
 
 
-def job_recipe(job):
-    """(epochs, batch, blr) an eval command will run with: its flags, else eval_linear's defaults."""
-    from eval_linear import DEFAULTS as EVAL_DEFAULTS  # no preset in these budgets
-
-    cmd, d = job["cmd"], EVAL_DEFAULTS[job["mode"]]
-    return (int(_flag(cmd, "--epochs") or d["epochs"]), int(_flag(cmd, "--batch-size") or d["batch_size"]),
-            float(_flag(cmd, "--blr") or d["blr"]))
-
-
-def job_key(job):
-    cmd = job["cmd"]
-    encoder = _flag(cmd, "--checkpoint") or f"random {_flag(cmd, '--arch')}"
-    return encoder, job["mode"], job["labels"], job["seed"], job_recipe(job)
+def job_key(job):  # the result_key that an eval job's line will have, from its flags
+    a, labels = job["args"], _flag(job["args"], "--labels-per-class")
+    return _flag(a, "--checkpoint") or f"random {_flag(a, '--arch')}", "finetune" if job["part"] == "fine-tune" else "probe", \
+        labels and int(labels), int(_flag(a, "--seed")), (int(_flag(a, "--epochs")), int(_flag(a, "--batch-size")),
+                                                           float(_flag(a, "--blr")))
 
 
 def is_done(job):
-    if job["kind"] == "eval":
+    if job["script"] == "eval_linear.py":
         return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
-    if not os.path.exists(job["checkpoint"]):
-        return False
-    from train import load_checkpoint  # only here: the rest of this script needs no torch
+    from runtime import load_checkpoint  # only here: the rest of this script needs no torch
 
-    state = load_checkpoint(job["checkpoint"])  # weights_only=True, our format checked
-    return state["epoch"] >= job["epochs"] or bool(job["max_steps"]) and state["step"] >= job["max_steps"]
-
-
-@lru_cache(maxsize=None)
-def machine():
-    """'<CPU model>, N cores', plus the GPU's name where nvidia-smi sees one (the steps then run on it)."""
-    name = ""
-    if os.path.exists("/proc/cpuinfo"):  # platform.processor() is empty or just "x86_64" on Linux
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    name = name or platform.processor()
-    gpu = ""
-    try:
-        query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30)
-        names = query.stdout.splitlines() if query.returncode == 0 else []
-        gpu = names[0].strip() if names else ""  # the first GPU: the one a single process uses
-    except (OSError, subprocess.SubprocessError):
-        pass  # no NVIDIA driver: a CPU machine
-    return f"{name or platform.machine()}, {os.cpu_count()} cores" + (f"; GPU {gpu}" if gpu else "")
+    state = os.path.exists(job["checkpoint"]) and load_checkpoint(job["checkpoint"])  # weights_only=True, format checked
+    return bool(state) and (state["epoch"] >= int(_flag(job["args"], "--epochs")) or
+                            state["step"] >= int(_flag(job["args"], "--max-steps") or 1e18))
 
 
-_runs_log_lock = threading.Lock()  # --jobs N: several threads append to runs.jsonl
+def run_all(jobs, c):
+    """Run the jobs not done yet, in order or --jobs N at a time (pre-trainings first; each job's output in
+    RUNS_DIR/logs/: interleaved progress bars are unreadable); append to runs.jsonl, return those records."""
+    ran, failed, lock, cwd = [], threading.Event(), threading.Lock(), os.path.dirname(os.path.abspath(__file__))
+    cpu, gpu = os.uname().machine, ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no NVIDIA driver: a CPU machine
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.split("\n")[0].strip()
+    where = f"{cpu}, {os.cpu_count()} cores" + (f"; GPU {gpu}" if gpu else "")
+
+    def one(i, job):
+        shown = f"python3 {job['script']} {shlex.join(job['args'])}"
+        if failed.is_set() or is_done(job):
+            return failed.is_set() or print(f"skip (done): {shown}", flush=True)
+        log = os.path.join(c.runs_dir, "logs", f"{i:03d}_{job['name']}_{job['part']}.log") if c.jobs > 1 else None
+        print(f"\n>>> {shown}" + (f"   (output: {log})" if log else ""), flush=True)
+        os.makedirs(os.path.dirname(log) if log else ".", exist_ok=True)
+        start = time.time()
+        with open(log, "a") if log else contextlib.nullcontext() as out:
+            rc = subprocess.run([sys.executable, job["script"], *job["args"]], cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT if log else None).returncode
+        if rc != 0:
+            failed.set()
+            raise StepFailed(f"`{shown}` exited with status {rc} ({f'see {log}' if log else 'its output is above'}); "
+                             "fix it and rerun, finished jobs are kept")
+        ran.append(dict(name=job["name"], part=job["part"], command=shown, seconds=round(time.time() - start, 1),
+                        budget=c.budget, machine=where, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+        with lock, open(os.path.join(c.results_dir, "runs.jsonl"), "a") as f:  # several threads append
+            f.write(json.dumps(ran[-1]) + "\n")
+        if log:
+            print(f"done in {ran[-1]['seconds']:.0f} s: {shown}", flush=True)
+
+    if c.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.jobs))
+    pre = [(i, j) for i, j in enumerate(jobs) if j["part"] == "pre-training"]
+    for phase in [list(enumerate(jobs))] if c.jobs == 1 else [pre, [(i, j) for i, j in enumerate(jobs) if (i, j) not in pre]]:
+        with ThreadPoolExecutor(max_workers=c.jobs) as pool:
+            for future in [pool.submit(one, *job) for job in phase]:
+                future.result()  # the first failure is re-raised here (running jobs finish first)
+    return ran
 
 
-def run_job(job, runs_log, budget, log_path=None):
-    """Run one command in this folder; record its wall-clock in runs.jsonl, or raise StepFailed.
-
-    log_path=None: the command's output goes to this terminal. With --jobs N > 1 it goes to a
-    file per step (interleaved progress bars would be unreadable), named in any error."""
-    cmd = [sys.executable, *job["cmd"]]
-    shown = "python3 " + shlex.join(job["cmd"])
-    print(f"\n>>> {shown}" + (f"   (output: {log_path})" if log_path else ""), flush=True)
-    start = time.time()
-    cwd = os.path.dirname(os.path.abspath(__file__))
-    if log_path:
-        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
-        with open(log_path, "a") as log:
-            rc = subprocess.run(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT).returncode
-    else:
-        rc = subprocess.run(cmd, cwd=cwd).returncode
-    seconds = time.time() - start
-    if rc != 0:
-        where = f"see {log_path}" if log_path else "its output is above"
-        raise StepFailed(f"`{shown}` exited with status {rc} ({where}); fix it and rerun, finished steps are kept")
-    with _runs_log_lock:
-        os.makedirs(os.path.dirname(runs_log) or ".", exist_ok=True)
-        with open(runs_log, "a") as f:
-            f.write(json.dumps(dict(name=job["name"], kind=job["kind"], command=shown, seconds=round(seconds, 1),
-                                    budget=budget, machine=machine(), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))) + "\n")
-    if log_path:
-        print(f"done in {seconds:.0f} s: {shown}", flush=True)
+def mean_std(values, fmt=".2f", unit="run"):  # 'm ± s (n runs)'; unit=None: no count
+    n = f" ({len(values)} {unit}{'s' * (len(values) > 1)})" if unit else ""
+    if len(values) < 2:
+        return f"{values[0]:{fmt}}{n}" if values else "—"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.{fmt[-2]}f}{n}"
 
 
-def log_path(job, runs_dir):
-    """Where a step's output goes when several run at once: one file per step, in RUNS_DIR."""
-    parts = [job["name"]] + ([] if job["kind"] == "pretrain" else [job["mode"], f"seed{job['seed']}"])
-    if job["kind"] == "eval":
-        parts.append("e{}_b{}_blr{:g}".format(*job_recipe(job)))
-    return os.path.join(runs_dir, "logs", "_".join(parts) + ".log")
+def print_tables(jobs, c):
+    b = BUDGETS[c.budget]
+    results = {result_key(r): r for n in ("main", "ablations") for r in read_jsonl(os.path.join(c.results_dir, RESULTS[n]))}
+    done = [(j, results[job_key(j)]["top1"]) for j in jobs if "row" in j and job_key(j) in results]
+
+    def top1(row, part, seed=None):  # every pre-training seed's, in job order
+        return [t for j, t in done if j["row"] == row and j["part"] == part and seed in (None, _flag(j["args"], "--seed"))]
+    rows = {j["row"]: j for j in jobs if "row" in j}  # the first job of each row: its arch and label
+    for title, ablation in ((f"Fashion-MNIST, budget {c.budget}: mean ± std over pre-training × fine-tuning seeds", False),
+                            (f"Ablations (ResNet-18/16, A²MIM), budget {c.budget}", True)):
+        mine = {row: j for row, j in rows.items() if row.startswith("ablation_") == ablation}
+        if mine:
+            recipe = next(job_key(j)[4] for j in jobs if j["part"] == "fine-tune" and j["row"] in mine)
+            print(f"\n## {title}\n\n| arch | {'change' if ablation else 'pre-training'} | linear probe top-1 | "
+                  f"{10 * b['labels_per_class']}-label fine-tune top-1 (epochs {recipe[0]}, batch {recipe[1]}, blr {recipe[2]:g}) |"
+                  "\n|---|---|---|---|")
+        for row, j in mine.items():
+            print(f"| {j['arch']} | {j['label']} | {mean_std(top1(row, 'probe'))} | {mean_std(top1(row, 'fine-tune'))} |")
+        if mine and not ablation:  # pre-trained minus random init on the same fine-tuning seed (same labelled subset)
+            print("\n| arch | pre-training | fine-tune minus random init, paired by fine-tuning seed |\n|---|---|---|")
+        for row, j in ((row, j) for row, j in mine.items() if not ablation and not row.startswith("random_")):
+            diffs = [t - base for s in map(str, b["seeds"]) for base in top1(f"random_{j['arch']}", "fine-tune", s)[:1]
+                     for t in top1(row, "fine-tune", s)]
+            print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} |")
+    if c.only in ("sweep", "all"):
+        print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
+    print_wall_clock([r for r in read_jsonl(os.path.join(c.results_dir, "runs.jsonl")) if r["name"] in {j["name"] for j in jobs}])
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading back: markdown tables and loss curves.
-# ---------------------------------------------------------------------------------------------
+def print_sweep(records, sw, labels_per_class):  # fine-tune top-1 over the (batch, blr) grid, a column per encoder
+    cells = {}
+    for r in records:
+        who = f"random init {r['arch']}" if r["init"] == "random" else f"{r['config']['pretrain_method']} {r['arch']}"
+        cells.setdefault(who, {}).setdefault((r["config"]["batch_size"], r["config"]["blr"]), []).append(r["top1"])
+    order = sorted(cells, key=lambda who: (who.split()[-1], not who.startswith("random"), who))  # by arch, baseline first
+    print(f"\n## Fine-tuning recipe sweep ({10 * labels_per_class} labels, {sw['epochs']} epochs; top-1, mean ± std over "
+          f"seeds {', '.join(map(str, sw['seeds']))})\n\n| batch | blr | {' | '.join(order)} |\n|---|---|{'---|' * len(order)}")
+    for bs, blr in ((bs, blr) for bs in sw["batch_sizes"] for blr in sw["blrs"]):
+        print(f"| {bs} | {blr:g} | " + " | ".join(mean_std(cells[w].get((bs, blr), []), '.1f', None) for w in order) + " |")
 
 
-def lookup(jobs, results_by_key, name, mode):
-    """top-1 of the named encoder's results in one mode, in seed order (missing ones left out)."""
-    return list(lookup_by_seed(jobs, results_by_key, name, mode).values())
-
-
-def lookup_by_seed(jobs, results_by_key, name, mode):
-    """{seed: top-1} of the named encoder's finished results in one mode."""
-    return {j["seed"]: results_by_key[job_key(j)]["top1"] for j in jobs
-            if j["kind"] == "eval" and j["name"] == name and j["mode"] == mode and job_key(j) in results_by_key}
-
-
-def mean_std(values, digits=2, count=True):
-    """'m ± s (n seeds)' of top-1 values; count=False leaves out the seed count."""
-    if not values:
-        return "—"
-    seeds = f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if count else ""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}{seeds}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{seeds}"
-
-
-def print_tables(jobs, args):
-    b = BUDGETS[args.budget]
-    results = {}
-    for name in (MAIN_RESULTS, ABLATION_RESULTS):
-        results |= {result_key(r): r for r in read_jsonl(os.path.join(args.results_dir, name))}
-    ft = f"{10 * b['labels_per_class']}-label fine-tune top-1"
-
-    def recipe(prefix):  # the fine-tuning recipe of these rows, for the header
-        found = [job_recipe(j) for j in jobs
-                 if j["kind"] == "eval" and j["mode"] == "finetune" and j["name"].startswith(prefix)]
-        return " (epochs {}, batch {}, blr {:g})".format(*found[0]) if found else ""
-
-    def method(e):  # "a2mim", or "a2mim, blr 4e-3" where the budget sets the pre-training lr
-        blr = _flag(b["pretrain"][e["arch"]], "--blr")
-        return e["method"] + (f", blr {blr}" if blr else "")
-
-    rows = [(e["arch"], method(e), run_name(e, b)) for e in EXPERIMENTS] + [(a, "random init", f"random_{a}") for a in RANDOM_INIT]
-    rows = [r for r in rows if any(j["name"] == r[2] for j in jobs)]
-    if rows:
-        print(f"\n## Fashion-MNIST, budget {args.budget}\n\n| arch | pre-training | linear probe top-1 | "
-              f"{ft}{recipe(rows[0][2])} |\n|---|---|---|---|")
-        for arch, method, name in rows:
-            print(f"| {arch} | {method} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
-                  f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
-        # Paired by seed (same labelled subset, same fine-tuning seed): pre-trained minus random init.
-        print(f"\n| arch | pre-training | fine-tune minus random init, per seed (same subset) |\n|---|---|---|")
-        for arch, method, name in (r for r in rows if r[1] != "random init"):
-            mine, base = (lookup_by_seed(jobs, results, n, "finetune") for n in (name, f"random_{arch}"))
-            print(f"| {arch} | {method} | " + (", ".join(f"{mine[s] - base[s]:+.2f} (seed {s})"
-                                                       for s in sorted(mine) if s in base) or "—") + " |")
-    names = {j["name"] for j in jobs}
-    abl = [(a, ablation_name(a, b)) for a in ABLATIONS if ablation_name(a, b) in names]
-    if abl:
-        print(f"\n## Ablations (ResNet-18/16, A²MIM), budget {args.budget}\n\n| change | linear probe top-1 | "
-              f"{ft}{recipe('ablation_')} |\n|---|---|---|")
-        for a, name in abl:
-            print(f"| {a['change']} | {mean_std(lookup(jobs, results, name, 'probe'))} | "
-                  f"{mean_std(lookup(jobs, results, name, 'finetune'))} |")
-    if args.only in ("sweep", "all"):
-        print_sweep(read_jsonl(os.path.join(args.results_dir, SWEEP_RESULTS)), b)
-    runs = [r for r in read_jsonl(os.path.join(args.results_dir, "runs.jsonl")) if r["name"] in names]
+def print_wall_clock(runs):  # per machine: each command's seconds, then each part's and the total
+    for r in (r for r in runs if "part" not in r):  # lines from before issue 17 have only kind 'pretrain' / 'eval'
+        r["part"] = "pre-training" if r["kind"] == "pretrain" else "fine-tune" if "--finetune" in r["command"] else "probe"
     for where in dict.fromkeys(r["machine"] for r in runs):  # one table per machine, in order
         mine = [r for r in runs if r["machine"] == where]
         print(f"\n## Commands and wall-clock ({where})\n\n| seconds | command |\n|---|---|")
-        for r in mine:
-            print(f"| {r['seconds']:.0f} | `{r['command']}` |")
-        print(f"| {sum(r['seconds'] for r in mine):.0f} | total (steps that ran side by side overlap) |")
+        print("\n".join(f"| {r['seconds']:.0f} | `{r['command']}` |" for r in mine))
+        print("\n".join(f"| {sum(r['seconds'] for r in mine if r['part'] == p):.0f} | {p}: "
+                        f"{sum(r['part'] == p for r in mine)} jobs |" for p in PARTS if any(r["part"] == p for r in mine)))
+        print(f"| {sum(r['seconds'] for r in mine):.0f} | total (jobs that ran side by side overlap) |")
 
 
-def print_sweep(records, b):
-    """Fine-tune top-1 over the (batch, blr) grid: one row per encoder, mean ± std over seeds."""
-    if not records:
-        return
-    grid = [(bs, blr) for bs in b["sweep"]["batch_sizes"] for blr in b["sweep"]["blrs"]]
-    rows = {}
-    for r in records:
-        who = f"random init {r['arch']}" if r["init"] == "random" else f"{r['config']['pretrain_method']} {r['arch']}"
-        rows.setdefault(who, {}).setdefault((r["config"]["batch_size"], r["config"]["blr"]), []).append(r["top1"])
-    order = sorted(rows, key=lambda who: (who.split()[-1], not who.startswith("random"), who))  # by arch, baseline first
-    print(f"\n## Fine-tuning recipe sweep ({10 * b['labels_per_class']} labels, {b['sweep']['epochs']} epochs; "
-          f"top-1, mean ± std over seeds {', '.join(map(str, b['sweep']['seeds']))})\n")
-    print("| batch | blr | " + " | ".join(order) + " |\n|---|---|" + "---|" * len(order))
-    for bs, blr in grid:
-        cells = [mean_std(rows[who].get((bs, blr), []), digits=1, count=False) for who in order]
-        print(f"| {bs} | {blr:g} | " + " | ".join(cells) + " |")
-
-
-def plot_losses(jobs, path):
-    """One panel per pre-training run: total loss and its spatial / Fourier parts against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its spatial / Fourier parts
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     runs = [(j["name"], read_jsonl(os.path.join(os.path.dirname(j["checkpoint"]), "log.jsonl")))
-            for j in jobs if j["kind"] == "pretrain"]
+            for j in jobs if j["part"] == "pre-training"]
     runs = [(name, log) for name, log in runs if log]
     if not runs:
-        print("no pre-training logs yet: nothing to plot")
-        return
-    cols = min(4, len(runs))
-    rows = -(-len(runs) // cols)
+        return print("no pre-training logs yet: nothing to plot")
+    cols, rows = min(4, len(runs)), -(-len(runs) // 4)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, (name, log) in zip(axes.flat, runs):
-        steps = [r["step"] for r in log]
-        for key in ("loss", "loss_spatial", "loss_freq"):
-            if all(key in r for r in log):
-                ax.plot(steps, [r[key] for r in log], label=key, lw=1, marker="o" if len(log) < 20 else None, ms=2)
-        ax.set_title(name, fontsize=8)
-        ax.set_xlabel("step", fontsize=7)
-        ax.tick_params(labelsize=6)
+        for key in (k for k in ("loss", "loss_spatial", "loss_freq") if all(k in r for r in log)):
+            ax.plot([r["step"] for r in log], [r[key] for r in log], label=key, lw=1, marker="o" if len(log) < 20 else None, ms=2)
+        ax.set_title(f"{name} (x: step)", fontsize=8)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -455,83 +281,48 @@ def plot_losses(jobs, path):
     print(f"wrote {path} ({len(runs)} runs, {os.path.getsize(path) // 1024} KB)")
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line.
-# ---------------------------------------------------------------------------------------------
-
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--budget", choices=tuple(BUDGETS), default="smoke",
-      help="smoke: a few steps of everything; full: the README tables; full_paper_lr: the first main table "
-           "(default pre-training lr); long: longer pre-training, for a GPU")
-    a("--only", choices=("main", "ablations", "all", "sweep"), default="main",
-      help="which table to run (default main; all = main + ablations; sweep = the fine-tuning recipe search)")
+    a("--budget", choices=tuple(BUDGETS), default="smoke", help="smoke: a few steps of each; full: the tables; long: for a GPU")
+    a("--only", choices=("main", "ablations", "all", "sweep"), default="main", help="all = main + ablations")
     a("--archs", nargs="+", choices=tuple(RANDOM_INIT), default=list(RANDOM_INIT), help="restrict to these encoders")
-    a("--data", default="fashion-mnist", help="dataset for every step (tests use 'fake')")
+    a("--data", default="fashion-mnist", help="dataset of every job (tests use 'fake')")
     a("--results-dir", help="JSONL results, runs.jsonl, plot (default: the budget's, results/ or results/smoke/)")
     a("--runs-dir", help="pre-training run folders (default: the budget's; with --results-dir: RESULTS_DIR/runs)")
     a("--table", action="store_true", help="print the markdown tables and exit (no training)")
     a("--plot", action="store_true", help="write RESULTS_DIR/loss_curves.png and exit (no training)")
-    a("--dry-run", action="store_true", help="print the commands that would run, and exit")
-    a("--jobs", type=int, default=1, metavar="N",
-      help="run N steps at once (for a GPU, which these tiny models leave mostly idle; default 1): all "
-           "pre-trainings first, then all evaluations. Output goes to RUNS_DIR/logs/; per-step seconds overlap")
+    a("--dry-run", action="store_true", help="print each command, todo or done, and exit")
+    a("--jobs", type=int, default=1, metavar="N", help="N jobs side by side (a GPU: these tiny models leave it mostly idle)")
     return p
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    b = BUDGETS[args.budget]
-    args.runs_dir = args.runs_dir or (os.path.join(args.results_dir, "runs") if args.results_dir else b["runs_dir"])
-    args.results_dir = args.results_dir or b["results_dir"]
-    jobs = build_jobs(args)
-    if args.table or args.plot:
-        if args.table:
-            print_tables(jobs, args)
-        if args.plot:
-            plot_losses(jobs, os.path.join(args.results_dir, "loss_curves.png"))
-        return 0
-    if args.dry_run:
-        print("\n".join(f"{'done ' if is_done(j) else 'todo '} python3 {shlex.join(j['cmd'])}" for j in jobs))
-        return 0
-    if args.jobs < 1:
-        print(f"error: --jobs must be a positive number of parallel steps, got {args.jobs}", file=sys.stderr)
+    c = get_parser().parse_args(argv)
+    c.runs_dir = c.runs_dir or (os.path.join(c.results_dir, "runs") if c.results_dir else BUDGETS[c.budget]["runs_dir"])
+    c.results_dir = c.results_dir or BUDGETS[c.budget]["results_dir"]
+    if c.jobs < 1:
+        print(f"error: --jobs must be a positive number of parallel jobs, got {c.jobs}", file=sys.stderr)
         return 2
-    runs_log = os.path.join(args.results_dir, "runs.jsonl")
-    start, ran, failed = time.time(), [], threading.Event()
-
-    def run_one(job):
-        if failed.is_set():  # a step failed: start nothing new
-            return
-        if is_done(job):
-            print(f"skip (done): python3 {shlex.join(job['cmd'])}", flush=True)
-            return
-        try:
-            run_job(job, runs_log, args.budget, log_path(job, args.runs_dir) if args.jobs > 1 else None)
-        except StepFailed:
-            failed.set()
-            raise
-        ran.append(job)
-
-    if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
-    # One at a time: the list's order (each encoder's evaluations right after its pre-training).
-    # N at a time: every pre-training first, then every evaluation (which needs its checkpoint).
-    phases = [jobs] if args.jobs == 1 else [[j for j in jobs if j["kind"] == "pretrain"],
-                                            [j for j in jobs if j["kind"] == "eval"]]
+    jobs = build_jobs(c)
+    if c.table:
+        print_tables(jobs, c)
+    if c.plot:
+        plot_losses(jobs, os.path.join(c.results_dir, "loss_curves.png"))
+    for j in jobs if c.dry_run else []:
+        print(f"{'done' if is_done(j) else 'todo'}  python3 {j['script']} {shlex.join(j['args'])}")
+    if c.table or c.plot or c.dry_run:
+        return 0
+    os.makedirs(c.results_dir, exist_ok=True)
+    start = time.time()
     try:
-        for phase in phases:
-            with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-                for future in [pool.submit(run_one, job) for job in phase]:
-                    future.result()  # the first failure is re-raised here (running steps finish first)
+        ran = run_all(jobs, c)
     except StepFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"\n{args.budget} budget: ran {len(ran)} of {len(jobs)} steps in {time.time() - start:.0f} s"
-          f"{f' ({args.jobs} at a time)' if args.jobs > 1 else ''}; results in {args.results_dir}. "
-          f"Tables: python3 reproduce.py --budget {args.budget} --only {args.only} --table")
+    parts = ", ".join(f"{p} {sum(r['seconds'] for r in ran if r['part'] == p):.0f} s" for p in PARTS)
+    print(f"\n{c.budget} budget: ran {len(ran)} of {len(jobs)} jobs in {time.time() - start:.0f} s ({parts}"
+          f"{', overlapping' * (c.jobs > 1)}); results in {c.results_dir}; tables: add --table to the command")
     return 0
 
 

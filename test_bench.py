@@ -1,7 +1,10 @@
 """Tests for issue 6 (performance): the one-FFT Fourier loss, bench.py, and data.device_loader."""
 
 import inspect
+import re
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +296,32 @@ def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
         device_loader("imagenet", "train", 8, "cpu")
     with pytest.raises(ValueError, match="exceeds"):
         numbered_loader(10, 6, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# gpu_check.sh (issue 18): it cannot run without a GPU, but it must parse and call only real flags
+
+
+TORCHRUN_FLAGS = {"--standalone", "--nproc_per_node"}
+
+
+def test_gpu_check_script_parses_and_every_flag_it_passes_exists_in_that_scripts_help():
+    import eval_linear
+    import train
+
+    script = Path(__file__).with_name("gpu_check.sh")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    known = {name: {s for a in module.get_parser()._actions for s in a.option_strings}
+             for name, module in (("train", train), ("eval_linear", eval_linear), ("bench", bench))}
+    checked = {name: 0 for name in known}
+    for line in script.read_text().replace("\\\n", " ").splitlines():  # logical lines, comments cut off
+        code = "" if line.lstrip().startswith("#") else line.split(" # ")[0]
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", code)) - TORCHRUN_FLAGS
+        if not flags:
+            continue
+        owner = ("eval_linear" if re.search(r"eval_linear|EVAL", code) else "bench" if "bench.py" in code else
+                 "train" if re.search(r"\btrain\b|train\.py|SMALL=|args=\(", code) else None)
+        assert owner, f"flags {sorted(flags)} in a line of no known script: {code.strip()}"
+        assert flags <= known[owner], f"{owner}.py has no {sorted(flags - known[owner])}: {code.strip()}"
+        checked[owner] += len(flags)
+    assert all(checked.values()), checked  # each script's flags were found and checked
