@@ -1,5 +1,4 @@
 """Is an A²MIM step as cheap as a supervised step of the same encoder? (issue 6)
-
     python bench.py      # ResNet-18 w16, 32 px, CPU, ~20 s; on a GPU: --arch resnet50 --img-size 224 --batch-size 128
 Two training steps of one encoder, same batch and precision, train.py's optimiser (AdamW over runtime.param_groups,
 fused on CUDA), CNNs in channels_last on CUDA: (a) supervised: encoder → global average pool → linear head,
@@ -69,13 +68,14 @@ def resolve(args):
 
 def make_step(variant, c):
     """(step, model): one full training step of `variant`, and the model it trains."""
-    torch.manual_seed(0)  # the same batch and encoder weights for both variants
+    torch.manual_seed(0)  # the same batch, labels (< 10) and encoder weights for both variants
     img, labels = torch.randn(c.batch_size, 3, c.img_size, c.img_size), torch.randint(0, 10, (c.batch_size,))
     encoder = build_encoder(c.arch, c.img_size, **({} if c.family == "vit" else dict(width=c.width)))
     if variant == "a2mim":
         model = A2MIM(encoder, mask_patch_size=c.mask_patch_size)  # every other option: the per-arch default
     else:  # not eval_linear's Classifier (bench imports no training script); its LayerNorm for ViTs is negligible
-        model = nn.Sequential(encoder, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(encoder.out_channels, 1000))
+        head = nn.Linear(encoder.out_channels, 10 if c.img_size <= SMALL_INPUT else 1000)  # CIFAR-10-like, or ImageNet
+        model = nn.Sequential(encoder, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
     model = runtime.channels_last(model.to(c.device), c.family, c.device)
     optimizer = torch.optim.AdamW(runtime.param_groups(model, weight_decay=0.05), lr=1e-4, fused=c.device.type == "cuda")
     forward = torch.compile(model) if c.compile else model
