@@ -27,14 +27,15 @@ T0=$SECONDS
 # check NAME LIMIT_S COMMAND...: run COMMAND (a function below; each python3 in it gets LIMIT_S seconds at most)
 # with its output in LOGS/NAME.log, and print one line.
 check() {
-  local name=$1 start=$SECONDS
+  local name=$1 start=$SECONDS rc=0
   LIMIT=$2
   shift 2
-  if "$@" >"$LOGS/$name.log" 2>&1; then
+  "$@" >"$LOGS/$name.log" 2>&1 || rc=$?
+  if [ "$rc" = 0 ]; then
     printf 'PASS  %-16s %4ds\n' "$name" $((SECONDS - start))
     PASSED+=("$name")
   else
-    printf 'FAIL  %-16s %4ds  exit %s, log %s:\n' "$name" $((SECONDS - start)) "$?" "$LOGS/$name.log"
+    printf 'FAIL  %-16s %4ds  exit %s, log %s:\n' "$name" $((SECONDS - start)) "$rc" "$LOGS/$name.log"
     tail -n 4 "$LOGS/$name.log" | sed 's/^/        /'
     FAILED+=("$name")
   fi
