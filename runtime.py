@@ -1,7 +1,5 @@
-"""What every script needs around the model: processes, precision, checkpoints, optimiser
-groups and learning-rate schedules. train.py, eval_linear.py and bench.py share it, so that
-none of them imports another's training code.
-"""
+"""What every script needs around the model: processes, precision, checkpoints, optimiser groups,
+lr schedules. train.py, eval_linear.py and bench.py share it; none imports another's training code."""
 import contextlib
 import dataclasses
 import errno
@@ -15,9 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-# ---------------------------------------------------------------------------------------------
-# Distributed set-up: one code path for 1 CPU process, 8 GPUs, or many nodes (torchrun env vars).
-# ---------------------------------------------------------------------------------------------
+# --- Distributed set-up: one code path for 1 CPU process, 8 GPUs, or many nodes (torchrun env vars).
 
 
 @dataclasses.dataclass
@@ -28,13 +24,8 @@ class Dist:
     device: torch.device = torch.device("cpu")
     cpu_group: object = None  # gloo group for small host-side all-reduces (stop flags, RNG states)
 
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def enabled(self):
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    enabled = property(lambda self: self.world_size > 1)  # several processes
 
 
 def setup_distributed(device=None):
@@ -56,9 +47,7 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------
-# Precision: bf16 autocast on GPU by default, fp16 + GradScaler on request, fp32 on CPU.
-# ---------------------------------------------------------------------------------------------
+# --- Precision: bf16 autocast on GPU by default, fp16 + GradScaler on request, fp32 on CPU.
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -79,9 +68,7 @@ def autocast(device, precision):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, safe loads (weights_only=True), one clear sentence on a bad file.
-# ---------------------------------------------------------------------------------------------
+# --- Checkpoints: atomic writes, safe loads (weights_only=True), one clear sentence on a bad file.
 
 CHECKPOINT_FORMAT = "a2mim-checkpoint-v1"
 
@@ -95,16 +82,15 @@ class RunError(Exception):
 
 
 def user_errors():
-    """The project's own error classes: `main()` prints their one sentence and exits with 2;
-    anything else is a bug and keeps its traceback."""
+    """The project's own errors: main() prints their sentence, exit 2; anything else keeps its traceback."""
     import data
     from models import ConfigError
     return (ConfigError, data.DataError, CheckpointError, RunError)
 
 
 def atomic_save(path, obj):
-    """torch.save to `path.tmp`, fsync, then rename: a crash never leaves a half-written `path`.
-    A full disk (or any failed write) removes the `.tmp` and leaves the previous `path` intact."""
+    """torch.save to `path.tmp`, fsync, rename: never a half-written `path`; a full disk (or any failed
+    write) removes the `.tmp` and leaves the previous `path` intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     try:
@@ -145,8 +131,7 @@ def torch_load(path, what="checkpoint"):
 
 
 def save_checkpoint(path, state):
-    """A train.py checkpoint: the state plus the format marker that load_checkpoint checks."""
-    atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})
+    atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})  # the marker that load_checkpoint checks
 
 
 def load_checkpoint(path, *, arch=None):
@@ -160,10 +145,8 @@ def load_checkpoint(path, *, arch=None):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), **cuda}
 
 
 def set_rng_state(state):
@@ -173,25 +156,21 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Optimiser parameter groups and learning-rate schedules (§6).
-# ---------------------------------------------------------------------------------------------
+# --- Optimiser parameter groups and learning-rate schedules (§6).
 
 
-# §6, the released configs' `paramwise_options`: a parameter whose name matches gets no weight
-# decay. Our names equal the released ones where it matters (torchvision ResNet: bn1..3 match,
-# `downsample.1` does not, so that BatchNorm IS decayed, as released); ConvNeXt's LayerScale is
-# `layer_scale` here (`gamma` there) and its LayerNorms match nothing (decayed, as released); the
-# ViT configs add norm, pos_embed, cls_token and LayerScale `gamma` (and `bias` catches the
-# relative-position-bias tables, as released). The gate γ is `mask_token.gamma` here but
-# `mask_gamma` there, so it gets its own settings (gamma_*) instead of the token's.
+# §6, the released `paramwise_options`: no weight decay where the name matches (re.search). Our
+# names are the released ones where it matters: ResNet bn1..3 match, `downsample.1` does not (that
+# BN IS decayed, as released); ConvNeXt's LayerNorms match nothing (decayed, as released), its
+# LayerScale is `layer_scale` here (`gamma` there); the ViT configs add norm, pos_embed, cls_token,
+# `gamma` (`bias` also catches the rel-pos tables, as released). γ is `mask_token.gamma` here,
+# `mask_gamma` there: it gets its own settings (gamma_*) rather than the token's.
 RELEASED = r"(bn|ln|gn)(\d+)?.(weight|bias)|bias|mask_token"
 NO_DECAY = {"resnet": RELEASED, "convnext": RELEASED + "|layer_scale", "vit": RELEASED + "|norm|pos_embed|cls_token|gamma"}
 
 
 def no_weight_decay(name, param, arch=None):
-    """`arch` given: the released rule above. None (eval_linear's fine-tuning): no decay on
-    anything that is not a weight matrix / kernel (norms, biases, tokens, embeddings, LayerScale)."""
+    """`arch` given: the released rule above; None (eval_linear): no decay on what is not a weight matrix / kernel."""
     if arch is not None:
         return re.search(NO_DECAY[arch.split("_")[0].rstrip("0123456789")], name) is not None
     keys = ("mask_token", "pos_embed", "cls_token", "rel_pos_bias", "gamma_1", "gamma_2")
@@ -200,9 +179,8 @@ def no_weight_decay(name, param, arch=None):
 
 def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None, arch=None, gamma_lr_scale=None,
                  gamma_weight_decay=None):
-    """AdamW groups, each with `lr_scale` (multiplied into the scheduled lr): `token_lr_scale` for
-    the mask token T, `gamma_lr_scale` / `gamma_weight_decay` for its gate γ (None: as T),
-    `lr_scale_fn(name)` for anything else (eval_linear.py: layer-wise lr decay)."""
+    """AdamW groups with `lr_scale` (× the scheduled lr): `token_lr_scale` for the mask token T, gamma_* for
+    its gate γ (None: as T), `lr_scale_fn(name)` for the rest (eval_linear.py: layer-wise lr decay)."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -232,31 +210,28 @@ def set_lr(optimizer, lr):
 
 
 def set_scheduled_lr(optimizer, step, **schedule):
-    """§6, as mmcv's lr hooks: each group follows `lr_at` from its own peak (lr × lr_scale) to the
-    same absolute min_lr. Returns the lr of a group with scale 1 (for the log)."""
+    """§6, as mmcv's lr hooks: each group from its own peak (lr × lr_scale) to the same absolute
+    min_lr. Returns the lr of scale 1 (for the log)."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, **{**schedule, "lr": schedule["lr"] * group.get("lr_scale", 1.0)})
     return lr_at(step, **schedule)
 
 
 def broadcast_buffers(model, env):
-    """Copy rank 0's buffers (BatchNorm statistics) to every rank. SyncBN keeps them equal on
-    GPUs; on CPU (gloo, no SyncBN) each rank's statistics drift apart between DDP's broadcasts
-    at the start of every forward, so we align them before saving and at the end."""
+    """Rank 0's buffers (BatchNorm statistics) to every rank: on CPU (gloo, no SyncBN) they drift
+    apart between DDP's broadcasts at the start of every forward; aligned before saving."""
     if env.enabled:
         for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
 
 
 def unwrap(model):
-    """The plain module under DDP and/or torch.compile."""
-    model = model.module if isinstance(model, DDP) else model
+    model = model.module if isinstance(model, DDP) else model  # the plain module under DDP / torch.compile
     return getattr(model, "_orig_mod", model)
 
 
 def channels_last(x, family, device):
-    """CNN weights and batches in channels_last on CUDA (faster convs under bf16); else as is.
-    The one place that decides it, for train.py, eval_linear.py and bench.py."""
+    """CNN weights / batches in channels_last on CUDA (faster convs under bf16); the one place that decides it."""
     if family != "cnn" or device.type != "cuda":
         return x
     if isinstance(x, torch.Tensor):
@@ -264,14 +239,11 @@ def channels_last(x, family, device):
     return x.to(memory_format=torch.channels_last)
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors: the one-sentence message of one of our own errors.
-# ---------------------------------------------------------------------------------------------
+# --- Errors: the one-sentence message of one of our own errors.
 
 
 def one_line(err):
-    """The error's own sentence. One raised inside a DataLoader worker arrives wrapped in the
-    worker's traceback, as its last line, prefixed with the exception's qualified name."""
+    """The error's own sentence (from a DataLoader worker: the last line of its traceback, unprefixed)."""
     last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
     return re.sub(r"^[\w.]+(Error|Loss): ", "", last)
 

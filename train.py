@@ -1,15 +1,11 @@
 """A²MIM pre-training, from a laptop CPU to multi-node torchrun (METHOD.md §6).
 
     python train.py                                        # default job: Fashion-MNIST, ResNet-18/16, CPU
-    python train.py --arch vit_tiny --data cifar10 --data-dir data
     torchrun --nproc_per_node=8 train.py --arch resnet50 --data imagenet --data-dir /data/imagenet
 
-Every setting is resolved from what is trained on what: ImageNet, or an image folder at 192 px or
-more, gets the paper's recipe for --arch (§6); the small datasets get the small-data recipe (the
-defaults in SETTINGS); a flag on the command line wins over both. `--print-config` shows every
-value and where it came from. SIGTERM / SIGUSR1 (what cluster schedulers send before a kill) and
-Ctrl-C finish the current step, write a checkpoint and exit with 128 + the signal (143 / 138 /
-130); the same command then resumes, mid-epoch too.
+ImageNet, or an image folder at ≥ 192 px, gets the paper's recipe for --arch (§6); the small datasets
+the small-data recipe (SETTINGS' defaults); flags win over both; --print-config shows each value and
+its source. SIGTERM / SIGUSR1 / Ctrl-C finish the step, checkpoint, exit 128 + signal; rerun resumes.
 """
 import argparse
 import collections
@@ -29,63 +25,58 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from a2mim import A2MIM
+from a2mim import A2MIM, resize_mask
 from models import ARCHS, ConfigError, arch_family, build_encoder
-from runtime import (PRECISIONS, CheckpointError, Dist, RunError, autocast, broadcast_buffers,  # noqa: F401 (Dist,
-                     channels_last, cleanup_distributed, load_checkpoint, lr_at, one_line, param_groups,  # lr_at,
-                     resolve_precision, rng_state, save_checkpoint, set_lr, set_rng_state, set_scheduled_lr,  # set_lr:
-                     setup_distributed, unwrap, user_errors)  # the notebook's train.X)
+from runtime import (PRECISIONS, CheckpointError, Dist, RunError, autocast, broadcast_buffers,  # noqa: F401
+                     channels_last, cleanup_distributed, load_checkpoint, lr_at, one_line, param_groups,
+                     resolve_precision, rng_state, save_checkpoint, set_lr, set_rng_state, set_scheduled_lr,
+                     setup_distributed, unwrap, user_errors)
 
-# ---------------------------------------------------------------------------------------------
-# Settings, written once: each is a flag (--mask-ratio for mask_ratio); the default is the
-# small-data recipe; `valid` is the range every value is checked against before anything runs.
-# ---------------------------------------------------------------------------------------------
-
+# Settings, written once: name (flag --name-with-dashes), small-data default, help, valid range ("[1,"
+# at least 1, "(0,1)" strictly between; checked before anything runs) or choices, argparse extras.
 S = collections.namedtuple("S", "name default help valid kw", defaults=("", {}))
 SETTINGS = (
-    S("arch", "resnet18", "encoder", kw=dict(choices=ARCHS)),
+    S("arch", "resnet18", "encoder", ARCHS),
     S("data", "fashion-mnist", f"dataset: {', '.join(data.DATASETS)}"),
     S("data_dir", None, "where the dataset lives (see data.py for each layout)", kw=dict(type=str)),
     S("download", False, "let torchvision download fashion-mnist / cifar / stl10"),
     S("img_size", None, "training resolution (default: the dataset's, 224 for ImageNet)", "[1,", dict(type=int)),
-    S("width", 16, "ResNet base width / ConvNeXt first-stage width (recipe: the standard one)", "[1,"),
-    S("method", "a2mim", "a2mim, or simmim as released (§2, §3)", kw=dict(choices=("a2mim", "simmim"))),
+    S("width", 16, "ResNet base width / ConvNeXt first-stage width", "[1,"),
+    S("method", "a2mim", "a2mim, or simmim as released (§2, §3)", ("a2mim", "simmim")),
     S("mask_patch_size", None, "mask block in px (default img_size / 8, 32 at 224; §2)", "[1,", dict(type=int)),
-    S("mask_ratio", 0.6, "fraction of the mask blocks that are masked (§2)", "(0,1)"),
-    # §3–§5 options of the model; None = the per-arch default of the released configs (a2mim.method_defaults).
-    S("loss_recipe", "released", "released: per-arch Fourier term; paper: the Fourier term for every arch (§5)",
+    S("mask_ratio", 0.6, "fraction of the mask blocks masked (§2)", "(0,1)"),
+    # §3–§5, the model's options; None = the arch's default in the released configs (a2mim.method_defaults).
+    S("loss_recipe", "released", "released: per-arch Fourier term; paper: one for every arch (§5)",
       kw=dict(choices=("released", "paper"))),
-    S("fill", None, "ablation: masked input filled with mean / zero, or none (untouched)",
-      kw=dict(choices=("mean", "zero", "none"))),
+    S("fill", None, "ablation: masked input filled with mean / zero, or none", ("mean", "zero", "none")),
     S("token_at", None, "ablation: token site, e.g. 'stem', 'layer3'", kw=dict(type=str)),
-    S("token_mode", None, "ablation: how the token is written", kw=dict(choices=("gate", "add", "replace"))),
-    S("spatial", None, "ablation: pixel loss", kw=dict(choices=("focal_l1", "l1"))),
+    S("token_mode", None, "ablation: how the token is written", ("gate", "add", "replace")),
+    S("spatial", None, "ablation: pixel loss", ("focal_l1", "l1")),
     S("fft_weight", None, "ablation: λ of the Fourier loss (0 = off)", "[0,", dict(type=float)),
-    S("fft_loss", None, "ablation: form of the Fourier loss", kw=dict(choices=("focal_frequency", "spectral_focal_l1"))),
+    S("fft_loss", None, "ablation: the Fourier loss", ("focal_frequency", "spectral_focal_l1")),
     S("fft_unmask_weight", None, "ablation: w of the 'mixed' image", "[0,1]", dict(type=float)),
-    # §6 optimisation. lr = blr × global batch / 512.
+    # §6, optimisation: lr = blr × global batch / 512.
     S("epochs", 2, "epochs of the lr schedule", "[1,"),
     S("batch_size", 128, "per process (per GPU); global = this × processes × accum", "[1,"),
     S("accum_steps", 1, "gradient accumulation micro-steps per optimiser step", "[1,"),
-    S("blr", 4e-3, "base lr per 512 images of global batch (small data: a short-run lr)", "(0,"),
-    S("min_lr", 1e-5, "absolute lr that every parameter group anneals to (cosine)", "[0,"),
+    S("blr", 4e-3, "base lr per 512 images (small data: a short-run lr)", "(0,"),
+    S("min_lr", 1e-5, "absolute lr that every parameter group anneals to", "[0,"),
     S("warmup_epochs", 0.2, "linear warm-up", "[0,"),
-    S("schedule", "cosine", "cosine, or ×0.1 at --step-epoch", kw=dict(choices=("cosine", "step"))),
+    S("schedule", "cosine", "cosine, or ×0.1 at --step-epoch", ("cosine", "step")),
     S("step_epoch", None, "epoch of the ×0.1 step (schedule 'step')", "[1,", dict(type=int)),
     S("weight_decay", 0.05, "AdamW decay (none on norms, biases, tokens: runtime.NO_DECAY)", "[0,"),
-    S("token_lr_scale", 0.1, "lr multiplier of the mask token T (§6)", "[0,"),
-    S("gamma_lr_scale", 0.1, "lr multiplier of the token gate γ (§6)", "[0,"),
-    S("gamma_weight_decay", 0.0, "weight decay of the token gate γ (§6)", "[0,"),
-    S("clip_grad", None, "max gradient norm (off: the CNN recipes)", "(0,", dict(type=float)),
+    S("token_lr_scale", 0.1, "lr multiplier of the mask token T", "[0,"),
+    S("gamma_lr_scale", 0.1, "lr multiplier of the token's gate γ", "[0,"),
+    S("gamma_weight_decay", 0.0, "weight decay of the token's gate γ", "[0,"),
+    S("clip_grad", None, "max gradient norm (off in the CNN recipes)", "(0,", dict(type=float)),
     S("drop_path", None, "stochastic depth (default: the encoder's)", "[0,1)", dict(type=float)),
     S("sync_bn", True, "SyncBatchNorm for CNNs on several CUDA processes (§4)"),
     # How it runs.
-    S("precision", "auto", "auto = bf16 on GPU, fp32 on CPU", kw=dict(choices=PRECISIONS)),
+    S("precision", "auto", "auto = bf16 on GPU, fp32 on CPU", PRECISIONS),
     S("compile", False, "torch.compile the model"),
-    S("device_data", "auto", "hold a small dataset on the device, augment there (auto: on CUDA)",
-      kw=dict(choices=("auto", "on", "off"))),
+    S("device_data", "auto", "small data held and augmented on the GPU (auto: on CUDA)", ("auto", "on", "off")),
     S("workers", None, "data loader workers per process", "[0,", dict(type=int)),
-    S("threads", None, "torch CPU threads per process (2 cores shared with another job: use 1)", "[1,", dict(type=int)),
+    S("threads", None, "torch CPU threads (2 cores shared with another job: use 1)", "[1,", dict(type=int)),
     S("seed", 0, "initial weights, masks, augmentation"),
     S("out_dir", "out", "folder of the run folders"),
     S("run_name", None, "sub-folder of --out-dir (default: method_arch_data)", kw=dict(type=str)),
@@ -94,31 +85,24 @@ SETTINGS = (
     S("save_every_minutes", 0.0, "also every M minutes (0 = off)", "[0,"),
     S("vis_every", 200, "reconstruction PNG every N steps (0 = off)", "[0,"),
     S("log_every", 20, "log.jsonl line every N steps", "[1,"),
-    S("max_steps", None, "stop after this many optimiser steps (tests, benchmarks)", "[1,", dict(type=int)),
-    S("on_nonfinite", "stop", "a non-finite loss stops the run, or skips the step (gradients too)",
+    S("max_steps", None, "stop after this many optimiser steps", "[1,", dict(type=int)),
+    S("on_nonfinite", "stop", "non-finite loss: stop, or skip the step (and one with non-finite gradients)",
       kw=dict(choices=("stop", "skip"))),
 )
 
-# §6, the released ImageNet configs. Global batch 2048 on 8 GPUs; lr = blr × 2048 / 512.
+# §6, the released ImageNet configs: 8 processes, global batch 2048.
 RESNET = dict(img_size=224, mask_patch_size=32, width=64, epochs=300, batch_size=256, accum_steps=1, blr=3e-4,
               min_lr=1e-5, warmup_epochs=10, schedule="cosine", weight_decay=0.05, clip_grad=None, sync_bn=True,
-              token_lr_scale=0.1, gamma_lr_scale=1.0, gamma_weight_decay=0.05)  # γ: the 300-epoch configs
+              token_lr_scale=0.1, gamma_lr_scale=1.0, gamma_weight_decay=0.05)  # γ as in the 300-epoch configs
 R50_100_EPOCHS = dict(gamma_lr_scale=0.1, gamma_weight_decay=0.0)  # r50_l3_sz224_init_8xb256_cos_ep100
-CONVNEXT = RESNET | dict(width=None) | R50_100_EPOCHS  # convnext_*_l3_sz224_init_8xb256_cos_ep300
 VIT = dict(img_size=224, mask_patch_size=32, epochs=800, batch_size=128, accum_steps=2, blr=1e-4, warmup_epochs=10,
            schedule="step", step_epoch=700, weight_decay=0.05, clip_grad=5.0, drop_path=0.1, token_lr_scale=1.0)
-RECIPES = {"ResNet": RESNET, "ConvNeXt": CONVNEXT, "ViT-S": VIT | dict(batch_size=256, accum_steps=1), "ViT-B/L": VIT}
-PAPER_PROCESSES = 8
-# The small-data recipe is SETTINGS' defaults, except what a ViT's released configs do differently.
-SMALL_VIT = dict(token_lr_scale=1.0)
-RECIPE_KEYS = sorted(set().union(*RECIPES.values()) - {"img_size", "mask_patch_size"})
-
-
-def recipe_name(arch):
-    """Which §6 recipe an arch gets (resnet18/34 and vit_tiny borrow their family's)."""
-    if arch_family(arch) == "vit":
-        return "ViT-S" if arch in ("vit_tiny", "vit_small") else "ViT-B/L"
-    return "ConvNeXt" if arch.startswith("convnext") else "ResNet"
+RECIPES = {"ResNet": RESNET, "ConvNeXt": RESNET | dict(width=None) | R50_100_EPOCHS,
+           "ViT-S": VIT | dict(batch_size=256, accum_steps=1), "ViT-B/L": VIT}
+RECIPE_KEYS = sorted(set().union(*RECIPES.values()))
+SMALL_VIT = dict(token_lr_scale=1.0)  # the small-data recipe, where a ViT's released configs differ
+RECIPE_OF = {a: "ViT-S" if a in ("vit_tiny", "vit_small") else "ViT-B/L" if a.startswith("vit") else  # resnet18/34,
+             "ConvNeXt" if a.startswith("convnext") else "ResNet" for a in ARCHS}  # vit_tiny: their family's
 
 
 def flag(name):
@@ -127,28 +111,27 @@ def flag(name):
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="(recipe) = the (arch, data) recipe may set another value; see --print-config")
+                                epilog="(recipe): the (arch, data) recipe may set another value, see --print-config")
     for s in SETTINGS:
-        kw = dict(s.kw)
-        if isinstance(s.default, bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        elif s.default is not None and "choices" not in kw:
+        kw = dict(s.kw, action=argparse.BooleanOptionalAction) if isinstance(s.default, bool) else dict(s.kw)
+        if isinstance(s.valid, tuple):
+            kw["choices"] = s.valid
+        elif s.default is not None and not isinstance(s.default, bool):
             kw["type"] = type(s.default)
         note = " (recipe)" if s.name in RECIPE_KEYS else ""
         p.add_argument(flag(s.name), default=None, help=f"{s.help}; default {s.default}{note}", **kw)
     p.add_argument("--preset", choices=("auto", "official", "small", "none"), default="auto",
-                   help="auto: from (arch, data); official: the paper's recipe for --arch on any data; "
-                        "small (or none): the small-data recipe")
+                   help="auto: from (arch, data); official: the paper's recipe on any data; small (none): small-data")
     p.add_argument("--resume", help="checkpoint to resume from (a run folder resumes itself)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a folder that holds another run")
     p.add_argument("--print-config", action="store_true", help="print every resolved setting and its source, exit")
-    p.add_argument("--assume-world-size", type=int, help="resolve as if run on N processes (with --print-config)")
+    p.add_argument("--assume-world-size", type=int, help="resolve as if run on N processes")
     return p
 
 
 def resolve_config(args, world_size=1):
-    """Defaults < the (arch, data) recipe < the command line, then the derived batch and lr.
-    `cfg["source"]` says where each value came from."""
+    """Defaults < the (arch, data) recipe < the command line; then the derived batch and lr.
+    cfg["source"] names where each value came from."""
     cli = {s.name: getattr(args, s.name) for s in SETTINGS if getattr(args, s.name, None) is not None}
     cfg = {s.name: s.default for s in SETTINGS}
     source = dict.fromkeys(cfg, "default")
@@ -162,21 +145,28 @@ def resolve_config(args, world_size=1):
         layer(dict(data="imagenet"), "--preset official")
     name, arch = cli.get("data", cfg["data"]), cli.get("arch", cfg["arch"])
     size = cli.get("img_size", data.dataset_info(name)["img_size"])  # DataError for an unknown dataset
-    large = preset == "official" or (preset == "auto" and name in ("imagenet", "folder") and size >= 192)
-    if large:
-        recipe = recipe_name(arch)
-        layer(RECIPES[recipe], f"arch recipe ({recipe}, §6)")
+    if preset == "official" or (preset == "auto" and name in ("imagenet", "folder") and size >= 192):
+        layer(RECIPES[RECIPE_OF[arch]], f"arch recipe ({RECIPE_OF[arch]}, §6)")
         if arch == "resnet50" and cli.get("epochs") == 100:
-            layer(R50_100_EPOCHS, "arch recipe (ResNet-50 100 epochs, §6)")
+            layer(R50_100_EPOCHS, "arch recipe (ResNet-50, 100 epochs, §6)")
     else:
         layer({k: cfg[k] for k in RECIPE_KEYS}, "small-data recipe")
-        if arch_family(arch) == "vit":
-            layer(SMALL_VIT, "small-data recipe (ViT)")
+        layer(SMALL_VIT if arch_family(arch) == "vit" else {}, "small-data recipe (ViT)")
         layer(dict(img_size=size, mask_patch_size=max(1, size // 8) if size < 192 else 32), f"dataset recipe ({name})")
     layer(cli, "command line")
-    check_ranges(cfg)
-    cfg["world_size"] = world_size
-    cfg["global_batch"] = cfg["batch_size"] * world_size * cfg["accum_steps"]
+    for s in SETTINGS:  # every value against its range
+        value, spec = cfg[s.name], s.valid
+        if not isinstance(spec, str) or not spec or value is None:
+            continue
+        lo, hi = spec[1:].rstrip(")]").split(",")
+        if not ((value >= float(lo) if spec[0] == "[" else value > float(lo)) and
+                (not hi or (value <= float(hi) if spec[-1] == "]" else value < float(hi)))):
+            want = f"in {spec[0]}{lo}, {hi}{spec[-1]}" if hi else \
+                ("at least " if spec[0] == "[" else "greater than ") + lo
+            raise ConfigError(f"{flag(s.name)} must be {want}, got {value}")
+    if cfg["schedule"] == "step" and not cfg["step_epoch"]:
+        raise ConfigError("--schedule step needs --step-epoch (the epoch of the ×0.1 step)")
+    cfg["world_size"], cfg["global_batch"] = world_size, cfg["batch_size"] * world_size * cfg["accum_steps"]
     cfg["lr"] = cfg["blr"] * cfg["global_batch"] / 512
     source.update(world_size="processes", global_batch="batch_size × processes × accum_steps",
                   lr="blr × global_batch / 512")
@@ -184,95 +174,54 @@ def resolve_config(args, world_size=1):
     return cfg
 
 
-def check_ranges(cfg):
-    """Every value against its `valid` interval: "[1," = at least 1, "(0,1)" = strictly between."""
-    for s in SETTINGS:
-        value, spec = cfg[s.name], s.valid
-        if not spec or value is None:
-            continue
-        lo, hi = spec[1:].rstrip(")]").split(",")
-        ok = (value >= float(lo) if spec[0] == "[" else value > float(lo)) and \
-            (not hi or (value <= float(hi) if spec[-1] == "]" else value < float(hi)))
-        if not ok:
-            want = f"in {spec[0]}{lo}, {hi}{spec[-1]}" if hi else ("at least " if spec[0] == "[" else "greater than ") + lo
-            raise ConfigError(f"{flag(s.name)} must be {want}, got {value}")
-    if cfg["schedule"] == "step" and not cfg["step_epoch"]:
-        raise ConfigError("--schedule step needs --step-epoch (the epoch of the ×0.1 step)")
-
-
 def paper_note(cfg):
-    """One line when the paper's recipe runs on another global batch than the paper's 8 processes."""
-    recipe = RECIPES.get(recipe_name(cfg["arch"]))
-    if not cfg["source"]["batch_size"].startswith("arch recipe") or recipe is None:
-        return None
-    paper = recipe["batch_size"] * recipe["accum_steps"] * PAPER_PROCESSES
-    if paper == cfg["global_batch"]:
-        return None
-    return (f"note: the paper's {cfg['arch']} recipe is global batch {paper}, lr {recipe['blr'] * paper / 512:.3g} "
-            f"({PAPER_PROCESSES} processes); this run: {cfg['world_size']} process(es), global batch "
-            f"{cfg['global_batch']}, lr {cfg['lr']:.3g} (the same blr {cfg['blr']:g} per 512 images)")
+    """One line when the paper's recipe runs at another global batch than on the paper's 8 processes."""
+    recipe = RECIPES[RECIPE_OF[cfg["arch"]]]
+    paper = recipe["batch_size"] * recipe["accum_steps"] * 8
+    if cfg["source"]["batch_size"].startswith("arch recipe") and paper != cfg["global_batch"]:
+        return (f"note: the paper's {cfg['arch']} recipe is global batch {paper}, lr {recipe['blr'] * paper / 512:.3g} "
+                f"(8 processes); this run: {cfg['world_size']} process(es), global batch {cfg['global_batch']}, "
+                f"lr {cfg['lr']:.3g} (the same blr {cfg['blr']:g} per 512 images)")
+    return None
 
 
-def print_config(cfg):
-    for k, v in cfg.items():
-        if k != "source":
-            print(f"{k:<20} {json.dumps(v):<16} {cfg['source'].get(k, '')}")
-    note = paper_note(cfg)
-    if note:
-        print(note)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model, data and optimiser.
-# ---------------------------------------------------------------------------------------------
-
-MODEL_OPTIONS = ("loss_recipe", "fill", "token_at", "token_mode", "spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
+# --- Model, data and optimiser.
+MODEL_OPTIONS = ("loss_recipe", "fill", "token_at", "token_mode", "spatial", "fft_weight", "fft_loss",
+                 "fft_unmask_weight")
 
 
 def encoder_kwargs(cfg):
     """What build_encoder needs; stored in every checkpoint so eval_linear.py can rebuild it."""
-    kw = dict(arch=cfg["arch"], img_size=cfg["img_size"])
-    if arch_family(cfg["arch"]) != "vit":
-        kw["width"] = cfg["width"]
-    if cfg["drop_path"] is not None:
-        kw["drop_path"] = cfg["drop_path"]
-    return kw
+    kw = dict(arch=cfg["arch"], img_size=cfg["img_size"], drop_path=cfg["drop_path"])
+    return kw if arch_family(cfg["arch"]) == "vit" else kw | dict(width=cfg["width"])
 
 
 def build_model(cfg, env):
-    """A2MIM around the encoder; raises ConfigError when mask grid, token site and decoder do not fit."""
+    """A2MIM around the encoder; ConfigError when mask grid, token site and decoder do not fit."""
     model = A2MIM(build_encoder(**encoder_kwargs(cfg)), method=cfg["method"], mask_patch_size=cfg["mask_patch_size"],
                   mask_ratio=cfg["mask_ratio"], **{k: cfg[k] for k in MODEL_OPTIONS}).to(env.device)
     model = channels_last(model, model.encoder.family, env.device)
-    if model.encoder.family == "cnn" and env.device.type == "cuda" and env.enabled and cfg.get("sync_bn", True):
+    if model.encoder.family == "cnn" and env.device.type == "cuda" and env.enabled and cfg["sync_bn"]:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # §4: SyncBN across GPUs
     return model
 
 
 def build_optimizer(model, cfg, env):
-    groups = param_groups(model, weight_decay=cfg["weight_decay"], arch=cfg["arch"], token_lr_scale=cfg["token_lr_scale"],
-                          gamma_lr_scale=cfg.get("gamma_lr_scale"), gamma_weight_decay=cfg.get("gamma_weight_decay"))
-    fused = env.device.type == "cuda"  # one kernel for all parameters
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, fused=fused)
-
-
-def schedule_kwargs(cfg, steps_per_epoch):
-    step_at = [cfg["step_epoch"] * steps_per_epoch] if cfg["step_epoch"] else []
-    return dict(lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"],
-                warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), min_lr=cfg["min_lr"], step_at=step_at)
+    groups = param_groups(model, weight_decay=cfg["weight_decay"], arch=cfg["arch"],
+                          token_lr_scale=cfg["token_lr_scale"], gamma_lr_scale=cfg["gamma_lr_scale"],
+                          gamma_weight_decay=cfg["gamma_weight_decay"])
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, fused=env.device.type == "cuda")
 
 
 def mask_generator(cfg, env, step):
     """Masks are a pure function of (seed, step, rank): a resumed run draws the same masks."""
-    g = torch.Generator(device=env.device)
-    g.manual_seed(cfg["seed"] * 1_000_003 + step * env.world_size + env.rank)
-    return g
+    return torch.Generator(device=env.device).manual_seed(cfg["seed"] * 1_000_003 + step * env.world_size + env.rank)
 
 
 def build_train_loader(cfg, env):
-    """(batches, number of images, folder read from). Small datasets on a GPU live on the device
-    and are augmented there (data.device_loader); everything else goes through a DataLoader."""
-    family, c = arch_family(cfg["arch"]), cfg
+    """(batches, number of images, folder read from). Small datasets on a GPU live on the device and
+    are augmented there (data.device_loader); everything else goes through a DataLoader."""
+    c, family = cfg, arch_family(cfg["arch"])
     on_device = c["device_data"] == "on" or (
         c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.DEVICE_DATASETS)
     if on_device:
@@ -281,24 +230,20 @@ def build_train_loader(cfg, env):
                                     world_size=env.world_size, rank=env.rank, download=c["download"])
         n, where = len(loader.images_nchw), loader.source
     else:
-        train_set = data.build_dataset(c["data"], "train", data_dir=c["data_dir"], img_size=c["img_size"],
-                                       transform="pretrain", family=family, download=c["download"])
-        n, where = len(train_set), train_set.source
+        dataset = data.build_dataset(c["data"], "train", data_dir=c["data_dir"], img_size=c["img_size"],
+                                     transform="pretrain", family=family, download=c["download"])
+        n, where = len(dataset), dataset.source
+    data.check_enough(n, c["batch_size"], c["accum_steps"], env.world_size, c["data"])
+    if not on_device:
         # On a CPU the in-memory datasets load faster in the main process than in workers that
         # fight the training threads for the same cores.
-        workers = c["workers"]
-        if workers is None and env.device.type == "cpu" and c["data"] in data.IN_MEMORY:
-            workers = 0
-        loader = data.build_loader(train_set, c["batch_size"], train=True, distributed=env.enabled,
-                                   workers=workers, seed=c["seed"])
-    data.check_enough(n, c["batch_size"], c["accum_steps"], env.world_size, c["data"])
+        cpu = c["workers"] is None and env.device.type == "cpu" and c["data"] in data.IN_MEMORY
+        loader = data.build_loader(dataset, c["batch_size"], train=True, distributed=env.enabled,
+                                   workers=0 if cpu else c["workers"], seed=c["seed"])
     return loader, n, where
 
 
-# ---------------------------------------------------------------------------------------------
-# The run folder: out/<run-name>/{config.json, checkpoint.pt, log.jsonl, recon_*.png, .lock}
-# ---------------------------------------------------------------------------------------------
-
+# --- The run folder: out/<run-name>/{config.json, checkpoint.pt, log.jsonl, recon_*.png, .lock}
 # Settings that may change between the runs of one folder without making it "another run".
 NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save_every_steps", "save_every_minutes",
                 "vis_every", "compile", "max_steps", "on_nonfinite", "run_name", "out_dir", "data_dir", "precision",
@@ -306,21 +251,24 @@ NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save
 Run = collections.namedtuple("Run", "dir ckpt log config")
 
 
-def run_identity(cfg):
-    return {k: v for k, v in cfg.items() if k not in NOT_IDENTITY}
-
-
 def differs(previous, cfg):
-    return sorted(k for k in run_identity(cfg) if previous.get(k) != cfg[k])
+    return sorted(k for k in cfg if k not in NOT_IDENTITY and previous.get(k) != cfg[k])
 
 
 def prepare_run_dir(cfg, args):
-    """(Run, checkpoint to resume or None), reading only. The same command resumes from the
-    folder's checkpoint; a folder that holds a different run is refused (--resume of another
-    run's checkpoint included) unless --overwrite, which starts afresh."""
+    """(Run, checkpoint to resume or None), writing nothing. The same command resumes; a folder of another
+    run is refused (--resume of another run's checkpoint into it too) unless --overwrite: afresh."""
     d = os.path.join(cfg["out_dir"], cfg["run_name"] or f"{cfg['method']}_{cfg['arch']}_{cfg['data']}")
     run = Run(d, *(os.path.join(d, f) for f in ("checkpoint.pt", "log.jsonl", "config.json")))
-    check_writable(d)
+    parent = d
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise RunError(f"cannot create the output folder {d}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()  # can we write there? (gone again at once)
+    except OSError as e:
+        raise RunError(f"cannot write the output folder {d}: {parent} is not writable ({e.strerror})") from None
     if os.path.exists(run.config) and not args.overwrite:
         try:
             with open(run.config) as f:
@@ -335,24 +283,18 @@ def prepare_run_dir(cfg, args):
     return run, run.ckpt if os.path.exists(run.ckpt) and not args.overwrite else None
 
 
-def check_writable(folder):
-    """One sentence before training when `folder` cannot be created or written (tried with a
-    temporary file in its nearest existing parent, which is removed again)."""
-    parent = folder
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent) or "."
-    if not os.path.isdir(parent):
-        raise RunError(f"cannot create the output folder {folder}: {parent} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise RunError(f"cannot write the output folder {folder}: {parent} is not writable ({e.strerror})") from None
+def all_max(env, *flags):
+    """The element-wise max of integer flags over all ranks (a CPU all-reduce): every rank agrees."""
+    t = torch.tensor([int(f) for f in flags])
+    if env.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.cpu_group)
+    return t.tolist()
 
 
 @contextlib.contextmanager
 def locked(run, env):
-    """An exclusive flock on <run>/.lock held by rank 0 while training (a kill -9 releases it too),
-    so that a second train.py on the same folder is refused instead of mixing logs and checkpoints."""
+    """An exclusive flock on <run>/.lock held by rank 0 (a kill -9 releases it too): a second
+    train.py on the same folder is refused instead of mixing logs and checkpoints."""
     fd, busy = None, False
     if env.is_main:
         os.makedirs(run.dir, exist_ok=True)
@@ -362,12 +304,12 @@ def locked(run, env):
         except BlockingIOError:
             busy = True
     try:
-        if all_max(env, busy)[0]:  # every rank learns it
+        if all_max(env, busy)[0]:
             raise RunError(f"another train.py is running in {run.dir}; wait for it to end, or use another --run-name")
         yield
     finally:
         if fd is not None:
-            os.close(fd)  # closing releases the lock
+            os.close(fd)  # releases the lock
 
 
 def kept(ckpt):
@@ -375,27 +317,20 @@ def kept(ckpt):
 
 
 def first_nonfinite(*state_dicts):
-    """The name of the first tensor holding a NaN/inf in these (nested) state dicts, or None."""
-    for sd in state_dicts:
-        items = list(sd.items())
-        while items:
-            k, v = items.pop(0)
-            if isinstance(v, dict):
-                items += [(f"{k}.{k2}", v2) for k2, v2 in v.items()]
-            elif isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
-                return k
+    """The first key whose tensor holds a NaN/inf in these (nested) state dicts, or None."""
+    for k, v in (item for sd in state_dicts for item in sd.items()):
+        if first_nonfinite(v) if isinstance(v, dict) else v.is_floating_point() and not v.isfinite().all():
+            return first_nonfinite(v) if isinstance(v, dict) else str(k)
     return None
 
 
 def save(run, model, optimizer, scaler, cfg, env, pos):
-    """Checkpoint at `pos` (step, epoch, batch): every rank takes part (buffers, RNG states), rank 0
-    writes. A checkpoint with a non-finite tensor is never written: the run stops instead."""
+    """Checkpoint at pos (step, epoch, batch): every rank takes part (BatchNorm buffers, its RNG
+    state), rank 0 writes. A non-finite tensor is never written: the run stops instead."""
     broadcast_buffers(model, env)
-    rngs = [None] * env.world_size
+    rngs = [rng_state()] * env.world_size
     if env.enabled:
         dist.all_gather_object(rngs, rng_state(), group=env.cpu_group)  # each rank resumes its own streams
-    else:
-        rngs = [rng_state()]
     state = dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  config=cfg, encoder_kwargs=encoder_kwargs(cfg), method=cfg["method"], rng=rngs, **pos)
     bad = first_nonfinite(state["model"], state["optimizer"]["state"])
@@ -406,63 +341,51 @@ def save(run, model, optimizer, scaler, cfg, env, pos):
 
 
 def restore(path, model, optimizer, scaler, cfg, env):
-    """Model/optimiser/scaler from a checkpoint of the same run → its position and this rank's RNG state."""
+    """Model, optimiser, scaler from a checkpoint of this run → (position, this rank's RNG), its settings."""
     state = load_checkpoint(path, arch=cfg["arch"])
     diff = differs(state["config"], cfg)
     if diff:
-        raise CheckpointError(f"{path} was trained with other settings ({', '.join(diff)}); resume it with the same ones")
+        raise CheckpointError(f"{path} was trained with other settings ({', '.join(diff)}); "
+                              "resume it with the same ones")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    pos = {k: state[k] for k in ("step", "epoch", "batch")}
-    pos["rng"] = state["rng"][env.rank] if pos["batch"] else None
+    pos = dict(step=state["step"], epoch=state["epoch"], batch=state["batch"], rng=state["rng"][env.rank])
     return pos, state["config"]
 
 
 def trim_log(path, step):
-    """Keep the log records of steps before `step`: a run killed after its last checkpoint
-    logged steps that the resumed run will redo."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-    with open(f"{path}.tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(f"{path}.tmp", path)
+    """Keep the records of steps before `step`: a killed run logged steps the resumed one redoes."""
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(f"{path}.tmp", path)
 
 
 COLUMNS = "original-input-prediction-pasted"  # the PNG's columns, named in its file name
 
 
 def save_reconstructions(path, img_bchw, out, method=None, n=8):
-    """One row per image, four columns: original | model input | prediction | prediction pasted into
-    the visible pixels. Drawn from what the model returned (its own fill), on the CPU; images under
-    96 px are upscaled (nearest) so that a 32-px tile is legible. `method` is unused (older calls)."""
+    """Rows of original | model input | prediction | prediction pasted into the visible pixels, from
+    what the model returned (its own fill), on the CPU; small images upscaled (nearest) to ≥ 96 px
+    so that a 32-px tile is legible. `method` is unused (kept for older calls)."""
     from torchvision.utils import save_image
-    from a2mim import resize_mask
 
     pred, mask = out["pred"][:n].detach().float().cpu(), out["mask"][:n].cpu()
-    seen = out.get("input", img_bchw)[:n].detach().float().cpu()  # `input`: the pixels the encoder saw
+    seen = out.get("input", img_bchw)[:n].detach().float().cpu()  # the pixels the encoder saw
     m = resize_mask(mask, pred.shape[-1]).float()
     rows = torch.stack([img_bchw[:n].float().cpu(), seen, pred, seen * (1 - m) + pred * m], dim=1)  # [n, 4, 3, H, W]
     rows = rows * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    scale = max(1, math.ceil(96 / pred.shape[-1]))
-    tiles = nn.functional.interpolate(rows.flatten(0, 1), scale_factor=scale, mode="nearest")
+    tiles = nn.functional.interpolate(rows.flatten(0, 1), scale_factor=math.ceil(96 / pred.shape[-1]), mode="nearest")
     save_image(tiles.clamp(0, 1), path, nrow=4, padding=2)
 
 
-# ---------------------------------------------------------------------------------------------
-# The training loop.
-# ---------------------------------------------------------------------------------------------
-
-
-class NonFiniteLoss(RunError):
-    pass
-
-
+# --- The training loop.
 class LossLog:
-    """Keeps the step's loss tensors on the device and looks at them only every `log_every`
-    steps, so a step never waits for the GPU; a NaN is still traced to the step it came from."""
+    """Losses stay on the device until a flush every log_every steps (one host sync): it traces a NaN
+    to its step and appends the window's mean to log.jsonl."""
 
     def __init__(self, run, is_main):
         self.run, self.is_main, self.window, self.t0, self.images = run, is_main, [], time.time(), 0
@@ -472,36 +395,32 @@ class LossLog:
         self.images += images
 
     def flush(self, epoch, lr):
-        """Check the window for NaN/inf, then append its mean to log.jsonl. Returns the record."""
         if not self.window:
-            return None
-        steps, parts = [s for s, _ in self.window], torch.stack([p for _, p in self.window]).cpu()  # one host sync
+            return dict(loss=math.nan, img_per_s=0)  # every step of the window was skipped
+        steps, parts = zip(*self.window)
+        parts, self.window = torch.stack(parts).cpu(), []
         bad = (~torch.isfinite(parts)).any(dim=1).nonzero()
         if len(bad):
             s, (loss, spa, freq) = steps[bad[0, 0]], parts[bad[0, 0]].tolist()
-            raise NonFiniteLoss(f"non-finite loss at step {s} (loss={loss}, spatial={spa}, freq={freq}): stopped, "
+            raise RunError(f"non-finite loss at step {s} (loss={loss}, spatial={spa}, freq={freq}): stopped, "
                                 f"{kept(self.run.ckpt)} (--on-nonfinite skip skips such steps)")
-        rec = dict(step=steps[-1], epoch=epoch, lr=lr, img_per_s=round(self.images / max(time.time() - self.t0, 1e-9), 1),
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rec = dict(step=steps[-1], epoch=epoch, lr=lr, img_per_s=round(self.images / elapsed, 1),
                    **dict(zip(("loss", "loss_spatial", "loss_freq"), parts.mean(0).tolist())))
         if self.is_main:
             with open(self.run.log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        self.window, self.t0, self.images = [], time.time(), 0
+        self.t0, self.images = time.time(), 0
         return rec
 
 
-class Stop:
-    """SIGTERM, SIGUSR1 and Ctrl-C only set a flag: the loop finishes its step, checkpoints and
-    exits with 128 + the signal. `poll` all-reduces the flag (and whether a timed checkpoint is
-    due) after every step, on a CPU group, so that every rank stops at the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, cfg, env):
-        self.env, self.signum, self.every_s, self.saved = env, 0, cfg["save_every_minutes"] * 60, time.monotonic()
+class Stop(contextlib.AbstractContextManager):
+    """SIGTERM, SIGUSR1 (what schedulers send before a kill) and Ctrl-C only set `signum`: the loop
+    finishes its step, checkpoints, exits 128 + signal. A second signal ends it at once."""
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self.catch) for s in self.SIGNALS}
+        self.signum, signals = 0, (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        self.previous = {s: signal.signal(s, self.catch) for s in signals}
         return self
 
     def __exit__(self, *exc):
@@ -509,29 +428,18 @@ class Stop:
             signal.signal(s, handler)
 
     def catch(self, signum, frame):
-        if self.signum:  # a second signal: stop now, without a checkpoint
+        if self.signum:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr)
 
-    def any(self, *flags):
-        """The element-wise max of `flags` over all ranks."""
-        t = torch.tensor([int(f) for f in flags])
-        if self.env.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.env.cpu_group)
-        return t.tolist()
-
-    def poll(self):
-        """(signal number or 0, timed checkpoint due), the same on every rank."""
-        return self.any(self.signum, self.every_s and time.monotonic() - self.saved >= self.every_s)
-
 
 def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, mask=None, generator=None):
-    """One micro-step: forward under autocast, backward of loss/accum. DDP all-reduces the
+    """One micro-step: forward under autocast, backward of loss / accum. DDP all-reduces the
     gradients only when `last` (the final micro-step of an accumulation group), via no_sync."""
     img = channels_last(img.to(env.device, non_blocking=True), unwrap(model).encoder.family, env.device)
-    with (model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()):
+    with model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext():
         with autocast(env.device, precision):
             out = model(img, mask, generator=generator)
         scaler.scale(out["loss"] / accum).backward()
@@ -539,45 +447,49 @@ def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, 
 
 
 def train(model, optimizer, scaler, loader, cfg, env, run, pos):
-    """The pre-training loop (§2–§6) from `pos` (step, epoch, batch, rng) on. Returns (pos, signal)."""
+    """The pre-training loop (§2–§6) from pos (step, epoch, batch, rng) on → (pos, signal or 0)."""
     accum, steps_per_epoch = cfg["accum_steps"], len(loader) // cfg["accum_steps"]
-    sched, precision = schedule_kwargs(cfg, steps_per_epoch), resolve_precision(cfg["precision"], env.device)
+    sched = dict(lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"],
+                 min_lr=cfg["min_lr"], warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
+                 step_at=[cfg["step_epoch"] * steps_per_epoch] if cfg["step_epoch"] else [])
+    precision = resolve_precision(cfg["precision"], env.device)
     max_steps = min(cfg["max_steps"] or math.inf, cfg["epochs"] * steps_per_epoch)
-    step, epoch, log = pos["step"], pos["epoch"], LossLog(run, env.is_main)
-    with Stop(cfg, env) as stop, tqdm(total=max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True) as bar:
+    step, epoch, log, saved_at = pos["step"], pos["epoch"], LossLog(run, env.is_main), time.monotonic()
+    with Stop() as stop, tqdm(total=max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True) as bar:
         while True:
-            # The epoch's sample order and augmentation are functions of (seed, epoch); resumed
-            # mid-epoch, the loader starts at the next batch without reading the earlier ones and
-            # this rank's random streams continue where the checkpoint left them.
+            # The epoch's order and augmentation are functions of (seed, epoch): resumed mid-epoch,
+            # the loader starts at the next batch without reading the earlier ones, and this rank's
+            # random streams continue where the checkpoint left them.
             torch.manual_seed(cfg["seed"] + 1000 * (epoch + 1) + env.rank)
             data.set_epoch(loader, epoch, start_batch=pos["batch"])
-            if pos.get("rng"):
-                set_rng_state(pos.pop("rng"))
+            rng = pos.pop("rng", None)
+            if rng is not None and pos["batch"]:
+                set_rng_state(rng)
             optimizer.zero_grad(set_to_none=True)
             for i, (img, _) in enumerate(loader, start=pos["batch"]):
                 if i >= steps_per_epoch * accum:
                     break  # an incomplete accumulation group at the end of the epoch is dropped
                 micro = i % accum
 
-                # 1. This step's lr: warm-up, then cosine (or ×0.1 steps); each parameter group
-                #    from its own peak (lr × lr_scale) to the same absolute min lr (§6).
+                # 1. This step's lr: warm-up, then cosine (or ×0.1 steps); each parameter group from
+                #    its own peak (lr × lr_scale) to the same absolute min lr (§6).
                 lr = set_scheduled_lr(optimizer, step, **sched)
 
-                # 2. Mask (§2; a function of seed, step and rank), fill, token (§3), encoder and
-                #    decoder (§4) and the loss (§5) are the model's forward; backward of loss / accum.
+                # 2. Mask (§2; from seed, step and rank), fill, token (§3), encoder, decoder (§4) and
+                #    loss (§5) are the model's forward; backward of loss / accum.
                 out = forward_backward(model, img, env, precision, scaler, accum=accum, last=micro == accum - 1,
                                        generator=mask_generator(cfg, env, step * accum + micro))
                 log.add(step, out, img.shape[0] * env.world_size)
                 if micro < accum - 1:
                     continue
 
-                # 3. Optimiser step: clip (ViT recipe), AdamW; with --on-nonfinite skip a step whose
-                #    loss or gradients are not finite is dropped (one host sync per step).
+                # 3. Optimiser step: clip (ViT recipe), AdamW. --on-nonfinite skip drops a step whose
+                #    loss or gradients are not finite (one host sync per step).
                 skip = cfg["on_nonfinite"] == "skip"
                 if cfg["clip_grad"] or skip:
                     scaler.unscale_(optimizer)
                     norm = nn.utils.clip_grad_norm_(model.parameters(), cfg["clip_grad"] or math.inf)
-                if skip and stop.any(not (torch.isfinite(norm) and torch.isfinite(out["loss"])))[0]:
+                if skip and all_max(env, not (torch.isfinite(norm) and torch.isfinite(out["loss"])))[0]:
                     print(f"step {step}: non-finite loss or gradients, step skipped", file=sys.stderr)
                     log.window.pop()
                 else:
@@ -587,38 +499,29 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
                 step += 1
                 bar.update()
 
-                # 4. Log, reconstruction PNG, checkpoint; stop on a signal, at --max-steps, at the end.
+                # 4. Log, reconstruction PNG, checkpoint; stop on a signal (all ranks at this same
+                #    step: the flags are all-reduced), at --max-steps or at the end.
                 end = i + 1 == steps_per_epoch * accum
                 here = dict(step=step, epoch=epoch + end, batch=0 if end else i + 1)
                 if step % cfg["log_every"] == 0:
-                    rec = log.flush(epoch, lr) or dict(loss=math.nan, img_per_s=0)  # empty: every step skipped
+                    rec = log.flush(epoch, lr)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
                 if env.is_main and cfg["vis_every"] and step % cfg["vis_every"] == 0:
                     save_reconstructions(os.path.join(run.dir, f"recon_step{step:06d}_{COLUMNS}.png"), img, out)
-                signum, timed = stop.poll()
-                done = step >= max_steps
-                every = (cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0) or \
-                    (end and here["epoch"] % cfg["save_every"] == 0)
-                if signum or timed or done or every:
+                minutes = cfg["save_every_minutes"] and time.monotonic() - saved_at >= 60 * cfg["save_every_minutes"]
+                signum, minutes = all_max(env, stop.signum, minutes)
+                every = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
+                if signum or minutes or step >= max_steps or every or (end and here["epoch"] % cfg["save_every"] == 0):
                     log.flush(epoch, lr)
                     save(run, model, optimizer, scaler, cfg, env, here)
-                    stop.saved = time.monotonic()
-                if signum or done:
+                    saved_at = time.monotonic()
+                if signum or step >= max_steps:
                     return here, signum
             epoch, pos["batch"] = epoch + 1, 0
 
 
-def all_max(env, *flags):
-    """The element-wise max of integer `flags` over all ranks (a CPU all-reduce)."""
-    t = torch.tensor([int(f) for f in flags])
-    if env.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.cpu_group)
-    return t.tolist()
-
-
 def run(cfg, args, env):
-    """Check everything before anything is written, then lock the folder, train, checkpoint.
-    Returns (model, exit code)."""
+    """Every check first (nothing written), then lock the folder and train. → (model, exit code)."""
     run_dir, resume_from = prepare_run_dir(cfg, args)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = build_model(cfg, env)  # ConfigError when mask grid, token site and decoder do not fit
@@ -628,46 +531,38 @@ def run(cfg, args, env):
     pos, before = dict(step=0, epoch=0, batch=0), cfg
     if resume_from:
         pos, before = restore(resume_from, model, optimizer, scaler, cfg, env)
-    planned = min(cfg["max_steps"] or math.inf, cfg["epochs"] * (len(loader) // cfg["accum_steps"]))
-    if pos["step"] >= planned:
+    if pos["step"] >= min(cfg["max_steps"] or math.inf, cfg["epochs"] * (len(loader) // cfg["accum_steps"])):
         print(f"nothing to do: {run_dir.dir} has finished {pos['step']} steps ({pos['epoch']} epochs); raise --epochs "
               "or --max-steps to train on, or pass --overwrite to start afresh")
         return unwrap(model), 0
     with locked(run_dir, env):
-        return train_in(run_dir, model, optimizer, scaler, loader, cfg, env, pos, before, resume_from, n_images, where)
-
-
-def train_in(run_dir, model, optimizer, scaler, loader, cfg, env, pos, before, resume_from, n_images, where):
-    """The locked part of run(): write config.json, say what runs, train, say how it ended."""
-    if env.is_main:
-        trim_log(run_dir.log, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
-        with open(f"{run_dir.config}.tmp", "w") as f:  # atomic, like the checkpoint
-            json.dump(cfg, f, indent=2)
-        os.replace(f"{run_dir.config}.tmp", run_dir.config)
-        what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
-        print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, {cfg['img_size']} px), "
-              f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
-              f"lr {cfg['lr']:.3g}: {what} in {run_dir.dir}")
-        for note in (paper_note(cfg), before["epochs"] != cfg["epochs"] and
-                     f"note: --epochs is {cfg['epochs']}, the checkpoint's run planned {before['epochs']}: the lr "
-                     f"schedule from step {pos['step']} on is the {cfg['epochs']}-epoch one"):
-            if note:
-                print(note)
-    if env.enabled:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    if cfg["compile"]:
-        model = torch.compile(model)
-
-    pos, signum = train(model, optimizer, scaler, loader, cfg, env, run_dir, pos)
+        if env.is_main:
+            trim_log(run_dir.log, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
+            with open(f"{run_dir.config}.tmp", "w") as f:  # atomic, like the checkpoint
+                json.dump(cfg, f, indent=2)
+            os.replace(f"{run_dir.config}.tmp", run_dir.config)
+            what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
+            print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, "
+                  f"{cfg['img_size']} px), "
+                  f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
+                  f"lr {cfg['lr']:.3g}: {what} in {run_dir.dir}")
+            notes = [paper_note(cfg), before["epochs"] != cfg["epochs"] and
+                     f"note: --epochs is {cfg['epochs']}, the checkpoint's run planned {before['epochs']}: "
+                     f"the lr schedule from step {pos['step']} on is the {cfg['epochs']}-epoch one"]
+            print("".join(f"{note}\n" for note in notes if note), end="")
+        if env.enabled:
+            model = nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if env.device.type == "cuda"
+                                                        else None)
+        model = torch.compile(model) if cfg["compile"] else model
+        pos, signum = train(model, optimizer, scaler, loader, cfg, env, run_dir, pos)
     if signum:
         print(f"stopped by {signal.Signals(signum).name} after step {pos['step']}: checkpoint {run_dir.ckpt} written; "
               "run the same command again to resume", file=sys.stderr)
-        return unwrap(model), 128 + signum
-    if env.is_main:
+    elif env.is_main:
         data_dir = f" --data-dir {cfg['data_dir']}" if cfg["data_dir"] else ""
         print(f"done: {pos['step']} steps, checkpoint {run_dir.ckpt}\n"
               f"evaluate it with:  python eval_linear.py --checkpoint {run_dir.ckpt} --data {cfg['data']}{data_dir}")
-    return unwrap(model), 0
+    return unwrap(model), 128 + signum if signum else 0
 
 
 def main(argv=None):
@@ -675,7 +570,8 @@ def main(argv=None):
     try:
         cfg = resolve_config(args, args.assume_world_size or int(os.environ.get("WORLD_SIZE", 1)))
         if args.print_config:
-            print_config(cfg)
+            rows = [f"{k:<20} {json.dumps(v):<16} {cfg['source'].get(k, '')}" for k, v in cfg.items() if k != "source"]
+            print("\n".join([*rows, paper_note(cfg) or ""]).rstrip())
             return 0
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
