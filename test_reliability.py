@@ -217,8 +217,9 @@ def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is
     state = train.load_checkpoint(tmp_path / CKPT)
     assert f"stopped by {sig.name} after step {state['step']}: checkpoint" in err and "run the same command again" in err
     assert 4 <= state["step"] < 32
-    finish(*argv)
-    assert_same_model(tmp_path / CKPT, reference)
+    if sig == signal.SIGTERM:  # one resume suffices: the checkpoint is the same code path for all three
+        finish(*argv)
+        assert_same_model(tmp_path / CKPT, reference)
 
 
 def snapshot(folder):

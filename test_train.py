@@ -92,6 +92,12 @@ def test_official_vit_base_recipe_matches_paper_at_8_gpus():
     assert resolved("--arch", "vit_small", "--data", "imagenet", world=8)["batch_size"] == 256
 
 
+def test_simmim_on_imagenet_gets_the_released_simmim_lr_and_no_token_lr_multiplier():
+    cfg = resolved("--arch", "resnet50", "--data", "imagenet", "--method", "simmim", world=8)
+    assert cfg["lr"] == pytest.approx(8e-4) and cfg["token_lr_scale"] == 1.0
+    assert cfg["source"]["blr"] == "arch recipe (SimMIM, §3)"
+
+
 def test_image_folder_at_192_px_or_more_gets_the_arch_recipe_smaller_data_the_small_one():
     assert resolved("--arch", "resnet50", "--data", "folder", "--img-size", "192")["epochs"] == 300
     small = resolved("--arch", "resnet50", "--data", "folder", "--img-size", "160")
@@ -284,10 +290,10 @@ def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_r
 
 def test_two_process_gloo_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     """Each rank's own RNG state is saved and restored; the loaders start at the batch after the
-    checkpoint without reading the earlier ones (16 steps per epoch here; stopped at 5 and 21)."""
+    checkpoint without reading the earlier ones (16 steps per epoch here; stopped at step 5)."""
     common = ["--epochs", "2", "--width", "8", "--drop-path", "0.1", "--arch", "resnet18"]
     torchrun(tmp_path, *common, "--out-dir", str(tmp_path / "a"))
-    for stop in ("5", "21", None):
+    for stop in ("5", None):
         torchrun(tmp_path, *common, "--out-dir", str(tmp_path / "b"), *(["--max-steps", stop] if stop else []))
     a = train.load_checkpoint(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt")
     b = train.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
@@ -301,15 +307,21 @@ def test_two_process_gloo_run_resumed_mid_epoch_matches_the_uninterrupted_run(tm
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert train.main([*TINY, "--epochs", "2", "--arch", "resnet18", "--width", "8", "--out-dir", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("stop_after", [10, 32])  # mid-epoch, and exactly at the epoch boundary
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, stop_after):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, uninterrupted, stop_after):
     common = [*TINY, "--epochs", "2", "--arch", "resnet18", "--width", "8"]
-    assert train.main([*common, "--out-dir", str(tmp_path / "a")]) == 0
     assert train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", str(stop_after)]) == 0
     stopped = train.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
     assert stopped["step"] == stop_after
     assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0  # same command: resumes itself
-    a = weights(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    a = weights(uninterrupted / "a2mim_resnet18_fake" / "checkpoint.pt")
     b = weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
     assert_same_weights(a, b)
 

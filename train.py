@@ -149,6 +149,8 @@ def resolve_config(args, world_size=1):
         layer(RECIPES[RECIPE_OF[arch]], f"arch recipe ({RECIPE_OF[arch]}, §6)")
         if arch == "resnet50" and cli.get("epochs") == 100:
             layer(R50_100_EPOCHS, "arch recipe (ResNet-50, 100 epochs, §6)")
+        if cli.get("method") == "simmim" and arch_family(arch) == "cnn":  # SimMIM's ResNet baseline as released
+            layer(dict(blr=2e-4, token_lr_scale=1.0), "arch recipe (SimMIM, §3)")
     else:
         layer({k: cfg[k] for k in RECIPE_KEYS}, "small-data recipe")
         layer(SMALL_VIT if arch_family(arch) == "vit" else {}, "small-data recipe (ViT)")
