@@ -34,7 +34,8 @@ TRANSFORMS = ("pretrain", "finetune", "eval", "none")
 SPLITS = ("train", "val")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_SCALE = {"cnn": (0.8, 1.0), "vit": (0.67, 1.0)}  # §6: RandomResizedCrop scale for pre-training
+CROP_SCALE = {"cnn": (0.8, 1.0), "vit": (0.67, 1.0),  # §6: RandomResizedCrop scale for pre-training,
+              "simmim": (0.67, 1.0)}  # by family; SimMIM's released ResNet recipe uses the ViTs' (§3)
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Native size below this: CIFAR-style recipes (pad-and-crop, plain resize); else ImageNet-style ones.
 LARGE_IMAGE_PX = 96

@@ -26,7 +26,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(reproduce.BUDGETS["smoke"], "pretrain_seeds", {})
-        assert reproduce.main([*ARGS, "--results-dir", str(out)]) == 0
+        assert reproduce.main([*ARGS, "--results-dir", str(out), "--jobs", "2"]) == 0  # 2 at a time: faster tests
     return out
 
 

@@ -96,6 +96,16 @@ def test_simmim_on_imagenet_gets_the_released_simmim_lr_and_no_token_lr_multipli
     cfg = resolved("--arch", "resnet50", "--data", "imagenet", "--method", "simmim", world=8)
     assert cfg["lr"] == pytest.approx(8e-4) and cfg["token_lr_scale"] == 1.0
     assert cfg["source"]["blr"] == "arch recipe (SimMIM, §3)"
+    assert cfg["crop"] == "simmim" and data.CROP_SCALE["simmim"] == (0.67, 1.0)  # §3: SimMIM's crop scale
+    assert resolved("--arch", "resnet50", "--data", "imagenet", world=8)["crop"] is None  # A²MIM: (0.8, 1), by family
+    crop = data.build_transform("pretrain", 224, family=cfg["crop"]).transforms[0]
+    assert crop.scale == (0.67, 1.0)
+
+
+def test_the_laptop_comparison_gives_simmim_and_a2mim_the_same_budget_and_crops():
+    a2mim, simmim = resolved(), resolved("--method", "simmim")
+    same = {k for k in a2mim if k not in ("method", "source") and a2mim[k] == simmim[k]}
+    assert same == set(a2mim) - {"method", "source"}
 
 
 def test_image_folder_at_192_px_or_more_gets_the_arch_recipe_smaller_data_the_small_one():

@@ -45,6 +45,8 @@ SETTINGS = (
     S("method", "a2mim", "a2mim, or simmim as released (§2, §3)", ("a2mim", "simmim")),
     S("mask_patch_size", None, "mask block in px (default img_size / 8, 32 at 224; §2)", "[1,", dict(type=int)),
     S("mask_ratio", 0.6, "fraction of the mask blocks masked (§2)", "(0,1)"),
+    S("crop", None, "pre-training crop: cnn (0.8, 1), vit or simmim (0.67, 1); default: the family's (§6)",
+      tuple(data.CROP_SCALE)),
     # §3–§5, the model's options; None = the arch's default in the released configs (a2mim.method_defaults).
     S("loss_recipe", "released", "released: per-arch Fourier term; paper: one for every arch (§5)",
       kw=dict(choices=("released", "paper"))),
@@ -150,7 +152,7 @@ def resolve_config(args, world_size=1):
         if arch == "resnet50" and cli.get("epochs") == 100:
             layer(R50_100_EPOCHS, "arch recipe (ResNet-50, 100 epochs, §6)")
         if cli.get("method") == "simmim" and arch_family(arch) == "cnn":  # SimMIM's ResNet baseline as released
-            layer(dict(blr=2e-4, token_lr_scale=1.0), "arch recipe (SimMIM, §3)")
+            layer(dict(blr=2e-4, token_lr_scale=1.0, crop="simmim"), "arch recipe (SimMIM, §3)")
     else:
         layer({k: cfg[k] for k in RECIPE_KEYS}, "small-data recipe")
         layer(SMALL_VIT if arch_family(arch) == "vit" else {}, "small-data recipe (ViT)")
@@ -223,7 +225,7 @@ def mask_generator(cfg, env, step):
 def build_train_loader(cfg, env):
     """(batches, number of images, folder read from). Small datasets on a GPU live on the device and
     are augmented there (data.device_loader); everything else goes through a DataLoader."""
-    c, family = cfg, arch_family(cfg["arch"])
+    c, family = cfg, cfg["crop"] or arch_family(cfg["arch"])  # `family` picks data.CROP_SCALE
     on_device = c["device_data"] == "on" or (
         c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.DEVICE_DATASETS)
     if on_device:
