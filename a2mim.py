@@ -50,6 +50,11 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     return (rank_bl < k).float().view(batch_size, g, g)
 
 
+def default_mask_patch_size(img_size):
+    """32-px blocks at ImageNet size (7×7 at 224, §2); below 192 px img_size / 8, the same 8×8-ish grid."""
+    return 32 if img_size >= 192 else max(1, img_size // 8)
+
+
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
 

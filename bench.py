@@ -8,7 +8,6 @@ each step is timed alone, the median reported. Targets: time ratio ≤ 1.10 at 2
 """
 import argparse
 import collections
-import contextlib
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import data
 import runtime
-from a2mim import A2MIM
+from a2mim import A2MIM, default_mask_patch_size
 from models import ARCHS, SMALL_INPUT, ConfigError, arch_family, build_encoder
 
 VARIANTS = ("supervised", "a2mim")
@@ -62,7 +61,7 @@ def resolve(args):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     args.precision, args.family = runtime.resolve_precision(args.precision, args.device), arch_family(args.arch)
     args.width = args.width or (16 if args.img_size <= SMALL_INPUT else None)
-    args.mask_patch_size = 32 if args.img_size >= 192 else args.img_size // 8  # train.py's default block (§2)
+    args.mask_patch_size = default_mask_patch_size(args.img_size)  # train.py's default block (§2)
     return args
 
 
@@ -173,9 +172,7 @@ def report(c, times, memory):
 def main(argv=None):
     try:
         c = resolve(get_parser().parse_args(argv))
-        cpu, gpu = os.uname().machine, torch.cuda.get_device_name(c.device) if c.device.type == "cuda" else "no GPU used"
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # the CPU's model name, on Linux
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        cpu, gpu = runtime.cpu_name(), torch.cuda.get_device_name(c.device) if c.device.type == "cuda" else "no GPU used"
         width = f", width {c.width or 'standard'}" if c.family == "cnn" else ""
         print(f"bench: {c.arch}{width} at {c.img_size} px, batch {c.batch_size}, {c.precision} on {c.device.type}"
               f"{', torch.compile' * c.compile}; {c.warmup} warm-up + {c.repeats} timed steps of each, interleaved, "

@@ -28,7 +28,7 @@ import data
 import models
 from runtime import (PRECISIONS, CheckpointError, RunError, autocast, channels_last, cleanup_distributed,
                      load_checkpoint, lr_at, one_line, param_groups, resolve_precision, set_lr, setup_distributed,
-                     torch_load, user_errors)
+                     load_tensors, user_errors)
 
 DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")  # train.py's default run
 
@@ -193,7 +193,7 @@ def load_source(args):
     try:
         state = load_checkpoint(path, arch=args.arch)
     except CheckpointError as not_ours:
-        weights = torch_load(path)  # a file torch cannot read gets torch_load's own sentence
+        weights = load_tensors(path)  # a file torch cannot read gets load_tensors's own sentence
         if not (isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values())):
             raise not_ours from None
         if args.arch is None:

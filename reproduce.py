@@ -22,6 +22,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import runtime
+
 EXPERIMENTS = [  # the main table, pre-trained on Fashion-MNIST at 32 px
     dict(name="a2mim_resnet18", arch="resnet18", args=["--method", "a2mim", "--width", "16"]),
     dict(name="simmim_resnet18", arch="resnet18", args=["--method", "simmim", "--width", "16"]),
@@ -158,9 +160,7 @@ def run_all(jobs, c):
     """Run the jobs not done yet, in order or --jobs N at a time (pre-trainings first; each job's output in
     RUNS_DIR/logs/: interleaved progress bars are unreadable); append to runs.jsonl, return those records."""
     ran, failed, lock, cwd = [], threading.Event(), threading.Lock(), os.path.dirname(os.path.abspath(__file__))
-    cpu, gpu = os.uname().machine, ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    cpu, gpu = runtime.cpu_name(), ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no NVIDIA driver: a CPU machine
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
                              text=True, timeout=30).stdout.split("\n")[0].strip()

@@ -110,7 +110,7 @@ def atomic_save(path, obj):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
 
 
-def torch_load(path, what="checkpoint"):
+def load_tensors(path, what="checkpoint"):
     """torch.load(weights_only=True) to CPU, with one sentence for a missing, truncated or
     refused file. weights_only refuses pickles holding arbitrary Python objects, because loading
     them would run code from the file; we never turn that off."""
@@ -136,7 +136,7 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, *, arch=None):
     """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
-    state = torch_load(path)
+    state = load_tensors(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
     if arch is not None and state["encoder_kwargs"]["arch"] != arch:
@@ -228,6 +228,13 @@ def broadcast_buffers(model, env):
 def unwrap(model):
     model = model.module if isinstance(model, DDP) else model  # the plain module under DDP / torch.compile
     return getattr(model, "_orig_mod", model)
+
+
+def cpu_name():
+    """The CPU's model name (Linux /proc/cpuinfo), else the machine type: for bench and results records."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), os.uname().machine)
+    return os.uname().machine
 
 
 def channels_last(x, family, device):

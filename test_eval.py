@@ -9,7 +9,7 @@ import torchvision
 
 import data
 import eval_linear as E
-from a2mim import A2MIM
+from a2mim import A2MIM, default_mask_patch_size
 from models import build_encoder
 from runtime import Dist, save_checkpoint, set_lr
 
@@ -31,7 +31,7 @@ def make_checkpoint(path, arch="resnet18", img_size=32, width=8, data_name="fake
     """A checkpoint in train.py's format (see train.checkpoint_state), built in-process."""
     kw = dict(arch=arch, img_size=img_size) | ({} if arch.startswith("vit") else dict(width=width))
     torch.manual_seed(1)
-    model = A2MIM(build_encoder(**kw), mask_patch_size=32 if img_size >= 192 else img_size // 8)  # train.py's rule
+    model = A2MIM(build_encoder(**kw), mask_patch_size=default_mask_patch_size(img_size))
     save_checkpoint(path, dict(model=model.state_dict(), encoder_kwargs=kw, config=dict(data=data_name, method="a2mim")))
     return model.encoder
 
@@ -520,7 +520,7 @@ def test_a_bug_keeps_its_traceback_while_user_errors_exit_2(monkeypatch, capsys)
     assert E.main(argv) == 2 and "error: no such dataset here" in capsys.readouterr().err
 
 
-def test_a_checkpoint_holding_python_objects_is_refused_by_torch_load(tmp_path, capsys):
+def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load(tmp_path, capsys):
     import argparse
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
     before = folder_state(tmp_path)

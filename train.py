@@ -25,7 +25,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from a2mim import A2MIM, resize_mask
+from a2mim import A2MIM, default_mask_patch_size, resize_mask
 from models import ARCHS, ConfigError, arch_family, build_encoder
 from runtime import (PRECISIONS, CheckpointError, Dist, RunError, autocast, broadcast_buffers,  # noqa: F401
                      channels_last, cleanup_distributed, load_checkpoint, lr_at, one_line, param_groups,
@@ -156,7 +156,7 @@ def resolve_config(args, world_size=1):
     else:
         layer({k: cfg[k] for k in RECIPE_KEYS}, "small-data recipe")
         layer(SMALL_VIT if arch_family(arch) == "vit" else {}, "small-data recipe (ViT)")
-        layer(dict(img_size=size, mask_patch_size=max(1, size // 8) if size < 192 else 32), f"dataset recipe ({name})")
+        layer(dict(img_size=size, mask_patch_size=default_mask_patch_size(size)), f"dataset recipe ({name})")
     layer(cli, "command line")
     for s in SETTINGS:  # every value against its range
         value, spec = cfg[s.name], s.valid
