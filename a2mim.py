@@ -26,11 +26,7 @@ def _check_choice(what, value, choices):
         raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# §2 Masking on the input side
-# ---------------------------------------------------------------------------------------------
-
-
+# --- §2 Masking on the input side
 def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, device=None, generator=None):
     """Random block masks, `ceil(ratio · g²)` masked blocks per image (§2).
 
@@ -49,11 +45,9 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     rank_bl = noise_bl.argsort(dim=1).argsort(dim=1)  # rank of each block's noise in its row
     return (rank_bl < k).float().view(batch_size, g, g)
 
-
 def default_mask_patch_size(img_size):
     """32-px blocks at ImageNet size (7×7 at 224, §2); below 192 px img_size / 8, the same 8×8-ish grid."""
     return 32 if img_size >= 192 else max(1, img_size // 8)
-
 
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
@@ -72,7 +66,6 @@ def resize_mask(mask, size):
         return repeat(mask_b1gg, "b 1 h w -> b 1 (h r1) (w r2)", r1=size // g, r2=size // g)
     return (F.adaptive_avg_pool2d(mask_b1gg, size) >= 0.5).to(mask_b1gg.dtype)
 
-
 def mean_fill(img_bchw, mask):
     """Replace masked blocks by the image's own per-channel mean colour (§2, A²MIM).
 
@@ -84,21 +77,16 @@ def mean_fill(img_bchw, mask):
     mean_bc11 = img_bchw.mean(dim=(2, 3), keepdim=True)
     return torch.lerp(img_bchw, mean_bc11.expand_as(img_bchw), mask_b1hw)
 
-
 def zero_fill(img_bchw, mask):
     """Masked blocks set to 0 (the dataset mean after normalisation): an ablation only. Released
     SimMIM leaves the input untouched and masks in feature space (fill "none", §2)."""
     mask_b1hw = resize_mask(mask, img_bchw.shape[-1]).to(img_bchw.dtype)
     return img_bchw * (1 - mask_b1hw)
 
-
 FILLS = {"mean": mean_fill, "zero": zero_fill, "none": lambda img_bchw, mask: img_bchw}
 
-# ---------------------------------------------------------------------------------------------
-# §3 The mask token, written into an intermediate feature map
-# ---------------------------------------------------------------------------------------------
 
-
+# --- §3 The mask token, written into an intermediate feature map
 class MaskToken(nn.Module):
     """A learnable token T [1, C, 1, 1] written into the masked cells of a feature map (§3).
 
@@ -133,11 +121,7 @@ class MaskToken(nn.Module):
         return kept_bchw + token * m_b1hw
 
 
-# ---------------------------------------------------------------------------------------------
-# §4 The decoder: deliberately tiny, so the encoder has to do the work
-# ---------------------------------------------------------------------------------------------
-
-
+# --- §4 The decoder: deliberately tiny, so the encoder has to do the work
 class Decoder(nn.Module):
     """feat [B, C, H/s, W/s] → image [B, 3, H, W]: a 1×1 conv to 3·s² channels + PixelShuffle(s).
 
@@ -155,11 +139,7 @@ class Decoder(nn.Module):
         return self.shuffle(self.conv(feat_bchw))
 
 
-# ---------------------------------------------------------------------------------------------
-# §5 Losses
-# ---------------------------------------------------------------------------------------------
-
-
+# --- §5 Losses
 def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     """Elementwise focal-L1, ℓ = |e|·(2·sigmoid(α|e|) − 1)^γ with e = pred − target (§5, CNNs).
 
@@ -169,7 +149,6 @@ def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     err = (pred - target).abs()
     return err * (2 * torch.sigmoid(alpha * err) - 1) ** gamma
 
-
 def focal_weight(dist_chw):
     """Focal frequency weight W = log(1 + √D) / its single global maximum, NaN → 0, clamped to
     [0, 1], without gradient (§5 step 4): frequencies that are badly reconstructed count more."""
@@ -177,7 +156,6 @@ def focal_weight(dist_chw):
         weight_chw = torch.log1p(dist_chw.sqrt())
         weight_chw = weight_chw / weight_chw.max()  # one global maximum, as released
         return torch.nan_to_num(weight_chw, nan=0.0).clamp(0, 1)  # 0/0 when pred == target
-
 
 def frequency_loss(pred_bchw, target_bchw):
     """Focal frequency loss on batch-averaged spectra (§5, `fft_focal=True`; Jiang et al., ICCV
@@ -193,7 +171,6 @@ def frequency_loss(pred_bchw, target_bchw):
         # 3. Weight each frequency by how badly it is reconstructed (no gradient), then average.
         return (focal_weight(dist_chw) * dist_chw).mean()
 
-
 def spectral_focal_l1_loss(pred_bchw, target_bchw):
     """The other released Fourier form (§5, `fft_focal=False`, ResNet-101): focal-L1 on |ΔF|
     between per-image orthonormal spectra, averaged over images, channels and frequencies.
@@ -204,9 +181,7 @@ def spectral_focal_l1_loss(pred_bchw, target_bchw):
         # 2. Focal-L1 on the modulus of the complex difference, mean-reduced.
         return focal_l1_loss(spec_bchw, torch.zeros_like(spec_bchw)).mean()
 
-
 FOURIER_LOSSES = {"focal_frequency": frequency_loss, "spectral_focal_l1": spectral_focal_l1_loss}
-
 
 def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     """The Fourier term's input (§5 step 1): x̃ = M·x̂ + (1−M)·[w·x̂ + (1−w)·(½·sg(x̂) + ½·x)].
@@ -217,7 +192,6 @@ def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     w = fft_unmask_weight
     outside_bchw = w * pred_bchw + (1 - w) * (0.5 * pred_bchw.detach() + 0.5 * target_bchw)
     return torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
-
 
 def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_loss="focal_frequency",
                fft_unmask_weight=1e-3):
@@ -247,10 +221,7 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
     return {"loss": loss_spatial + fft_weight * loss_freq, "loss_spatial": loss_spatial, "loss_freq": loss_freq}
 
 
-# ---------------------------------------------------------------------------------------------
-# The model: encoder + mask token + decoder + loss, with each arch's released options
-# ---------------------------------------------------------------------------------------------
-
+# --- The model: encoder + mask token + decoder + loss, with each arch's released options
 # §5 table: λ, Fourier form and w of the released configs, per arch. Ours, not released: ResNet-18/34
 # (our CPU models) take ResNet-50's values — they stand in for it in laptop runs; vit_tiny takes the
 # ViTs'; every ConvNeXt, whatever its width, has no Fourier term, as all released ConvNeXt configs.
@@ -265,7 +236,6 @@ RELEASED_FOURIER = {
 _VIT_FOURIER = dict(fft_weight=0.1, fft_loss="focal_frequency", fft_unmask_weight=0.0)
 LOSS_RECIPES = ("released", "paper")
 
-
 def method_defaults(arch, method="a2mim", loss_recipe="released"):
     """The options A2MIM uses for `arch` unless told otherwise (§2, §3, §5).
 
@@ -273,17 +243,14 @@ def method_defaults(arch, method="a2mim", loss_recipe="released"):
     "paper": the paper text's Fourier term for every arch (ResNet-50's values for all CNNs).
     SimMIM as released: input untouched, the token replaces the stem / patch embeddings, L1 only.
     """
-    if method not in ("a2mim", "simmim"):
-        raise ConfigError(f"method must be 'a2mim' or 'simmim', got {method!r}")
-    if loss_recipe not in LOSS_RECIPES:
-        raise ConfigError(f"loss recipe must be one of {LOSS_RECIPES}, got {loss_recipe!r}")
+    _check_choice("method", method, ("a2mim", "simmim"))
+    _check_choice("loss recipe", loss_recipe, LOSS_RECIPES)
     if method == "simmim":
         return dict(fill="none", token_at="stem", token_mode="replace", spatial="l1", **_NO_FOURIER)
     if arch_family(arch) == "vit":
         return dict(fill="mean", token_at=None, token_mode="add", spatial="l1", **_VIT_FOURIER)
     fourier = RELEASED_FOURIER[arch] if loss_recipe == "released" else _FOCAL_FREQ_CNN
     return dict(fill="mean", token_at=None, token_mode="gate", spatial="focal_l1", **fourier)
-
 
 def check_grids(img_size, mask_patch_size, site_stride):
     """The grid arithmetic of §2–§4, before anything runs: the image tiles into mask blocks, and
@@ -294,7 +261,6 @@ def check_grids(img_size, mask_patch_size, site_stride):
     if h % g and g % h:
         raise ConfigError(f"the {g}×{g} mask grid ({mask_patch_size}-px blocks of {img_size} px) does not map onto "
                           f"the {h}×{h} token site; use a mask block size whose grid divides or is a multiple of {h}")
-
 
 class A2MIM(nn.Module):
     """Masked image modeling for any encoder of `models.py` (§2–§5).
@@ -355,16 +321,12 @@ class A2MIM(nn.Module):
         losses = a2mim_loss(pred_bchw, img_bchw, mask, **{k: self.cfg[k] for k in LOSS_KEYS})
         return {**losses, "pred": pred_bchw, "mask": mask, "input": input_bchw}
 
-
 LOSS_KEYS = ("spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
 
-# ---------------------------------------------------------------------------------------------
-# §9 The analysis behind the idea: multi-order interaction strength J^(m)
-# ---------------------------------------------------------------------------------------------
 
+# --- §9 The analysis behind the idea: multi-order interaction strength J^(m)
 # The released tool's 13 context ratios r; the order is m = floor((n − 2)·r).
 RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-
 
 def log_odds(logits_bk, labels_b):
     """log p_y − log(1 − p_y) of the true class y, from logits [B, K] → [B]."""
@@ -372,12 +334,10 @@ def log_odds(logits_bk, labels_b):
     others_bk = logits_bk.scatter(1, labels_b[:, None], float("-inf"))
     return true_b - torch.logsumexp(others_bk, dim=1)
 
-
 def default_grid(img_size):
     """14 cells a side where it tiles the image (224 px → 16-px cells, the released tool), else the
     largest grid ≤ 14 that does (32 px → 8, i.e. 4-px cells, the size of our small ViT patches)."""
     return next(g for g in range(14, 0, -1) if img_size % g == 0)
-
 
 def sample_pairs(grid, count, *, radius=2, generator=None):
     """(i, j) player pairs as the released tool draws them → LongTensor [count, 2] (row-major cells):
@@ -392,7 +352,6 @@ def sample_pairs(grid, count, *, radius=2, generator=None):
         if i != j and (i, j) not in chosen and (j, i) not in chosen:
             chosen.append((i, j))
     return torch.tensor(chosen, dtype=torch.long).view(-1, 2)
-
 
 @torch.no_grad()
 def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATIOS, pairs=50, contexts=50,
@@ -409,7 +368,7 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
     `pairs`: an int (drawn per image by `sample_pairs`) or a LongTensor [P, 2] of cell indices.
     The model runs in eval mode (BatchNorm with its running statistics) and is put back after.
 
-    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised}.
+    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised, "I_abs_bm": [B, M] per image}.
     """
     B, _, H, _ = images_bchw.shape
     grid = grid or default_grid(H)
@@ -421,7 +380,7 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
     for m, _ in modes:
         m.eval()  # BatchNorm on its running statistics: v(S) must not depend on the other coalitions
     try:
-        I_abs = torch.zeros(len(orders))
+        I_abs_bm = torch.zeros(B, len(orders))
         for b in range(B):
             chosen = pairs if torch.is_tensor(pairs) else sample_pairs(grid, pairs, generator=generator)
             for o, ratio in enumerate(orders):
@@ -435,12 +394,12 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
                                       baseline.to(images_bchw.device), chunk)
                 v_S, v_Si, v_Sj, v_Sij = rearrange(v, "(p c four) -> four p c", p=len(chosen), four=4)
                 delta_pc = v_Sij - v_Si - v_Sj + v_S
-                I_abs[o] += delta_pc.mean(dim=1).abs().mean().item() / B   # E_S inside |.|, E_pairs outside
+                I_abs_bm[b, o] = delta_pc.mean(dim=1).abs().mean()   # E_S inside |.|, E_pairs outside
     finally:
         for m, training in modes:  # every submodule back in the mode it came in
             m.train(training)
-    return {"orders": torch.tensor(orders), "J": I_abs / I_abs.mean(), "I_abs": I_abs}
-
+    I_abs = I_abs_bm.mean(dim=0)  # E_x
+    return {"orders": torch.tensor(orders), "J": I_abs / I_abs.mean(), "I_abs": I_abs, "I_abs_bm": I_abs_bm}
 
 def _contexts(pairs_p2, n, m, contexts, generator):
     """`contexts` random subsets S of size m of the n players minus {i, j}, per pair → bool [P, C, n]."""
@@ -450,7 +409,6 @@ def _contexts(pairs_p2, n, m, contexts, generator):
     noise_pcn[p, :, pairs_p2[:, 1]] = 2.0
     rank_pcn = noise_pcn.argsort(dim=-1).argsort(dim=-1)
     return rank_pcn < m
-
 
 def _coalition_values(model, img_chw, label, keep_kn, grid, baseline, chunk):
     """v(S) for K coalitions: patches outside S set to the baseline, log-odds of `label` → [K]."""

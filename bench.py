@@ -24,7 +24,6 @@ from models import ARCHS, SMALL_INPUT, ConfigError, arch_family, build_encoder
 
 VARIANTS = ("supervised", "a2mim")
 
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -47,7 +46,6 @@ def get_parser():
     a("--workers", type=int, help="DataLoader workers for --loader (default: data.build_loader's)")
     return p
 
-
 def resolve(args):
     """The flags plus device, precision, family, width (None = standard) and mask block, checked."""
     for what in ("img_size", "batch_size", "repeats"):
@@ -63,7 +61,6 @@ def resolve(args):
     args.width = args.width or (16 if args.img_size <= SMALL_INPUT else None)
     args.mask_patch_size = default_mask_patch_size(args.img_size)  # train.py's default block (§2)
     return args
-
 
 def make_step(variant, c):
     """(step, model): one full training step of `variant`, and the model it trains."""
@@ -91,7 +88,6 @@ def make_step(variant, c):
         optimizer.zero_grad(set_to_none=True)
     return step, model
 
-
 def time_steps(steps, device, warmup, repeats, clock=time.perf_counter):
     """{name: step fn} → {name: [seconds of each timed step]}; the order alternates every round."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -104,7 +100,6 @@ def time_steps(steps, device, warmup, repeats, clock=time.perf_counter):
             sync()
             times[name] += [clock() - t0] if r >= warmup else []
     return times
-
 
 def peak_memory(step, model, device):
     """Bytes: weights and buffers + the peak of tensor bytes allocated in the model's first two steps
@@ -121,20 +116,18 @@ def peak_memory(step, model, device):
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
     return weights + torch.tensor([0] + [e.nbytes() for e in events]).cumsum(0).max().item()  # +alloc −free, in order
 
-
 def time_loaders(c):
     """'loader …: N img/s' of the DataLoader (and data.device_loader): batches moved to the device."""
     kw = dict(img_size=c.img_size, family=c.family, data_dir=c.data_dir)
     ds = data.build_dataset(c.loader, "train", download=c.download, **kw)
     workers = "default" if c.workers is None else c.workers
     loaders = {f"DataLoader, {workers} workers": data.build_loader(ds, c.batch_size, workers=c.workers)}
-    if c.loader in data.DEVICE_DATASETS:
+    if c.loader in data.IN_MEMORY:
         loaders[f"device_loader on {c.device.type}"] = data.device_loader(c.loader, "train", c.batch_size, c.device, **kw)
     k = min(c.repeats, *(len(loader) - 1 for loader in loaders.values()))
     batches = {what: (lambda it=iter(loader): next(it)[0].to(c.device, non_blocking=True)) for what, loader in loaders.items()}
     return [f"loader {c.loader} ({what}): {k * c.batch_size / sum(t) if k > 0 else float('nan'):.0f} img/s over {k} batches"
             for what, t in time_steps(batches, c.device, 1, k).items()]
-
 
 def profile_steps(steps, device, n):
     """Lines: torch.profiler's self time per operator and step of each variant, largest A²MIM excess first."""
@@ -151,7 +144,6 @@ def profile_steps(steps, device, n):
             f"{'operator':58}{'supervised':>12}{'a2mim':>10}{'excess':>10}"] + [
         f"{op[:57]:58}{sup[op]:10.2f}ms{ours[op]:8.2f}ms{ours[op] - sup[op]:+8.2f}ms" for op in ops]
 
-
 def report(c, times, memory):
     B, med = c.batch_size, {k: statistics.median(v) for k, v in times.items()}
     print(f"{'':12}{'median ms':>11}{'min ms':>9}{'img/s':>9}{'peak memory':>14}")
@@ -167,7 +159,6 @@ def report(c, times, memory):
            f"{B / med['supervised']:.1f}", f"{B / med['a2mim']:.1f}", f"{ratio:.3f}", mem]
     print("markdown:\n| arch | px | batch | precision | device | sup img/s | A²MIM img/s | time ratio | memory ratio |\n"
           f"|---|---|---|---|---|---|---|---|---|\n| {' | '.join(map(str, row))} |")
-
 
 def main(argv=None):
     try:
@@ -191,7 +182,6 @@ def main(argv=None):
         print(f"error: {runtime.one_line(e)}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,8 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder", "fake")
-IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")  # whole split as one uint8 tensor
-DEVICE_DATASETS = IN_MEMORY  # what device_loader holds on a GPU (47-150 MB each)
+# A whole split as one uint8 tensor; device_loader holds these on a GPU (47-150 MB each).
+IN_MEMORY = ("fashion-mnist", "cifar10", "cifar100", "stl10", "fake")
 TRANSFORMS = ("pretrain", "finetune", "eval", "none")
 SPLITS = ("train", "val")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,10 +50,8 @@ _INFO = {"fashion-mnist": (10, 32, 1, 28), "cifar10": (10, 32, 3, 32), "cifar100
 # torchvision's class for each archive (the class knows its folder, its files and their md5 sums).
 _TORCHVISION = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}
 
-
 class DataError(ValueError):
     """A missing or malformed dataset, or too little of it: one sentence naming what and where."""
-
 
 def dataset_info(name):
     """Class count, default training size and stored channel count of a dataset name."""
@@ -62,11 +60,9 @@ def dataset_info(name):
     num_classes, img_size, channels, _ = _INFO[name]
     return {"num_classes": num_classes, "img_size": img_size, "channels_in_files": channels}
 
-
 def seed_for(*parts):
     """A seed per tuple of ints, e.g. (seed, epoch, index): hashed, so distinct tuples never collide."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
 
 def check_enough(n_images, batch_size, accum_steps, world_size, name):
     """DataError unless each of `world_size` processes gets one full step of batch × accum images."""
@@ -76,9 +72,7 @@ def check_enough(n_images, batch_size, accum_steps, world_size, name):
                         f"{batch_size} × {accum_steps} accumulation step(s) exceeds that; lower the batch size")
 
 
-# --- Transforms (§6 for pre-training; §7-style recipes scaled down for the small datasets) -----
-
-
+# --- Transforms (§6 for pre-training; §7-style recipes scaled down for the small datasets)
 def build_transform(kind, img_size, *, family="cnn", large=True):
     """uint8 [C, H, W] -> float [C, S, S] normalised; `large`: the ImageNet-style recipe (>= 96 px)."""
     S = img_size
@@ -97,15 +91,12 @@ def build_transform(kind, img_size, *, family="cnn", large=True):
     return v2.Compose(geometry + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-# --- Reading: each reader returns (images uint8 [N, C, H, W], labels [N], the folder read) --------
-
-
+# --- Reading: each reader returns (images uint8 [N, C, H, W], labels [N], the folder read)
 def _root(data_dir, download, default="data", expects=""):
     """The folder the user named (it must exist, unless it is to be downloaded into), else the default."""
     if data_dir is not None and not (Path(data_dir).is_dir() or download):
         raise DataError(f"data directory {data_dir} does not exist{expects}")
     return Path(default if data_dir is None else data_dir)
-
 
 def _read_idx(path, reader):
     """torchvision's IDX reader; it takes plain files only, so a .gz is unpacked to a temporary one."""
@@ -118,7 +109,6 @@ def _read_idx(path, reader):
             return reader(plain.name)
     except (OSError, EOFError, AssertionError, TypeError, ValueError, RuntimeError) as err:
         raise DataError(f"{path} is not a readable uint8 IDX file ({type(err).__name__}: {err})") from None
-
 
 def _fashion_mnist(name, split, data_dir, download):
     prefix = "train" if split == "train" else "t10k"
@@ -138,7 +128,6 @@ def _fashion_mnist(name, split, data_dir, download):
     raise DataError(f"fashion-mnist files {' + '.join(names)} (or .gz) not found in any of: "
                     f"{', '.join(map(str, dict.fromkeys(places)))} (pass download=True / --download to fetch them)")
 
-
 def _torchvision_archive(name, split, data_dir, download):
     cls, root = _TORCHVISION[name], _root(data_dir, download)
     folder, files = root / cls.base_folder, ", ".join(f for f, _ in cls.train_list + cls.test_list)
@@ -155,13 +144,11 @@ def _torchvision_archive(name, split, data_dir, download):
     images = torch.as_tensor(ds.data).permute(0, 3, 1, 2) if name != "stl10" else torch.as_tensor(ds.data)
     return images.contiguous(), torch.as_tensor(ds.labels if name == "stl10" else ds.targets), folder
 
-
 # Ten well-separated class colours (RGB in 0..1) for the fake dataset; fixed so runs agree.
 _FAKE_COLOURS = torch.tensor([[0.90, 0.10, 0.10], [0.10, 0.80, 0.10], [0.10, 0.20, 0.90], [0.95, 0.85, 0.10],
                               [0.80, 0.10, 0.80], [0.10, 0.85, 0.85], [0.95, 0.55, 0.10], [0.50, 0.50, 0.50],
                               [0.55, 0.30, 0.10], [0.95, 0.95, 0.95]])
 _FAKE_SEED = {"train": 20_230_000, "val": 1_020_230_000}  # far apart: the splits share no image
-
 
 def _fake(split, size, S):
     """Learnable images uint8 [N, 3, S, S]: class (i mod 10) colour + a smooth texture (something to
@@ -174,7 +161,6 @@ def _fake(split, size, S):
         return ((image_3hw + 0.05 * torch.randn(3, S, S, generator=gen)).clamp(0, 1) * 255).round().byte()
     return torch.stack([image(i) for i in range(size)]), torch.arange(size) % 10, "generated"
 
-
 def _load_rgb(path):
     """ImageFolder's loader: uint8 [3, H, W]. A broken image is a DataError naming it, not skipped:
     skipping would silently change the dataset (and the sample order across runs)."""
@@ -183,7 +169,6 @@ def _load_rgb(path):
             return v2.functional.pil_to_tensor(img.convert("RGB"))
     except OSError as err:  # covers UnidentifiedImageError and "image file is truncated"
         raise DataError(f"cannot decode image {path} ({err}); delete or replace the file") from None
-
 
 def _image_folder(name, split, data_dir, transform):
     """torchvision's ImageFolder over DIR/<split>/<class>/*.jpg, with one sentence for a bad layout."""
@@ -203,7 +188,6 @@ def _image_folder(name, split, data_dir, transform):
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
 
-
 class _TensorImages(Dataset):
     """A whole split in memory: uint8 images [N, 1 or 3, H, W], labels_n long [N]."""
 
@@ -220,7 +204,6 @@ class _TensorImages(Dataset):
 
     def __getitem__(self, index):  # a grey [1, H, W] image is replicated to the encoders' 3 channels
         return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels_n[index])
-
 
 def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretrain", family="cnn",
                   download=False, fake_size=512):
@@ -246,9 +229,7 @@ def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretr
     return _TensorImages(images, labels_n, tf, info["num_classes"], source)
 
 
-# --- Loaders ---------------------------------------------------------------------------------
-
-
+# --- Loaders
 class _Sampler(DistributedSampler):
     """DistributedSampler (epoch order: randperm seeded seed + epoch, rank r takes r::world; one
     process is world size 1) whose next pass can start part-way: a resumed epoch skips what it saw."""
@@ -258,7 +239,6 @@ class _Sampler(DistributedSampler):
     def __iter__(self):
         start, self.start = self.start, 0  # only the next pass starts late
         return itertools.islice(super().__iter__(), start, None)
-
 
 class _SeededItems(Dataset):
     """Draws item i's random augmentation from its own seed (seed, epoch, i): the same crop in any
@@ -274,7 +254,6 @@ class _SeededItems(Dataset):
             return self.dataset[index]
         finally:
             torch.set_rng_state(state)
-
 
 def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=None, seed=0, world_size=None,
                  rank=None):
@@ -296,7 +275,6 @@ def build_loader(dataset, batch_size, *, train=True, distributed=False, workers=
         generator=torch.Generator().manual_seed(seed),  # else starting a pass draws from the global RNG
     )
 
-
 def set_epoch(loader, epoch, start_batch=0):
     """Make the next pass over `loader` (build_loader's or device_loader's) yield epoch `epoch`'s
     batches from `start_batch` on without reading the earlier ones: the same batches as there in an
@@ -311,7 +289,6 @@ def set_epoch(loader, epoch, start_batch=0):
 # whole batches are cropped and flipped there, as build_transform("pretrain") + build_loader do
 # (DistributedSampler's order, RandomResizedCrop's boxes, flip p = 0.5), except that the resize is
 # bilinear without antialias (the CPU's when upsampling, as 28/32-px data to >= 32 px) and unrounded.
-
 
 def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4 / 3), *, generator=None,
                                device=None, tries=10):
@@ -333,7 +310,6 @@ def random_resized_crop_params(batch_size, height, width, scale, ratio=(3 / 4, 4
     left_b = torch.minimum((u_2b[1] * (width - w_b + 1)).long(), width - w_b)
     return torch.where(found_b, top_b, (height - fh) // 2), torch.where(found_b, left_b, (width - fw) // 2), h_b, w_b
 
-
 def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
     """Box b of image b resized to size × size, float [B, C, size, size], in one grid_sample; `flip_b`
     (bool [B]) mirrors it. F.interpolate's bilinear arithmetic on the crop alone: output pixel o
@@ -349,7 +325,6 @@ def resized_crop(img_bchw, top_b, left_b, height_b, width_b, size, flip_b=None):
     gx_b1s, gy_bs1 = ((2 * xs_bs + 1) / W - 1)[:, None, :], ((2 * ys_bs + 1) / H - 1)[:, :, None]
     grid_bss2 = torch.stack(torch.broadcast_tensors(gx_b1s, gy_bs1), dim=-1)
     return torch.nn.functional.grid_sample(img_bchw.float(), grid_bss2, padding_mode="border", align_corners=False)
-
 
 class DeviceLoader:
     """Yields (img_bchw float [B, 3, S, S] normalised, labels_b long [B]) where the images are:
@@ -390,7 +365,6 @@ class DeviceLoader:
             # Batch b's crops and flips come from its own seed, so a resumed epoch repeats them.
             gen = torch.Generator(self.images_nchw.device).manual_seed(seed_for(s.seed, s.epoch, s.rank, b))
             yield self.augment(self.images_nchw[idx_b], gen), self.labels_n[idx_b]
-
 
 def device_loader(name, split, batch_size, device, *, img_size=None, family="cnn", seed=0, data_dir=None,
                   world_size=1, rank=0, download=False, fake_size=512):

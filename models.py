@@ -1,25 +1,14 @@
-"""Encoders that A²MIM pre-trains: ResNet, ViT and ConvNeXt (METHOD.md §4).
-
-Every encoder here speaks the same small interface, so that `a2mim.py` never asks
-"which architecture is this?":
+"""Encoders that A²MIM pre-trains: ResNet, ViT and ConvNeXt (METHOD.md §4), built by `build_encoder(arch,
+img_size, **kw)`. All share one interface, so that `a2mim.py` never asks "which architecture is this?":
 
     feat_bchw = encoder(x_bchw, token_fn=None, token_at=None)
 
-* `x_bchw`     the (already masked and filled) image, [B, 3, H, W].
-* `token_fn`   a callable `f(feat_bchw) -> feat_bchw` that the encoder applies exactly
-               once, to the feature map at the *token site* `token_at` (§3: this is where
-               the mask token is written). `None` = plain forward.
-* `feat_bchw`  the last feature map, [B, out_channels, H / out_stride, W / out_stride].
-
-and exposes these attributes:
-
-* `family`             "cnn" or "vit" — only used to pick the paper's per-family loss defaults.
-* `out_channels`, `out_stride` — what the decoder needs (§4: 1×1 conv + PixelShuffle(stride)).
-* `token_sites`        {name: (channels, stride)}, in network order — where a mask token may go.
-                       "stem" is accepted as an alias of the first site (SimMIM's choice);
-                       `default_token_site` is A²MIM's choice (§3).
-
-Build everything through `build_encoder(arch, img_size=224, **kw)`.
+x_bchw [B, 3, H, W] is the (masked and filled) image; `token_fn(feat_bchw) -> feat_bchw` is applied exactly once,
+to the feature map at the token site `token_at` (§3: where the mask token is written; None = plain forward);
+feat_bchw [B, out_channels, H / out_stride, W / out_stride] is the last feature map. Attributes: `arch`, `family`
+("cnn" / "vit": picks the per-family defaults), `out_channels` and `out_stride` (what the decoder needs, §4),
+`token_sites` {name: (channels, stride)} in network order ("stem" = the first, SimMIM's) and `default_token_site`
+(A²MIM's, §3).
 """
 
 import torch
@@ -29,22 +18,19 @@ import torchvision
 from einops import rearrange
 from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import stochastic_depth
 
 class ConfigError(ValueError):
     """A setting the user can fix (unknown arch or option, a size that does not tile). The
     scripts print its one sentence and exit with code 2; any other exception is a bug and keeps
     its traceback. A ValueError, so library callers may catch either."""
 
-
 # Inputs this small (Fashion-MNIST, CIFAR) get a CIFAR-style stem: a 3×3 stride-1 conv and no
 # max-pool for ResNets, 4-px patches for ViTs. Otherwise a 32-px image would leave a 1×1 map.
 SMALL_INPUT = 64
 
 
-# ---------------------------------------------------------------------------------------------
-# ResNet (§4): torchvision's ResNet, so that the weights load straight back into torchvision.
-# ---------------------------------------------------------------------------------------------
-
+# --- ResNet (§4): torchvision's ResNet, so that the weights load straight back into torchvision
 RESNET_LAYERS = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
@@ -53,7 +39,6 @@ RESNET_LAYERS = {
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
     "resnet200": (Bottleneck, [3, 24, 36, 3]),  # not in torchvision; same blocks, deeper stage 2-3
 }
-
 
 class ResNet(torchvision.models.ResNet):
     """torchvision's ResNet without `avgpool`/`fc`, plus a token hook before any stage.
@@ -114,7 +99,6 @@ class ResNet(torchvision.models.ResNet):
             x = getattr(self, name)(x)
         return x
 
-
 def torchvision_state_dict(encoder, num_classes=1000):
     """Encoder weights as a state dict that `torchvision.models.<arch>()` loads with strict=True.
 
@@ -140,7 +124,6 @@ def torchvision_state_dict(encoder, num_classes=1000):
     state = {k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")}
     return {**state, **extra}
 
-
 def export_torchvision(encoder, path):
     """Write torchvision_state_dict(encoder) to `path` once torchvision's own model loads it strictly."""
     from runtime import atomic_save  # the one file models.py writes
@@ -158,16 +141,12 @@ def export_torchvision(encoder, path):
     atomic_save(path, state)
 
 
-# ---------------------------------------------------------------------------------------------
-# ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling.
-# ---------------------------------------------------------------------------------------------
-
+# --- ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling
 CONVNEXT_DEPTHS = {
     "convnext_tiny": ((3, 3, 9, 3), 96),
     "convnext_small": ((3, 3, 27, 3), 96),
     "convnext_base": ((3, 3, 27, 3), 128),
 }
-
 
 class ConvNeXt(torchvision.models.ConvNeXt):
     """torchvision's ConvNeXt `features` (keys unchanged) without the classifier.
@@ -209,26 +188,14 @@ class ConvNeXt(torchvision.models.ConvNeXt):
         return self.norm(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# ViT (§4, "as in SimMIM's ViT"): patch 16, absolute position embedding + relative position bias,
+# --- ViT (§4, "as in SimMIM's ViT"): patch 16, absolute position embedding + relative position bias,
 # LayerScale 0.1, drop path, qkv bias, final LayerNorm; cls token dropped at the output.
-# ---------------------------------------------------------------------------------------------
-
 VIT_CONFIGS = {  # depth, dim, heads, mlp hidden
     "vit_tiny": (6, 192, 3, 768),     # ours, for 32-px CPU runs (not in the paper)
     "vit_small": (8, 768, 8, 2304),   # the paper's "ViT-S": 8 layers, 768 wide (48.8 M), not DeiT-S
     "vit_base": (12, 768, 12, 3072),
     "vit_large": (24, 1024, 16, 4096),
 }
-
-
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
 
 class RelativePositionBias(nn.Module):
     """BEiT-style learned bias per head for every (query, key) offset, plus 3 cls entries.
@@ -254,7 +221,6 @@ class RelativePositionBias(nn.Module):
 
     def forward(self):
         return self.table[self.index].permute(2, 0, 1)  # [heads, 1+N, 1+N]
-
 
 class Block(nn.Module):
     """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path.
@@ -283,9 +249,10 @@ class Block(nn.Module):
         return self.proj(rearrange(out_bhnd, "b h n d -> b n (h d)"))
 
     def forward(self, x_bnd):
-        x_bnd = x_bnd + drop_path(self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, self.training)
-        return x_bnd + drop_path(self.gamma_2 * self.mlp(self.norm2(x_bnd)), self.drop_path, self.training)
-
+        # Stochastic depth ("row": the whole residual branch of a random subset of samples is dropped).
+        x_bnd = x_bnd + stochastic_depth(self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, "row",
+                                         self.training)
+        return x_bnd + stochastic_depth(self.gamma_2 * self.mlp(self.norm2(x_bnd)), self.drop_path, "row", self.training)
 
 class ViT(nn.Module):
     """Vision Transformer returning its patch tokens as a map [B, D, H/p, W/p].
@@ -345,10 +312,8 @@ class ViT(nn.Module):
             x_bnd = block(x_bnd)
         return _tokens_to_map(self.norm(x_bnd)[:, 1:], h, w)  # cls token dropped (§4)
 
-
 def _tokens_to_map(x_bnd, h, w):
     return rearrange(x_bnd, "b (h w) d -> b d h w", h=h, w=w)
-
 
 def _resolve_site(encoder, token_at):
     """`None` → the encoder's A²MIM default; "stem" → the first site (SimMIM's); else must exist."""
@@ -359,24 +324,18 @@ def _resolve_site(encoder, token_at):
         raise ConfigError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(encoder.token_sites)}")
     return token_at
 
-
 def token_site(encoder, token_at=None):
     """(name, channels, stride) of the site where the mask token goes."""
     name = _resolve_site(encoder, token_at)
     return (name, *encoder.token_sites[name])
 
 
-# ---------------------------------------------------------------------------------------------
-# The one entry point.
-# ---------------------------------------------------------------------------------------------
-
+# --- The one entry point
 ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
-
 
 def arch_family(arch):
     """"vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
     return "vit" if arch in VIT_CONFIGS else "cnn"
-
 
 def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
     """Build an encoder by name (see `ARCHS`).
@@ -408,6 +367,3 @@ def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size
     encoder.arch, encoder.img_size = arch, img_size
     return encoder
 
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())

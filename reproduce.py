@@ -72,14 +72,11 @@ BUDGETS["long"] = BUDGETS["full"] | dict(  # issue 17 §4: does the ordering hol
 RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl")
 PARTS = ("pre-training", "probe", "fine-tune")
 
-
 class StepFailed(Exception):
     """A job's command exited non-zero: one sentence, exit 2."""
 
-
 def _flag(args, flag):
     return args[args.index(flag) + 1] if flag in args else None
-
 
 def pretrain(name, arch, args, budget_args, c, seed=0):
     """A train.py job; pre-training seed 0 keeps the plain name (the first runs had no seed flag)."""
@@ -89,13 +86,11 @@ def pretrain(name, arch, args, budget_args, c, seed=0):
                 args=["--arch", arch, *args, "--data", c.data, *budget_args, *(["--seed", str(seed)] if seed else []),
                       "--out-dir", c.runs_dir, "--run-name", name])
 
-
 def evaluate(name, source, extras, results, c, **row):
     """eval_linear.py jobs of encoder `source` (flags), one per (flags, seed) of `extras`, in table `row`."""
     return [dict(name=name, script="eval_linear.py", part="fine-tune" if "--finetune" in x else "probe", results=results,
                  args=[*source, "--data", c.data, *x, "--seed", str(s), *(["--subset-seed", str(s)] if "--finetune" in x else []),
                        "--results", results], **row) for x, s in extras]
-
 
 def build_jobs(c):
     b, out, jobs = BUDGETS[c.budget], {k: os.path.join(c.results_dir, v) for k, v in RESULTS.items()}, []
@@ -108,10 +103,10 @@ def build_jobs(c):
     rows += [(f"ablation_{a['name']}", "resnet18", a["change"], ["--method", "a2mim", "--width", "16", *a["args"]],
               b["ablation_pretrain"], [0], b["ablation_finetune"], out["ablations"])
              for a in ABLATIONS if "resnet18" in c.archs and c.only in ("ablations", "all")]
-    for name, arch, label, args, budget_args, seeds, finetune, results in rows:
-        row = dict(row=pretrain(name, arch, args, budget_args, c)["name"], arch=arch, label=label)
-        for seed in seeds:  # one row: every pre-training seed's evaluations
-            pre = pretrain(name, arch, args, budget_args, c, seed)
+    for k in range(max((len(r[5]) for r in rows), default=0)):  # seed by seed: every row gets its first seed first
+        for name, arch, label, args, budget_args, seeds, finetune, results in (r for r in rows if k < len(r[5])):
+            row = dict(row=pretrain(name, arch, args, budget_args, c)["name"], arch=arch, label=label)
+            pre = pretrain(name, arch, args, budget_args, c, seeds[k])  # a row: every pre-training seed's evaluations
             jobs += [pre, *evaluate(pre["name"], ["--checkpoint", pre["checkpoint"]], evals(finetune), results, c, **row)]
     for a in (a for a in RANDOM_INIT if a in c.archs and c.only in ("main", "all")):
         row = dict(row=f"random_{a}", arch=a, label="random init")
@@ -127,17 +122,14 @@ def build_jobs(c):
         jobs += pres + [j for x in grid for name, source in sources for j in evaluate(name, source, [x], out["sweep"], c)]
     return jobs
 
-
 def read_jsonl(path):
     with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
         return [json.loads(line) for line in f if line.strip()]
-
 
 def result_key(r):  # one evaluation: encoder (checkpoint or 'random <arch>'), mode, labels, seed, (epochs, batch, blr)
     c = r["config"]
     return r["checkpoint"] or f"random {r['arch']}", r["mode"], r["labels_per_class"], c["seed"], \
         (c["epochs"], c["batch_size"], c["blr"])
-
 
 def job_key(job):  # the result_key that an eval job's line will have, from its flags
     a, labels = job["args"], _flag(job["args"], "--labels-per-class")
@@ -145,20 +137,22 @@ def job_key(job):  # the result_key that an eval job's line will have, from its 
         labels and int(labels), int(_flag(a, "--seed")), (int(_flag(a, "--epochs")), int(_flag(a, "--batch-size")),
                                                            float(_flag(a, "--blr")))
 
-
-def is_done(job):
+def is_done(job, jobs):
+    """An evaluation: its result is in the JSONL. A pre-training: no evaluation of `jobs` still needs its checkpoint
+    (a fresh clone holds the results, not the checkpoints), or the checkpoint has every epoch / --max-steps step."""
     if job["script"] == "eval_linear.py":
         return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
-    from runtime import load_checkpoint  # only here: the rest of this script needs no torch
-
-    state = os.path.exists(job["checkpoint"]) and load_checkpoint(job["checkpoint"])  # weights_only=True, format checked
+    if not any(_flag(j["args"], "--checkpoint") == job["checkpoint"] and not is_done(j, jobs) for j in jobs):
+        return True
+    state = os.path.exists(job["checkpoint"]) and runtime.load_checkpoint(job["checkpoint"])  # weights_only=True
     return bool(state) and (state["epoch"] >= int(_flag(job["args"], "--epochs")) or
                             state["step"] >= int(_flag(job["args"], "--max-steps") or 1e18))
 
-
 def run_all(jobs, c):
-    """Run the jobs not done yet, in order or --jobs N at a time (pre-trainings first; each job's output in
-    RUNS_DIR/logs/: interleaved progress bars are unreadable); append to runs.jsonl, return those records."""
+    """Run the jobs not done yet in chains: a pre-training, then the evaluations of its checkpoint (every other job
+    alone), in order, --jobs N chains side by side (each job's output then in RUNS_DIR/logs/: interleaved progress bars
+    are unreadable). A stopped run keeps whole chains: checkpoints are not committed, results are. Each job is appended
+    to runs.jsonl; returns those records."""
     ran, failed, lock, cwd = [], threading.Event(), threading.Lock(), os.path.dirname(os.path.abspath(__file__))
     cpu, gpu = runtime.cpu_name(), ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no NVIDIA driver: a CPU machine
@@ -168,7 +162,7 @@ def run_all(jobs, c):
 
     def one(i, job):
         shown = f"python3 {job['script']} {shlex.join(job['args'])}"
-        if failed.is_set() or is_done(job):
+        if failed.is_set() or is_done(job, jobs):
             return failed.is_set() or print(f"skip (done): {shown}", flush=True)
         log = os.path.join(c.runs_dir, "logs", f"{i:03d}_{job['name']}_{job['part']}.log") if c.jobs > 1 else None
         print(f"\n>>> {shown}" + (f"   (output: {log})" if log else ""), flush=True)
@@ -190,20 +184,20 @@ def run_all(jobs, c):
 
     if c.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.jobs))
-    pre = [(i, j) for i, j in enumerate(jobs) if j["part"] == "pre-training"]
-    for phase in [list(enumerate(jobs))] if c.jobs == 1 else [pre, [(i, j) for i, j in enumerate(jobs) if (i, j) not in pre]]:
-        with ThreadPoolExecutor(max_workers=c.jobs) as pool:
-            for future in [pool.submit(one, *job) for job in phase]:
-                future.result()  # the first failure is re-raised here (running jobs finish first)
+    chains = {}
+    for i, j in enumerate(jobs):
+        chains.setdefault(j.get("checkpoint") if j["part"] == "pre-training" else _flag(j["args"], "--checkpoint") or i,
+                          []).append((i, j))
+    with ThreadPoolExecutor(max_workers=c.jobs) as pool:
+        for future in [pool.submit(lambda chain: [one(*job) for job in chain], ch) for ch in chains.values()]:
+            future.result()  # the first failure is re-raised here (running jobs finish first)
     return ran
-
 
 def mean_std(values, fmt=".2f", unit="run"):  # 'm ± s (n runs)'; unit=None: no count
     n = f" ({len(values)} {unit}{'s' * (len(values) > 1)})" if unit else ""
     if len(values) < 2:
         return f"{values[0]:{fmt}}{n}" if values else "—"
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):.{fmt[-2]}f}{n}"
-
 
 def print_tables(jobs, c):
     b = BUDGETS[c.budget]
@@ -233,7 +227,6 @@ def print_tables(jobs, c):
         print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
     print_wall_clock([r for r in read_jsonl(os.path.join(c.results_dir, "runs.jsonl")) if r["name"] in {j["name"] for j in jobs}])
 
-
 def print_sweep(records, sw, labels_per_class):  # fine-tune top-1 over the (batch, blr) grid, a column per encoder
     cells = {}
     for r in records:
@@ -245,10 +238,7 @@ def print_sweep(records, sw, labels_per_class):  # fine-tune top-1 over the (bat
     for bs, blr in ((bs, blr) for bs in sw["batch_sizes"] for blr in sw["blrs"]):
         print(f"| {bs} | {blr:g} | " + " | ".join(mean_std(cells[w].get((bs, blr), []), '.1f', None) for w in order) + " |")
 
-
 def print_wall_clock(runs):  # per machine: each command's seconds, then each part's and the total
-    for r in (r for r in runs if "part" not in r):  # lines from before issue 17 have only kind 'pretrain' / 'eval'
-        r["part"] = "pre-training" if r["kind"] == "pretrain" else "fine-tune" if "--finetune" in r["command"] else "probe"
     for where in dict.fromkeys(r["machine"] for r in runs):  # one table per machine, in order
         mine = [r for r in runs if r["machine"] == where]
         print(f"\n## Commands and wall-clock ({where})\n\n| seconds | command |\n|---|---|")
@@ -256,7 +246,6 @@ def print_wall_clock(runs):  # per machine: each command's seconds, then each pa
         print("\n".join(f"| {sum(r['seconds'] for r in mine if r['part'] == p):.0f} | {p}: "
                         f"{sum(r['part'] == p for r in mine)} jobs |" for p in PARTS if any(r["part"] == p for r in mine)))
         print(f"| {sum(r['seconds'] for r in mine):.0f} | total (jobs that ran side by side overlap) |")
-
 
 def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its spatial / Fourier parts
     import matplotlib.pyplot as plt
@@ -280,7 +269,6 @@ def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its
     plt.close(fig)
     print(f"wrote {path} ({len(runs)} runs, {os.path.getsize(path) // 1024} KB)")
 
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -296,7 +284,6 @@ def get_parser():
     a("--jobs", type=int, default=1, metavar="N", help="N jobs side by side (a GPU: these tiny models leave it mostly idle)")
     return p
 
-
 def main(argv=None):
     c = get_parser().parse_args(argv)
     c.runs_dir = c.runs_dir or (os.path.join(c.results_dir, "runs") if c.results_dir else BUDGETS[c.budget]["runs_dir"])
@@ -310,7 +297,7 @@ def main(argv=None):
     if c.plot:
         plot_losses(jobs, os.path.join(c.results_dir, "loss_curves.png"))
     for j in jobs if c.dry_run else []:
-        print(f"{'done' if is_done(j) else 'todo'}  python3 {j['script']} {shlex.join(j['args'])}")
+        print(f"{'done' if is_done(j, jobs) else 'todo'}  python3 {j['script']} {shlex.join(j['args'])}")
     if c.table or c.plot or c.dry_run:
         return 0
     os.makedirs(c.results_dir, exist_ok=True)
@@ -324,7 +311,6 @@ def main(argv=None):
     print(f"\n{c.budget} budget: ran {len(ran)} of {len(jobs)} jobs in {time.time() - start:.0f} s ({parts}"
           f"{', overlapping' * (c.jobs > 1)}); results in {c.results_dir}; tables: add --table to the command")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,9 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+
 # --- Distributed set-up: one code path for 1 CPU process, 8 GPUs, or many nodes (torchrun env vars).
-
-
 @dataclasses.dataclass
 class Dist:
     rank: int = 0
@@ -26,7 +25,6 @@ class Dist:
 
     is_main = property(lambda self: self.rank == 0)
     enabled = property(lambda self: self.world_size > 1)  # several processes
-
 
 def setup_distributed(device=None):
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU. No-op if absent."""
@@ -41,16 +39,13 @@ def setup_distributed(device=None):
     cpu_group = dist.new_group(backend="gloo") if world > 1 and use_cuda else None  # None: the default (gloo)
     return Dist(rank, local_rank, world, dev, cpu_group)
 
-
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 # --- Precision: bf16 autocast on GPU by default, fp16 + GradScaler on request, fp32 on CPU.
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 def resolve_precision(precision, device):
     if precision not in PRECISIONS:
@@ -58,7 +53,6 @@ def resolve_precision(precision, device):
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return precision
-
 
 def autocast(device, precision):
     """Context manager for the forward pass (the loss itself runs in fp32, see a2mim.py)."""
@@ -69,17 +63,13 @@ def autocast(device, precision):
 
 
 # --- Checkpoints: atomic writes, safe loads (weights_only=True), one clear sentence on a bad file.
-
 CHECKPOINT_FORMAT = "a2mim-checkpoint-v1"
-
 
 class CheckpointError(Exception):
     """A file that is not one of our checkpoints, or one for another model."""
 
-
 class RunError(Exception):
     """A run that must not start or cannot go on: one sentence, exit code 2, nothing on disk lost."""
-
 
 def user_errors():
     """The project's own errors: main() prints their sentence, exit 2; anything else keeps its traceback."""
@@ -87,15 +77,14 @@ def user_errors():
     from models import ConfigError
     return (ConfigError, data.DataError, CheckpointError, RunError)
 
-
 def atomic_save(path, obj):
-    """torch.save to `path.tmp`, fsync, rename: never a half-written `path`; a full disk (or any failed
-    write) removes the `.tmp` and leaves the previous `path` intact."""
+    """torch.save (a str: its text) to `path.tmp`, fsync, rename: never a half-written `path`; a full
+    disk (or any failed write) removes the `.tmp` and leaves the previous `path` intact."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("enforce fail ...")
@@ -108,7 +97,6 @@ def atomic_save(path, obj):
             else (e.strerror or str(e))
         raise RunError(f"{why} while writing {path}; {kept}") from None
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-
 
 def load_tensors(path, what="checkpoint"):
     """torch.load(weights_only=True) to CPU, with one sentence for a missing, truncated or
@@ -129,10 +117,8 @@ def load_tensors(path, what="checkpoint"):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({first[:120]})") from None
 
-
 def save_checkpoint(path, state):
     atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})  # the marker that load_checkpoint checks
-
 
 def load_checkpoint(path, *, arch=None):
     """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
@@ -143,11 +129,9 @@ def load_checkpoint(path, *, arch=None):
         raise CheckpointError(f"{path} holds a {state['encoder_kwargs']['arch']} model, but --arch is {arch}")
     return state
 
-
 def rng_state():
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
     return {"torch": torch.get_rng_state(), "python": random.getstate(), **cuda}
-
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
@@ -157,8 +141,6 @@ def set_rng_state(state):
 
 
 # --- Optimiser parameter groups and learning-rate schedules (§6).
-
-
 # §6, the released `paramwise_options`: no weight decay where the name matches (re.search). Our
 # names are the released ones where it matters: ResNet bn1..3 match, `downsample.1` does not (that
 # BN IS decayed, as released); ConvNeXt's LayerNorms match nothing (decayed, as released), its
@@ -168,14 +150,12 @@ def set_rng_state(state):
 RELEASED = r"(bn|ln|gn)(\d+)?.(weight|bias)|bias|mask_token"
 NO_DECAY = {"resnet": RELEASED, "convnext": RELEASED + "|layer_scale", "vit": RELEASED + "|norm|pos_embed|cls_token|gamma"}
 
-
 def no_weight_decay(name, param, arch=None):
     """`arch` given: the released rule above; None (eval_linear): no decay on what is not a weight matrix / kernel."""
     if arch is not None:
         return re.search(NO_DECAY[arch.split("_")[0].rstrip("0123456789")], name) is not None
     keys = ("mask_token", "pos_embed", "cls_token", "rel_pos_bias", "gamma_1", "gamma_2")
     return param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in keys)
-
 
 def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None, arch=None, gamma_lr_scale=None,
                  gamma_weight_decay=None):
@@ -193,7 +173,6 @@ def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None, a
         groups.setdefault((wd, scale), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
 
-
 def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=()):
     """Per-step lr: linear warm-up, then cosine down to `min_lr`, or ×0.1 at each step in `step_at`."""
     if step < warmup_steps:
@@ -203,11 +182,9 @@ def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0,
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-
 
 def set_scheduled_lr(optimizer, step, **schedule):
     """§6, as mmcv's lr hooks: each group from its own peak (lr × lr_scale) to the same absolute
@@ -216,7 +193,6 @@ def set_scheduled_lr(optimizer, step, **schedule):
         group["lr"] = lr_at(step, **{**schedule, "lr": schedule["lr"] * group.get("lr_scale", 1.0)})
     return lr_at(step, **schedule)
 
-
 def broadcast_buffers(model, env):
     """Rank 0's buffers (BatchNorm statistics) to every rank: on CPU (gloo, no SyncBN) they drift
     apart between DDP's broadcasts at the start of every forward; aligned before saving."""
@@ -224,18 +200,15 @@ def broadcast_buffers(model, env):
         for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
 
-
 def unwrap(model):
     model = model.module if isinstance(model, DDP) else model  # the plain module under DDP / torch.compile
     return getattr(model, "_orig_mod", model)
-
 
 def cpu_name():
     """The CPU's model name (Linux /proc/cpuinfo), else the machine type: for bench and results records."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), os.uname().machine)
     return os.uname().machine
-
 
 def channels_last(x, family, device):
     """CNN weights / batches in channels_last on CUDA (faster convs under bf16); the one place that decides it."""
@@ -247,8 +220,6 @@ def channels_last(x, family, device):
 
 
 # --- Errors: the one-sentence message of one of our own errors.
-
-
 def one_line(err):
     """The error's own sentence (from a DataLoader worker: the last line of its traceback, unprefixed)."""
     last = (str(err).strip().splitlines() or [type(err).__name__])[-1]

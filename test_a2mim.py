@@ -25,7 +25,11 @@ from a2mim import (
     resize_mask,
     zero_fill,
 )
-from models import ARCHS, ConfigError, build_encoder, count_params, token_site, torchvision_state_dict
+from models import ARCHS, ConfigError, build_encoder, token_site, torchvision_state_dict
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -1009,6 +1013,8 @@ def test_interaction_strength_matches_analytic_values_of_a_toy_model():
     expected = torch.stack([(w[pairs[:, 0], pairs[:, 1]] + b * mi).abs().mean() for mi in m])
     torch.testing.assert_close(out["I_abs"], expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["J"], expected / expected.mean(), rtol=1e-4, atol=1e-4)
+    # Per image (for a bootstrap over images): both images are the same, so both rows are the expected values.
+    torch.testing.assert_close(out["I_abs_bm"], expected.expand(2, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_interaction_strength_is_invariant_to_the_order_in_which_players_are_listed():

@@ -120,6 +120,26 @@ def test_a_changed_fine_tune_recipe_is_not_taken_for_done(smoke, capsys, monkeyp
     assert len(todo) == 3 and all("--finetune" in line and "--batch-size 25" in line for line in todo)
 
 
+def test_a_fresh_clone_with_the_results_but_no_checkpoints_redoes_no_pre_training_whose_evaluations_are_done(
+        smoke, capsys, monkeypatch):
+    """Checkpoints are not committed, the JSONL results are: a pre-training is redone only for an evaluation
+    still to run."""
+    checkpoints = sorted(smoke.glob("runs/*/checkpoint.pt"))
+    assert len(checkpoints) == 2
+    for ckpt in checkpoints:
+        ckpt.rename(ckpt.with_suffix(".away"))
+    try:
+        assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
+        assert not [line for line in capsys.readouterr().out.splitlines() if not line.startswith("done")]
+        monkeypatch.setitem(reproduce.BUDGETS["smoke"], "finetune", ["--epochs", "1", "--batch-size", "25", "--blr", "1e-3"])
+        assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
+        todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
+        assert sum("train.py" in line for line in todo) == 2 and len(todo) == 2 + 3  # both rows' pre-trainings
+    finally:
+        for ckpt in checkpoints:
+            ckpt.with_suffix(".away").rename(ckpt)
+
+
 def test_a_budget_pre_training_lr_gets_its_own_run_folder_and_table_label(smoke, capsys, monkeypatch):
     """A budget that sets --blr pre-trains into '<name>_blr<value>' (never taking the default-lr run
     for done), passes the lr to train.py, and labels the table row with it."""
@@ -161,8 +181,9 @@ def test_the_resnet_rows_pre_train_once_per_seed_of_the_budget_into_their_own_fo
     monkeypatch.setitem(reproduce.BUDGETS["smoke"], "pretrain_seeds", {"resnet18": [0, 1, 2]})
     assert reproduce.main(["--budget", "smoke", "--data", "fake", "--results-dir", str(tmp_path), "--dry-run"]) == 0
     trains = [line.split("--run-name ")[1] for line in capsys.readouterr().out.splitlines() if "train.py" in line]
-    assert trains == [f"{m}_resnet18{s}" for m in ("a2mim", "simmim") for s in ("", "_seed1", "_seed2")] + \
-        ["a2mim_vit_tiny", "simmim_vit_tiny"]  # seed 0 keeps the first runs' folder name; one ViT seed
+    # Seed by seed (a stopped run has every row's first seed); seed 0 keeps the first runs' folder name; one ViT seed.
+    assert trains == ["a2mim_resnet18", "simmim_resnet18", "a2mim_vit_tiny", "simmim_vit_tiny"] + \
+        [f"{m}_resnet18_seed{s}" for s in (1, 2) for m in ("a2mim", "simmim")]
 
 
 def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_both(smoke, capsys, monkeypatch):

@@ -203,10 +203,10 @@ def test_every_group_anneals_from_its_own_peak_to_the_same_absolute_min_lr():
 
 def test_lr_schedule_warms_up_then_follows_cosine_or_step():
     kw = dict(lr=1.0, total_steps=100, warmup_steps=10, min_lr=0.0)
-    assert train.lr_at(0, **kw) == pytest.approx(0.1) and train.lr_at(9, **kw) == pytest.approx(1.0)
-    assert train.lr_at(55, **kw) == pytest.approx(0.5) and train.lr_at(100, **kw) == pytest.approx(0.0)
+    assert runtime.lr_at(0, **kw) == pytest.approx(0.1) and runtime.lr_at(9, **kw) == pytest.approx(1.0)
+    assert runtime.lr_at(55, **kw) == pytest.approx(0.5) and runtime.lr_at(100, **kw) == pytest.approx(0.0)
     step = dict(kw, schedule="step", step_at=[70])
-    assert train.lr_at(69, **step) == 1.0 and train.lr_at(70, **step) == pytest.approx(0.1)
+    assert runtime.lr_at(69, **step) == 1.0 and runtime.lr_at(70, **step) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------------------------

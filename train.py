@@ -27,10 +27,9 @@ from tqdm import tqdm
 import data
 from a2mim import A2MIM, default_mask_patch_size, resize_mask
 from models import ARCHS, ConfigError, arch_family, build_encoder
-from runtime import (PRECISIONS, CheckpointError, Dist, RunError, autocast, broadcast_buffers,  # noqa: F401
-                     channels_last, cleanup_distributed, load_checkpoint, lr_at, one_line, param_groups,
-                     resolve_precision, rng_state, save_checkpoint, set_lr, set_rng_state, set_scheduled_lr,
-                     setup_distributed, unwrap, user_errors)
+from runtime import (PRECISIONS, CheckpointError, RunError, atomic_save, autocast, broadcast_buffers, channels_last,
+                     cleanup_distributed, load_checkpoint, one_line, param_groups, resolve_precision, rng_state,
+                     save_checkpoint, set_rng_state, set_scheduled_lr, setup_distributed, unwrap, user_errors)
 
 # Settings, written once: name (flag --name-with-dashes), small-data default, help, valid range ("[1,"
 # at least 1, "(0,1)" strictly between; checked before anything runs) or choices, argparse extras.
@@ -106,10 +105,8 @@ SMALL_VIT = dict(token_lr_scale=1.0)  # the small-data recipe, where a ViT's rel
 RECIPE_OF = {a: "ViT-S" if a in ("vit_tiny", "vit_small") else "ViT-B/L" if a.startswith("vit") else  # resnet18/34,
              "ConvNeXt" if a.startswith("convnext") else "ResNet" for a in ARCHS}  # vit_tiny: their family's
 
-
 def flag(name):
     return "--" + name.replace("_", "-")
-
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -129,7 +126,6 @@ def get_parser():
     p.add_argument("--print-config", action="store_true", help="print every resolved setting and its source, exit")
     p.add_argument("--assume-world-size", type=int, help="resolve as if run on N processes")
     return p
-
 
 def resolve_config(args, world_size=1):
     """Defaults < the (arch, data) recipe < the command line; then the derived batch and lr.
@@ -177,7 +173,6 @@ def resolve_config(args, world_size=1):
     cfg["preset"], cfg["source"] = preset, source
     return cfg
 
-
 def paper_note(cfg):
     """One line when the paper's recipe runs at another global batch than on the paper's 8 processes."""
     recipe = RECIPES[RECIPE_OF[cfg["arch"]]]
@@ -193,12 +188,10 @@ def paper_note(cfg):
 MODEL_OPTIONS = ("loss_recipe", "fill", "token_at", "token_mode", "spatial", "fft_weight", "fft_loss",
                  "fft_unmask_weight")
 
-
 def encoder_kwargs(cfg):
     """What build_encoder needs; stored in every checkpoint so eval_linear.py can rebuild it."""
     kw = dict(arch=cfg["arch"], img_size=cfg["img_size"], drop_path=cfg["drop_path"])
     return kw if arch_family(cfg["arch"]) == "vit" else kw | dict(width=cfg["width"])
-
 
 def build_model(cfg, env):
     """A2MIM around the encoder; ConfigError when mask grid, token site and decoder do not fit."""
@@ -209,25 +202,22 @@ def build_model(cfg, env):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # §4: SyncBN across GPUs
     return model
 
-
 def build_optimizer(model, cfg, env):
     groups = param_groups(model, weight_decay=cfg["weight_decay"], arch=cfg["arch"],
                           token_lr_scale=cfg["token_lr_scale"], gamma_lr_scale=cfg["gamma_lr_scale"],
                           gamma_weight_decay=cfg["gamma_weight_decay"])
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, fused=env.device.type == "cuda")
 
-
 def mask_generator(cfg, env, step):
     """Masks are a pure function of (seed, step, rank): a resumed run draws the same masks."""
     return torch.Generator(device=env.device).manual_seed(cfg["seed"] * 1_000_003 + step * env.world_size + env.rank)
-
 
 def build_train_loader(cfg, env):
     """(batches, number of images, folder read from). Small datasets on a GPU live on the device and
     are augmented there (data.device_loader); everything else goes through a DataLoader."""
     c, family = cfg, cfg["crop"] or arch_family(cfg["arch"])  # `family` picks data.CROP_SCALE
     on_device = c["device_data"] == "on" or (
-        c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.DEVICE_DATASETS)
+        c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.IN_MEMORY)
     if on_device:
         loader = data.device_loader(c["data"], "train", c["batch_size"], env.device, img_size=c["img_size"],
                                     family=family, seed=c["seed"], data_dir=c["data_dir"],
@@ -254,10 +244,8 @@ NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save
                 "preset", "download", "device_data", "source"}
 Run = collections.namedtuple("Run", "dir ckpt log config")
 
-
 def differs(previous, cfg):
     return sorted(k for k in cfg if k not in NOT_IDENTITY and previous.get(k) != cfg[k])
-
 
 def prepare_run_dir(cfg, args):
     """(Run, checkpoint to resume or None), writing nothing. The same command resumes; a folder of another
@@ -286,14 +274,12 @@ def prepare_run_dir(cfg, args):
         return run, args.resume
     return run, run.ckpt if os.path.exists(run.ckpt) and not args.overwrite else None
 
-
 def all_max(env, *flags):
     """The element-wise max of integer flags over all ranks (a CPU all-reduce): every rank agrees."""
     t = torch.tensor([int(f) for f in flags])
     if env.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.cpu_group)
     return t.tolist()
-
 
 @contextlib.contextmanager
 def locked(run, env):
@@ -315,10 +301,8 @@ def locked(run, env):
         if fd is not None:
             os.close(fd)  # releases the lock
 
-
 def kept(ckpt):
     return f"the last good checkpoint {ckpt} is kept" if os.path.exists(ckpt) else "no checkpoint was written"
-
 
 def first_nonfinite(*state_dicts):
     """The first key whose tensor holds a NaN/inf in these (nested) state dicts, or None."""
@@ -326,7 +310,6 @@ def first_nonfinite(*state_dicts):
         if first_nonfinite(v) if isinstance(v, dict) else v.is_floating_point() and not v.isfinite().all():
             return first_nonfinite(v) if isinstance(v, dict) else str(k)
     return None
-
 
 def save(run, model, optimizer, scaler, cfg, env, pos):
     """Checkpoint at pos (step, epoch, batch): every rank takes part (BatchNorm buffers, its RNG
@@ -343,7 +326,6 @@ def save(run, model, optimizer, scaler, cfg, env, pos):
     if env.is_main:
         save_checkpoint(run.ckpt, state)
 
-
 def restore(path, model, optimizer, scaler, cfg, env):
     """Model, optimiser, scaler from a checkpoint of this run → (position, this rank's RNG), its settings."""
     state = load_checkpoint(path, arch=cfg["arch"])
@@ -357,24 +339,18 @@ def restore(path, model, optimizer, scaler, cfg, env):
     pos = dict(step=state["step"], epoch=state["epoch"], batch=state["batch"], rng=state["rng"][env.rank])
     return pos, state["config"]
 
-
 def trim_log(path, step):
     """Keep the records of steps before `step`: a killed run logged steps the resumed one redoes."""
     if os.path.exists(path):
         with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] < step]
-        with open(f"{path}.tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(f"{path}.tmp", path)
-
+            atomic_save(path, "".join(line for line in f if line.strip() and json.loads(line)["step"] < step))
 
 COLUMNS = "original-input-prediction-pasted"  # the PNG's columns, named in its file name
 
-
-def save_reconstructions(path, img_bchw, out, method=None, n=8):
+def save_reconstructions(path, img_bchw, out, n=8):
     """Rows of original | model input | prediction | prediction pasted into the visible pixels, from
     what the model returned (its own fill), on the CPU; small images upscaled (nearest) to ≥ 96 px
-    so that a 32-px tile is legible. `method` is unused (kept for older calls)."""
+    so that a 32-px tile is legible."""
     from torchvision.utils import save_image
 
     pred, mask = out["pred"][:n].detach().float().cpu(), out["mask"][:n].cpu()
@@ -417,7 +393,6 @@ class LossLog:
         self.t0, self.images = time.time(), 0
         return rec
 
-
 class Stop(contextlib.AbstractContextManager):
     """SIGTERM, SIGUSR1 (what schedulers send before a kill) and Ctrl-C only set `signum`: the loop
     finishes its step, checkpoints, exits 128 + signal. A second signal ends it at once."""
@@ -438,7 +413,6 @@ class Stop(contextlib.AbstractContextManager):
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr)
 
-
 def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, mask=None, generator=None):
     """One micro-step: forward under autocast, backward of loss / accum. DDP all-reduces the
     gradients only when `last` (the final micro-step of an accumulation group), via no_sync."""
@@ -448,7 +422,6 @@ def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, 
             out = model(img, mask, generator=generator)
         scaler.scale(out["loss"] / accum).backward()
     return out
-
 
 def train(model, optimizer, scaler, loader, cfg, env, run, pos):
     """The pre-training loop (§2–§6) from pos (step, epoch, batch, rng) on → (pos, signal or 0)."""
@@ -523,7 +496,6 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
                     return here, signum
             epoch, pos["batch"] = epoch + 1, 0
 
-
 def run(cfg, args, env):
     """Every check first (nothing written), then lock the folder and train. → (model, exit code)."""
     run_dir, resume_from = prepare_run_dir(cfg, args)
@@ -542,9 +514,7 @@ def run(cfg, args, env):
     with locked(run_dir, env):
         if env.is_main:
             trim_log(run_dir.log, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
-            with open(f"{run_dir.config}.tmp", "w") as f:  # atomic, like the checkpoint
-                json.dump(cfg, f, indent=2)
-            os.replace(f"{run_dir.config}.tmp", run_dir.config)
+            atomic_save(run_dir.config, json.dumps(cfg, indent=2))
             what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
             print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, "
                   f"{cfg['img_size']} px), "
@@ -568,7 +538,6 @@ def run(cfg, args, env):
               f"evaluate it with:  python eval_linear.py --checkpoint {run_dir.ckpt} --data {cfg['data']}{data_dir}")
     return unwrap(model), 128 + signum if signum else 0
 
-
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
@@ -585,7 +554,6 @@ def main(argv=None):
         return 2
     finally:
         cleanup_distributed()
-
 
 if __name__ == "__main__":
     sys.exit(main())
