@@ -29,12 +29,10 @@ def _check_choice(what, value, choices):
 # --- §2 Masking on the input side
 def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, device=None, generator=None):
     """Random block masks, `ceil(ratio · g²)` masked blocks per image (§2).
-
     Returns mask_bgg: float [B, g, g] of 0/1 with g = input_size // mask_patch_size; 1 = masked.
     At 224 px with 32-px blocks: g = 7, exactly 30 of 49 blocks masked (61.2 %), as released.
     Drawn on `device` in one shot: ranking i.i.d. uniforms gives a uniformly random subset
-    of size k per row, with no Python loop over images.
-    """
+    of size k per row, with no Python loop over images."""
     if mask_patch_size < 1 or input_size % mask_patch_size:
         raise ConfigError(f"input size {input_size} must be divisible by the mask block size {mask_patch_size}")
     if not 0 < mask_ratio < 1:
@@ -51,11 +49,9 @@ def default_mask_patch_size(img_size):
 
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
-
     Finer targets (pixels, stride-16 features of a 7×7 mask) repeat each block over whole cells.
     A coarser target (e.g. 4-px blocks but a stride-8 token site) counts a cell as masked when at
-    least half of it is masked.
-    """
+    least half of it is masked."""
     mask_b1gg = mask if mask.ndim == 4 else mask.unsqueeze(1)
     g = mask_b1gg.shape[-1]
     if size == g:
@@ -68,11 +64,9 @@ def resize_mask(mask, size):
 
 def mean_fill(img_bchw, mask):
     """Replace masked blocks by the image's own per-channel mean colour (§2, A²MIM).
-
     The mean is over the whole (normalised) image. Since normalisation is affine per channel,
     this equals "mean RGB, then normalise" — what the released code computes.
-    `mask` [B, g, g] or [B, 1, g, g] at any grid that divides the image.
-    """
+    `mask` [B, g, g] or [B, 1, g, g] at any grid that divides the image."""
     mask_b1hw = resize_mask(mask, img_bchw.shape[-1]).to(img_bchw.dtype)
     mean_bc11 = img_bchw.mean(dim=(2, 3), keepdim=True)
     return torch.lerp(img_bchw, mean_bc11.expand_as(img_bchw), mask_b1hw)
@@ -89,13 +83,11 @@ FILLS = {"mean": mean_fill, "zero": zero_fill, "none": lambda img_bchw, mask: im
 # --- §3 The mask token, written into an intermediate feature map
 class MaskToken(nn.Module):
     """A learnable token T [1, C, 1, 1] written into the masked cells of a feature map (§3).
-
     mode="gate"    (A²MIM, released ResNet/ConvNeXt configs): x ← x·(1−M) + γ·x·M, then x ← x + T·M,
                    with a per-channel γ initialised to 1e-6, so training starts from "replace
                    by T" and may move towards a residual add. The paper text only says "add".
     mode="add"     (A²MIM ViT): x ← x + T·M.
-    mode="replace" (SimMIM): x ← x·(1−M) + T·M.
-    """
+    mode="replace" (SimMIM): x ← x·(1−M) + T·M."""
 
     def __init__(self, channels, *, mode="gate", gamma_init=1e-6):
         super().__init__()
@@ -124,9 +116,7 @@ class MaskToken(nn.Module):
 # --- §4 The decoder: deliberately tiny, so the encoder has to do the work
 class Decoder(nn.Module):
     """feat [B, C, H/s, W/s] → image [B, 3, H, W]: a 1×1 conv to 3·s² channels + PixelShuffle(s).
-
-    Each feature cell predicts its own s×s×3 pixel patch; no activation (§4).
-    """
+    Each feature cell predicts its own s×s×3 pixel patch; no activation (§4)."""
 
     def __init__(self, in_channels, stride):
         super().__init__()
@@ -142,10 +132,8 @@ class Decoder(nn.Module):
 # --- §5 Losses
 def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     """Elementwise focal-L1, ℓ = |e|·(2·sigmoid(α|e|) − 1)^γ with e = pred − target (§5, CNNs).
-
     The factor is ≈ α|e|/2 for small errors, → 1 for large ones: easy pixels count less.
-    Works on real tensors, and on the modulus of a complex spectrum difference (`e` complex).
-    """
+    Works on real tensors, and on the modulus of a complex spectrum difference (`e` complex)."""
     err = (pred - target).abs()
     return err * (2 * torch.sigmoid(alpha * err) - 1) ** gamma
 
@@ -159,8 +147,7 @@ def focal_weight(dist_chw):
 
 def frequency_loss(pred_bchw, target_bchw):
     """Focal frequency loss on batch-averaged spectra (§5, `fft_focal=True`; Jiang et al., ICCV
-    2021): the form of ResNet-50 and ViT. Scalar. Always in float32 (bf16 spectra are too coarse).
-    """
+    2021): the form of ResNet-50 and ViT. Scalar. Always in float32 (bf16 spectra are too coarse)."""
     with torch.autocast(device_type=pred_bchw.device.type, enabled=False):
         # 1. Average over the batch before the FFT (the code's `ave_spectrum`): the FFT is linear,
         #    so the mean of the spectra is the spectrum of the mean image, and F(a)−F(b) = F(a−b).
@@ -185,10 +172,8 @@ FOURIER_LOSSES = {"focal_frequency": frequency_loss, "spectral_focal_l1": spectr
 
 def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     """The Fourier term's input (§5 step 1): x̃ = M·x̂ + (1−M)·[w·x̂ + (1−w)·(½·sg(x̂) + ½·x)].
-
     Outside the mask: half the (detached) prediction and half the target, so the visible region
-    neither dominates the spectrum nor is ignored; only a w-share of it carries gradient.
-    """
+    neither dominates the spectrum nor is ignored; only a w-share of it carries gradient."""
     w = fft_unmask_weight
     outside_bchw = w * pred_bchw + (1 - w) * (0.5 * pred_bchw.detach() + 0.5 * target_bchw)
     return torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
@@ -196,10 +181,8 @@ def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
 def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_loss="focal_frequency",
                fft_unmask_weight=1e-3):
     """L = L_spa + λ·L_freq (§5). Returns {"loss", "loss_spatial", "loss_freq"} (scalars).
-
     `spatial` ℓ: "focal_l1" (CNNs) or "l1" (ViT, SimMIM); `fft_weight` λ; `fft_loss` one of
-    FOURIER_LOSSES; `fft_unmask_weight` w of `mixed_image`. `mask` at any grid.
-    """
+    FOURIER_LOSSES; `fft_unmask_weight` w of `mixed_image`. `mask` at any grid."""
     _check_choice("spatial loss", spatial, ("focal_l1", "l1"))
     _check_choice("Fourier loss", fft_loss, FOURIER_LOSSES)
     # In float32: under bf16 autocast a sum over millions of pixels would round the mask count.
@@ -238,11 +221,9 @@ LOSS_RECIPES = ("released", "paper")
 
 def method_defaults(arch, method="a2mim", loss_recipe="released"):
     """The options A2MIM uses for `arch` unless told otherwise (§2, §3, §5).
-
     loss_recipe "released": the per-arch Fourier term of the released configs (RELEASED_FOURIER);
     "paper": the paper text's Fourier term for every arch (ResNet-50's values for all CNNs).
-    SimMIM as released: input untouched, the token replaces the stem / patch embeddings, L1 only.
-    """
+    SimMIM as released: input untouched, the token replaces the stem / patch embeddings, L1 only."""
     _check_choice("method", method, ("a2mim", "simmim"))
     _check_choice("loss recipe", loss_recipe, LOSS_RECIPES)
     if method == "simmim":
@@ -264,13 +245,11 @@ def check_grids(img_size, mask_patch_size, site_stride):
 
 class A2MIM(nn.Module):
     """Masked image modeling for any encoder of `models.py` (§2–§5).
-
     Every option defaults to None = `method_defaults(encoder.arch, method, loss_recipe)`:
     fill ("mean" | "zero" | "none"), token_at (a site of the encoder, None = its A²MIM default,
     "stem"), token_mode ("gate" | "add" | "replace"), spatial ("focal_l1" | "l1"), fft_weight (λ),
     fft_loss ("focal_frequency" | "spectral_focal_l1"), fft_unmask_weight (w). The resolved
-    options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`.
-    """
+    options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`."""
 
     def __init__(self, encoder, *, method="a2mim", mask_patch_size=32, mask_ratio=0.6, loss_recipe="released",
                  fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_loss=None,
@@ -298,10 +277,8 @@ class A2MIM(nn.Module):
 
     def forward(self, img_bchw, mask=None, *, generator=None):
         """img_bchw [B, 3, H, W] normalised → dict(loss, loss_spatial, loss_freq, pred, mask, input).
-
         pred [B, 3, H, W] is the full reconstruction; mask [B, g, g] (1 = masked); input the
-        pixels the encoder saw (for pictures: never rebuild the fill outside the model).
-        """
+        pixels the encoder saw (for pictures: never rebuild the fill outside the model)."""
         B, _, H, W = img_bchw.shape
         if H != W:
             raise ConfigError(f"A2MIM expects square images, got {H}×{W}")
@@ -357,7 +334,6 @@ def sample_pairs(grid, count, *, radius=2, generator=None):
 def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATIOS, pairs=50, contexts=50,
                          baseline=None, generator=None, chunk=1024):
     """Multi-order interaction strength J^(m) of a classifier (§9; Deng et al., ICLR 2022).
-
     The image is cut into n = grid² patches (the players; default `default_grid`). v(S) = log-odds
     of the true class when only the patches in S are kept and the rest set to `baseline` (the
     mean colour: a tensor broadcastable to [3, H, W]; default 0, the dataset mean once normalised).
@@ -367,9 +343,7 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
     Defaults are the released protocol: the 13 ratios, 50 pairs × 50 contexts per image and order.
     `pairs`: an int (drawn per image by `sample_pairs`) or a LongTensor [P, 2] of cell indices.
     The model runs in eval mode (BatchNorm with its running statistics) and is put back after.
-
-    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised, "I_abs_bm": [B, M] per image}.
-    """
+    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised, "I_abs_bm": [B, M] per image}."""
     B, _, H, _ = images_bchw.shape
     grid = grid or default_grid(H)
     if H % grid:

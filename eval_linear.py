@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import data
 import models
+from a2mim import default_grid, interaction_strength
 from runtime import (PRECISIONS, CheckpointError, RunError, autocast, channels_last, cleanup_distributed,
                      load_checkpoint, lr_at, one_line, param_groups, resolve_precision, set_lr, setup_distributed,
                      load_tensors, user_errors)
@@ -69,7 +70,10 @@ SETTINGS = [  # name, type or choices, laptop default ({mode: value} where modes
     ("precision", PRECISIONS, "auto", None, "auto = bf16 on GPU, fp32 on CPU"),
     ("workers", int, None, ">= 0", "data loader workers per process (default: data.py's)"),
     ("threads", int, None, "> 0", "torch CPU threads (default: torch's, but 1 for the cached probe's head)"),
-    ("seed", int, 0, None, "seed of the head, a random encoder and the data order"),
+    ("interactions", int, 0, ">= 0", "after training, §9's J^(m) on this many val images per class (0 = off)"),
+    ("interaction_pairs", int, 50, "> 0", "J^(m): pairs (i, j) per image (the released tool's 50)"),
+    ("interaction_contexts", int, 50, "> 0", "J^(m): contexts S per pair and order (the released tool's 50)"),
+    ("seed", int, 0, None, "seed of the head, a random encoder, the data order and the J^(m) samples"),
     ("results", str, os.path.join("out", "results.jsonl"), None, "JSONL file each result line is appended to"),
 ]
 RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
@@ -246,11 +250,13 @@ def build_data(cfg):
     if val_set.num_classes != num_classes:
         raise data.DataError(f"{cfg['data']} has {num_classes} training classes but {val_set.num_classes} in val")
     if cfg["labels_per_class"]:
-        labels = getattr(train_set, "labels_n", getattr(train_set, "targets", None))  # without decoding images
-        labels = [train_set[i][1] for i in range(len(train_set))] if labels is None else labels  # e.g. "fake"
-        idx = class_balanced_subset(labels, cfg["labels_per_class"], cfg["subset_seed"], num_classes)
+        idx = class_balanced_subset(labels_of(train_set), cfg["labels_per_class"], cfg["subset_seed"], num_classes)
         train_set = torch.utils.data.Subset(train_set, idx.tolist())  # plain ints: datasets may not take tensor indices
     return train_set, val_set, num_classes
+
+def labels_of(dataset):
+    labels = getattr(dataset, "labels_n", getattr(dataset, "targets", None))  # without decoding images
+    return [dataset[i][1] for i in range(len(dataset))] if labels is None else labels  # e.g. "fake"
 
 def class_balanced_subset(labels, k, seed, num_classes=None):
     """Sorted indices of exactly `k` images per class, the same for (labels, k, seed) on every rank."""
@@ -272,7 +278,7 @@ def run_over(dataset, fn, cfg, env, desc):
     """`fn(images)` for every image, each rank on its shard → all (rows, labels) in dataset order, on the CPU."""
     loader = data.build_loader(dataset, cfg["batch_size"], train=False, distributed=env.enabled, workers=cfg["workers"])
     prec, outs, labels = resolve_precision(cfg["precision"], env.device), [], []
-    for img, y in tqdm(loader, desc=desc, disable=not env.is_main, dynamic_ncols=True, leave=False):
+    for img, y in tqdm(loader, desc=desc, disable=not env.is_main or None, dynamic_ncols=True, leave=False):
         with autocast(env.device, prec):
             outs.append(fn(img.to(env.device, non_blocking=True)).float())
         labels.append(y.to(env.device))
@@ -350,7 +356,9 @@ def fit(forward, trainable, optimizer, batches, steps_per_epoch, cfg, env, num_c
     scaler = torch.amp.GradScaler(env.device.type, enabled=prec == "fp16")
     mixers = [mix(alpha=cfg[k], num_classes=num_classes) for k, mix in (("mixup", v2.MixUp), ("cutmix", v2.CutMix))
               if cfg[k]]  # one of the two at random per batch, as timm
-    bar = tqdm(total=cfg["epochs"] * steps_per_epoch, desc=cfg["mode"], disable=not env.is_main, dynamic_ncols=True)
+    # Progress on rank 0, on a terminal only (None: tqdm's check), not as pages of text in a log file or a notebook.
+    bar = tqdm(total=cfg["epochs"] * steps_per_epoch, desc=cfg["mode"], disable=not env.is_main or None,
+               dynamic_ncols=True)
     for epoch in range(cfg["epochs"]):
         trainable.train()  # for a probe: the head only; the encoder stays in eval mode
         loss_sum = torch.zeros((), device=env.device)
@@ -410,7 +418,8 @@ def probe(encoder, train_set, val_set, cfg, env, num_classes):
             torch.set_num_threads(1)  # ran 70× slower (46 vs 0.6 ms) on a busy 2-core machine
     fit(forward, trainable, build_optimizer(head, cfg), batches, steps, cfg, env, num_classes)
     torch.set_num_threads(threads)
-    return {"": run_over(val_set, lambda img: head.eval()(features(img)), cfg, env, "val")}
+    classifier = lambda img: head.eval()(features(img))  # noqa: E731
+    return {"": run_over(val_set, classifier, cfg, env, "val")}, classifier
 
 def finetune(encoder, train_set, val_set, cfg, env, num_classes):
     """Every weight trains (BatchNorm statistics update, drop path on); with --ema their EMA is evaluated too."""
@@ -424,7 +433,7 @@ def finetune(encoder, train_set, val_set, cfg, env, num_classes):
     out = {"": run_over(val_set, model.eval(), cfg, env, "val")}
     if ema is not None:
         out["ema_"] = run_over(val_set, ema.module.eval(), cfg, env, "val (EMA)")
-    return out
+    return out, model
 
 def evaluate(encoder, cfg, env):
     """Train the chosen way, then top-1/top-5 over the whole val split (also of the EMA weights)."""
@@ -436,11 +445,27 @@ def evaluate(encoder, cfg, env):
               f"{cfg['optimizer']} lr {cfg['lr']:.3g}, global batch {cfg['global_batch']}, {cfg['epochs']} epochs")
     way = finetune if cfg["mode"] == "finetune" else probe
     result = dict(num_train=len(train_set), num_val=len(val_set), num_classes=num_classes)
-    for prefix, (logits_nk, labels_n) in way(encoder, train_set, val_set, cfg, env, num_classes).items():
+    outputs, classifier = way(encoder, train_set, val_set, cfg, env, num_classes)
+    for prefix, (logits_nk, labels_n) in outputs.items():
         hit_nk = logits_nk.topk(min(5, num_classes), dim=1).indices == labels_n[:, None]  # top-5 of ≥ 5 classes
         for k in (1, 5):
             result[f"{prefix}top{k}"] = round(100.0 * hit_nk[:, :k].any(dim=1).float().mean().item(), 3)
+    if cfg["interactions"] and env.is_main:
+        result["interactions"] = interactions(classifier, val_set, cfg, num_classes, env.device)
     return result
+
+def interactions(classifier, val_set, cfg, num_classes, device):
+    """§9's J^(m) of the trained classifier on K val images per class (seeded, class-balanced), by the released
+    protocol (a2mim.interaction_strength) at --interaction-pairs × --interaction-contexts; the baseline is the mean
+    colour of those images (the dataset mean of §9). I^(m) is kept per image, for a bootstrap over images."""
+    start, idx = time.time(), class_balanced_subset(labels_of(val_set), cfg["interactions"], cfg["seed"], num_classes)
+    images, labels = zip(*[val_set[i] for i in idx.tolist()])
+    img_bchw, labels_b = torch.stack(images).to(device), torch.tensor(labels, device=device)
+    baseline_c11 = img_bchw.mean(dim=(0, 2, 3))[:, None, None]
+    out = interaction_strength(classifier, img_bchw, labels_b, pairs=cfg["interaction_pairs"], baseline=baseline_c11,
+                               contexts=cfg["interaction_contexts"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    return dict(orders=out["orders"].tolist(), J=out["J"].tolist(), I_abs_per_image=out["I_abs_bm"].tolist(),
+                images=idx.tolist(), grid=default_grid(img_bchw.shape[-1]), seconds=round(time.time() - start, 1))
 
 def report(cfg, result, seconds):
     """Print the result, then append it as one JSON line with its configuration (never losing the accuracy)."""

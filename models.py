@@ -31,22 +31,16 @@ SMALL_INPUT = 64
 
 
 # --- ResNet (§4): torchvision's ResNet, so that the weights load straight back into torchvision
-RESNET_LAYERS = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3]),
-    "resnet50": (Bottleneck, [3, 4, 6, 3]),
-    "resnet101": (Bottleneck, [3, 4, 23, 3]),
-    "resnet152": (Bottleneck, [3, 8, 36, 3]),
-    "resnet200": (Bottleneck, [3, 24, 36, 3]),  # not in torchvision; same blocks, deeper stage 2-3
-}
+RESNET_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
+                 "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
+                 "resnet152": (Bottleneck, [3, 8, 36, 3]),
+                 "resnet200": (Bottleneck, [3, 24, 36, 3])}  # not in torchvision; same blocks, deeper stages 2-3
 
 class ResNet(torchvision.models.ResNet):
     """torchvision's ResNet without `avgpool`/`fc`, plus a token hook before any stage.
-
     Keys of `state_dict()` are exactly torchvision's (minus `fc.*`), see `torchvision_state_dict`.
     Token sites: "layerK" = the input of stage K ("stem" = layer1's input). A²MIM uses
-    "layer4" (stride 16 at standard width, 14×14 at 224 px; §3).
-    """
+    "layer4" (stride 16 at standard width, 14×14 at 224 px; §3)."""
 
     family = "cnn"
 
@@ -67,12 +61,11 @@ class ResNet(torchvision.models.ResNet):
                 nn.init.zeros_(m.bn2.weight)
 
         stem_stride = 1 if small_stem else 4
-        chans = [width * block.expansion * 2**k for k in range(4)]
-        self.token_sites = {"layer1": (width, stem_stride)}
-        for k in range(1, 4):  # the input of layer{k+1} is the output of layer{k}
-            self.token_sites[f"layer{k + 1}"] = (chans[k - 1], stem_stride * 2 ** (k - 1))
+        chans = [width] + [width * block.expansion * 2**k for k in range(4)]  # the stem's, then each stage's output
+        # The input of layer{k+1} is the output of layer{k} (layer1's: the stem's, at the stem's stride).
+        self.token_sites = {f"layer{k + 1}": (chans[k], stem_stride * 2 ** max(k - 1, 0)) for k in range(4)}
         self.default_token_site = "layer4"
-        self.out_channels, self.out_stride = chans[3], stem_stride * 8
+        self.out_channels, self.out_stride = chans[4], stem_stride * 8
 
     def _rebuild(self, block, layers, width, small_stem):
         """Re-make stem and stages at another width (for CPU-sized models) or a 32-px stem."""
@@ -101,11 +94,9 @@ class ResNet(torchvision.models.ResNet):
 
 def torchvision_state_dict(encoder, num_classes=1000):
     """Encoder weights as a state dict that `torchvision.models.<arch>()` loads with strict=True.
-
     The encoder holds no classifier, so a freshly initialised one (torchvision's own init) is
     added: fine-tuning recipes replace or re-train it anyway. ResNet and ConvNeXt only (a ViT has
-    no torchvision twin with relative position bias).
-    """
+    no torchvision twin with relative position bias)."""
     if isinstance(encoder, ResNet):
         head = nn.Linear(encoder.out_channels, num_classes)
         extra = {f"fc.{k}": v for k, v in head.state_dict().items()}
@@ -142,19 +133,14 @@ def export_torchvision(encoder, path):
 
 
 # --- ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling
-CONVNEXT_DEPTHS = {
-    "convnext_tiny": ((3, 3, 9, 3), 96),
-    "convnext_small": ((3, 3, 27, 3), 96),
-    "convnext_base": ((3, 3, 27, 3), 128),
-}
+CONVNEXT_DEPTHS = {"convnext_tiny": ((3, 3, 9, 3), 96), "convnext_small": ((3, 3, 27, 3), 96),  # depths, width
+                   "convnext_base": ((3, 3, 27, 3), 128)}
 
 class ConvNeXt(torchvision.models.ConvNeXt):
     """torchvision's ConvNeXt `features` (keys unchanged) without the classifier.
-
     `features` = [stem, stage1, down, stage2, down, stage3, down, stage4]. Token sites:
     "stageK" = the input of stage K (after its downsampling layer); A²MIM uses "stage4"
-    (stride 32, 7×7 at 224 px; §3). "stem" = the input of stage 1.
-    """
+    (stride 32, 7×7 at 224 px; §3). "stem" = the input of stage 1."""
 
     family = "cnn"
 
@@ -199,9 +185,7 @@ VIT_CONFIGS = {  # depth, dim, heads, mlp hidden
 
 class RelativePositionBias(nn.Module):
     """BEiT-style learned bias per head for every (query, key) offset, plus 3 cls entries.
-
-    Returns [heads, 1+N, 1+N], added to the attention logits (passed to SDPA as `attn_mask`).
-    """
+    Returns [heads, 1+N, 1+N], added to the attention logits (passed to SDPA as `attn_mask`)."""
 
     def __init__(self, grid, heads):
         super().__init__()
@@ -212,11 +196,8 @@ class RelativePositionBias(nn.Module):
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         coords = torch.stack([ys.flatten(), xs.flatten()])              # [2, N]
         rel = (coords[:, :, None] - coords[:, None, :]) + (grid - 1)    # [2, N, N], in [0, 2g-2]
-        idx_nn = rel[0] * (2 * grid - 1) + rel[1]
-        n = grid * grid
-        idx = torch.empty(n + 1, n + 1, dtype=torch.long)
-        idx[1:, 1:] = idx_nn
-        idx[0, 1:], idx[1:, 0], idx[0, 0] = n_rel, n_rel + 1, n_rel + 2
+        idx = F.pad(rel[0] * (2 * grid - 1) + rel[1], (1, 0, 1, 0), value=n_rel)  # row 0: cls→tok
+        idx[1:, 0], idx[0, 0] = n_rel + 1, n_rel + 2
         self.register_buffer("index", idx, persistent=False)
 
     def forward(self):
@@ -224,10 +205,8 @@ class RelativePositionBias(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path.
-
     Attention has q and v biases but no k bias, as released (BEiT/SimMIM): a k bias adds the same
-    number to every logit of a query, which softmax ignores.
-    """
+    number to every logit of a query, which softmax ignores."""
 
     def __init__(self, dim, heads, mlp, grid, *, drop_path=0.0, init_values=0.1):
         super().__init__()
@@ -256,13 +235,11 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
     """Vision Transformer returning its patch tokens as a map [B, D, H/p, W/p].
-
     Token sites: "blockK" = the patch tokens entering block K; "block0" (= "stem") is the patch
     embedding before cls token and position embedding are added — A²MIM's default (§3).
     As released (§4): position embeddings trunc-normal initialised (SimMIM's choice), not sin-cos;
     a zero-initialised relative position bias per block; the patch embedding keeps PyTorch's
-    default conv init; every Linear trunc-normal 0.02 with zero bias.
-    """
+    default conv init; every Linear trunc-normal 0.02 with zero bias."""
 
     family = "vit"
 
@@ -339,15 +316,13 @@ def arch_family(arch):
 
 def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
     """Build an encoder by name (see `ARCHS`).
-
     * `width`       ResNet base width (64 = standard; e.g. 16 for CPU runs) or ConvNeXt first-stage
                     width (96/128 standard).
     * `small_stem`  CIFAR-style stem; default: on when `img_size <= 64`.
     * `patch_size`  ViT patch; default 16, or 4 when `img_size <= 64`.
     * `drop_path`   ViT default 0.1 (§4), ConvNeXt default 0.
     Raises ValueError naming the choices for an unknown arch, and for an image size the encoder
-    cannot tile exactly (the decoder must give back the input size).
-    """
+    cannot tile exactly (the decoder must give back the input size)."""
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     small = img_size <= SMALL_INPUT

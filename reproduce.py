@@ -3,6 +3,7 @@
     python reproduce.py                                # smoke budget: a few steps of everything, ~5 min
     python reproduce.py --budget full --jobs 2         # the main table; --only ablations / sweep / all
     python reproduce.py --budget full --only all --table --plot   # the tables, results/loss_curves.png
+    python reproduce.py --budget full --only interactions   # §9's J^(m); add --table --plot: results/interactions.png
 
 Jobs are data (name, script, args; run as `python3 SCRIPT ARGS`): train.py pre-trains A²MIM and SimMIM alike (the
 ResNet rows once per pre-training seed); eval_linear.py probes each checkpoint and a random init, and fine-tunes on 100
@@ -21,6 +22,8 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import torch
 
 import runtime
 
@@ -57,6 +60,7 @@ BUDGETS = {
     "smoke": dict(pretrain={"resnet18": SMOKE, "vit_tiny": SMOKE}, pretrain_seeds={"resnet18": [0, 1]}, ablation_pretrain=SMOKE,
                   probe=[*SMOKE_EVAL, "--labels-per-class", "10"], finetune=SMOKE_EVAL, ablation_finetune=SMOKE_EVAL, seeds=[1],
                   labels_per_class=10, sweep=dict(pretrain=SMOKE, epochs=1, batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
+                  interactions=dict(per_class=1, pairs=2, contexts=2),
                   results_dir="results/smoke", runs_dir="out/repro_smoke"),
     # 2-core CPU (results/runs.jsonl): ResNet-18/16 pre-training ~12 min, ViT-tiny ~21-25; an evaluation 1-4½ min.
     "full": dict(pretrain={"resnet18": ["--epochs", "5", *PRETRAIN_LR], "vit_tiny": ["--epochs", "3", *PRETRAIN_LR]},
@@ -64,13 +68,17 @@ BUDGETS = {
                  finetune=SWEPT_FINETUNE, ablation_finetune=SWEPT_FINETUNE, labels_per_class=100, seeds=[1, 2, 3],
                  sweep=dict(pretrain=["--epochs", "2", "--vis-every", "0"], epochs=20, batch_sizes=[32, 128],
                             blrs=[1e-3, 4e-3, 1.6e-2, 3.2e-2, 6.4e-2], seeds=[1, 2]),
-                 results_dir="results", runs_dir="out/repro"),
+                 # §9 on 30 val images: the released protocol's orders, pair sampling and grid, 16 × 16 of its 50 × 50
+                 # pairs × contexts (~13k forward passes an image, ~15 min a model on one 2-core CPU thread).
+                 interactions=dict(per_class=3, pairs=16, contexts=16), results_dir="results", runs_dir="out/repro"),
 }
 BUDGETS["long"] = BUDGETS["full"] | dict(  # issue 17 §4: does the ordering hold with more pre-training?
     pretrain={"resnet18": ["--epochs", "30", *PRETRAIN_LR], "vit_tiny": ["--epochs", "30", *PRETRAIN_LR]},
     ablation_pretrain=["--epochs", "10", *PRETRAIN_LR], results_dir="results/long", runs_dir="out/repro_long")
-RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl")
+RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl",
+               interactions="interactions.jsonl")
 PARTS = ("pre-training", "probe", "fine-tune")
+INTERACTION_FLAGS = ("--interactions", "--interaction-pairs", "--interaction-contexts")
 
 class StepFailed(Exception):
     """A job's command exited non-zero: one sentence, exit 2."""
@@ -111,6 +119,15 @@ def build_jobs(c):
     for a in (a for a in RANDOM_INIT if a in c.archs and c.only in ("main", "all")):
         row = dict(row=f"random_{a}", arch=a, label="random init")
         jobs += evaluate(f"random_{a}", RANDOM_INIT[a], evals(b["finetune"]), out["main"], c, **row)
+    if c.only == "interactions" and "resnet18" in c.archs:  # §9: the ResNet fine-tuned from A²MIM, SimMIM, or scratch
+        ij = b["interactions"]
+        x = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *b["finetune"], "--interactions",
+             str(ij["per_class"]), "--interaction-pairs", str(ij["pairs"]), "--interaction-contexts", str(ij["contexts"])]
+        pres = [pretrain(e["name"], "resnet18", e["args"], b["pretrain"]["resnet18"], c) for e in EXPERIMENTS[:2]]
+        for name, source, label in [(p["name"], ["--checkpoint", p["checkpoint"]], p["name"].split("_")[0]) for p in pres] + [
+                ("random_resnet18", RANDOM_INIT["resnet18"], "from scratch")]:
+            jobs += [p for p in pres if p["name"] == name] + evaluate(name, source, [(x, 1)], out["interactions"], c,
+                                                                     row=name, arch="resnet18", label=label)
     if c.only == "sweep":  # every (batch, blr) of the grid for random init and short pre-trainings of the ResNet
         sw = b["sweep"]
         pres = [pretrain(f"sweep_{m}_resnet18", "resnet18", ["--method", m, "--width", "16"], sw["pretrain"], c)
@@ -129,13 +146,15 @@ def read_jsonl(path):
 def result_key(r):  # one evaluation: encoder (checkpoint or 'random <arch>'), mode, labels, seed, (epochs, batch, blr)
     c = r["config"]
     return r["checkpoint"] or f"random {r['arch']}", r["mode"], r["labels_per_class"], c["seed"], \
-        (c["epochs"], c["batch_size"], c["blr"])
+        (c["epochs"], c["batch_size"], c["blr"]), (c.get("interactions") or None) and (c["interactions"], c["interaction_pairs"],
+                                                                             c["interaction_contexts"])
 
 def job_key(job):  # the result_key that an eval job's line will have, from its flags
     a, labels = job["args"], _flag(job["args"], "--labels-per-class")
     return _flag(a, "--checkpoint") or f"random {_flag(a, '--arch')}", "finetune" if job["part"] == "fine-tune" else "probe", \
         labels and int(labels), int(_flag(a, "--seed")), (int(_flag(a, "--epochs")), int(_flag(a, "--batch-size")),
-                                                           float(_flag(a, "--blr")))
+                                                           float(_flag(a, "--blr"))), \
+        _flag(a, "--interactions") and tuple(int(_flag(a, f)) for f in INTERACTION_FLAGS)
 
 def is_done(job, jobs):
     """An evaluation: its result is in the JSONL. A pre-training: no evaluation of `jobs` still needs its checkpoint
@@ -247,6 +266,46 @@ def print_wall_clock(runs):  # per machine: each command's seconds, then each pa
                         f"{sum(r['part'] == p for r in mine)} jobs |" for p in PARTS if any(r["part"] == p for r in mine)))
         print(f"| {sum(r['seconds'] for r in mine):.0f} | total (jobs that ran side by side overlap) |")
 
+def bootstrap(per_image, n=2000, seed=0):
+    """J^(m) [M] from I^(m) per image [B, M], and J of n resamples of the images (with replacement) [n, M]."""
+    I_bm = torch.tensor(per_image)
+    boot_nm = I_bm[torch.randint(len(I_bm), (n, len(I_bm)), generator=torch.Generator().manual_seed(seed))].mean(1)
+    return I_bm.mean(0) / I_bm.mean(), boot_nm / boot_nm.mean(1, keepdim=True)
+
+def report_interactions(path, png):
+    """§9 table (J per order, 95 % bootstrap interval over images) and plot; the middle orders (0.3 ≤ r ≤ 0.7)
+    of each pre-trained model minus the model from scratch, resampling the same images for both."""
+    records = {r["checkpoint"] and r["config"]["pretrain_method"] or "from scratch": r for r in read_jsonl(path)}
+    if not records:
+        return print(f"no interaction results in {path} yet")
+    import matplotlib.pyplot as plt
+    plt.switch_backend("Agg")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    orders = next(iter(records.values()))["interactions"]["orders"]
+    middle = torch.tensor([0.3 <= o <= 0.7 for o in orders])
+    print(f"\n## Multi-order interactions J^(m) (§9)\n\n| model (fine-tune top-1) | s (J^(m) part) | images | "
+          f"{' | '.join(f'{o:g}' for o in orders)} | middle orders |\n|---|---|---|{'---|' * (len(orders) + 1)}")
+    boots = {}
+    for who, r in records.items():
+        j = r["interactions"]
+        J, boots[who] = bootstrap(j["I_abs_per_image"])
+        lo, hi = boots[who].quantile(0.025, 0), boots[who].quantile(0.975, 0)
+        ax.errorbar(orders, J, yerr=[J - lo, hi - J], marker="o", ms=3, capsize=2, label=f"{who} ({r['top1']:.1f} %)")
+        mid = boots[who][:, middle].mean(1)
+        print(f"| {who} ({r['top1']:.1f} %) | {r['wall_time_s']:.0f} ({j['seconds']:.0f}) | {len(j['images'])} | " + " | ".join(f"{v:.2f}" for v in J.tolist()) +
+              f" | {J[middle].mean():.2f} [{mid.quantile(0.025):.2f}, {mid.quantile(0.975):.2f}] |")
+    for who in (w for w in boots if w != "from scratch" and "from scratch" in boots):
+        d = (boots[who] - boots["from scratch"])[:, middle].mean(1)  # same seed: the same images, resampled alike
+        print(f"\n{who} minus from scratch, middle-order J: {d.mean():+.3f}, 95 % interval [{d.quantile(0.025):+.3f}, "
+              f"{d.quantile(0.975):+.3f}] ({(d > 0).float().mean():.0%} of resamples above 0)")
+    ax.axvspan(0.3, 0.7, color="gold", alpha=0.15)
+    ax.set(xlabel="order m / (n − 2)", ylabel="J^(m) (normalised)", title="ResNet-18/16, Fashion-MNIST val")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    print(f"wrote {png} ({os.path.getsize(png) // 1024} KB)")
+
 def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its spatial / Fourier parts
     import matplotlib.pyplot as plt
 
@@ -273,7 +332,8 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--budget", choices=tuple(BUDGETS), default="smoke", help="smoke: a few steps of each; full: the tables; long: for a GPU")
-    a("--only", choices=("main", "ablations", "all", "sweep"), default="main", help="all = main + ablations")
+    a("--only", choices=("main", "ablations", "all", "sweep", "interactions"), default="main",
+      help="all = main + ablations; interactions: §9's J^(m) of the ResNet from A²MIM, SimMIM, scratch")
     a("--archs", nargs="+", choices=tuple(RANDOM_INIT), default=list(RANDOM_INIT), help="restrict to these encoders")
     a("--data", default="fashion-mnist", help="dataset of every job (tests use 'fake')")
     a("--results-dir", help="JSONL results, runs.jsonl, plot (default: the budget's, results/ or results/smoke/)")
@@ -292,10 +352,12 @@ def main(argv=None):
         print(f"error: --jobs must be a positive number of parallel jobs, got {c.jobs}", file=sys.stderr)
         return 2
     jobs = build_jobs(c)
-    if c.table:
+    if c.table and c.only != "interactions":
         print_tables(jobs, c)
     if c.plot:
         plot_losses(jobs, os.path.join(c.results_dir, "loss_curves.png"))
+    if c.only == "interactions" and (c.table or c.plot):
+        report_interactions(os.path.join(c.results_dir, RESULTS["interactions"]), os.path.join(c.results_dir, "interactions.png"))
     for j in jobs if c.dry_run else []:
         print(f"{'done' if is_done(j, jobs) else 'todo'}  python3 {j['script']} {shlex.join(j['args'])}")
     if c.table or c.plot or c.dry_run:

@@ -418,7 +418,7 @@ def test_ema_weights_are_evaluated_beside_the_last_weights():
     encoder, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--epochs", "1", "--batch-size", "64",
                              "--ema", "0.5", *SMALL])
     train_set, val_set, num_classes = E.build_data(cfg)
-    out = E.finetune(encoder, train_set, val_set, cfg, Dist(), num_classes)
+    out, _ = E.finetune(encoder, train_set, val_set, cfg, Dist(), num_classes)
     assert set(out) == {"", "ema_"}
     (last, labels), (ema, ema_labels) = out[""], out["ema_"]
     assert torch.equal(labels, ema_labels) and last.shape == ema.shape == (200, 10)
@@ -527,3 +527,22 @@ def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load
     assert E.main(["--checkpoint", str(tmp_path / "pickled.pt")]) == 2
     assert "was refused" in capsys.readouterr().err
     assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("mode", [[], ["--finetune"]])
+def test_interactions_measure_j_of_the_trained_classifier_on_k_val_images_per_class(tmp_path, mode):
+    """§9 after training: 13 orders, J normalised to mean 1, one row of I^(m) per image (for a bootstrap), the
+    images class-balanced; the same seed gives the same numbers."""
+    results = tmp_path / "r.jsonl"
+    argv = ["--init", "random", "--width", "8", "--epochs", "1", "--interactions", "1", "--interaction-pairs", "2",
+            "--interaction-contexts", "2", "--results", str(results), *mode, *SMALL]
+    assert E.main(argv) == 0 and E.main(argv) == 0
+    first, second = [json.loads(line) for line in results.read_text().splitlines()]
+    j = first["interactions"]
+    assert len(j["orders"]) == len(j["J"]) == 13 and abs(sum(j["J"]) / 13 - 1) < 1e-5
+    per_image = torch.tensor(j["I_abs_per_image"])
+    assert per_image.shape == (10, 13) and (per_image >= 0).all()  # 1 image of each of the 10 classes
+    torch.testing.assert_close(per_image.mean(0) / per_image.mean(), torch.tensor(j["J"]))
+    fake_val = data.build_dataset("fake", "val")
+    assert sorted(int(fake_val.labels_n[i]) for i in j["images"]) == list(range(10))
+    assert second["interactions"]["I_abs_per_image"] == j["I_abs_per_image"]

@@ -186,6 +186,23 @@ def test_the_resnet_rows_pre_train_once_per_seed_of_the_budget_into_their_own_fo
         [f"{m}_resnet18_seed{s}" for s in (1, 2) for m in ("a2mim", "simmim")]
 
 
+def test_interactions_fine_tune_the_three_resnets_on_the_same_images_and_table_j_with_bootstrap_intervals(smoke, capsys):
+    args = ["--budget", "smoke", "--only", "interactions", "--data", "fake", "--results-dir", str(smoke)]
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    ran = [line for line in out.splitlines() if line.startswith(">>> python3")]
+    assert len(ran) == 3 and all("eval_linear.py" in line for line in ran), out  # the pre-trainings are done
+    records = lines(smoke / "interactions.jsonl")
+    assert {r["config"]["pretrain_method"] for r in records} == {"a2mim", "simmim", None}
+    assert len({tuple(r["interactions"]["images"]) for r in records}) == 1  # the same val images for all three
+    assert reproduce.main([*args, "--table", "--plot"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| a2mim (", "| simmim (", "| from scratch ("))]
+    assert len(rows) == 3 and all(line.count("|") == 13 + 5 and "[" in line for line in rows), out
+    assert out.count("minus from scratch, middle-order J") == 2
+    assert 0 < (smoke / "interactions.png").stat().st_size < 200_000
+
+
 def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_both(smoke, capsys, monkeypatch):
     """The finished run's JSONL is kept: only the new seed's pre-training, probe and fine-tune run; the
     row becomes mean ± std over pre-training × fine-tuning seeds, and the paired row too. (Last test:

@@ -329,8 +329,7 @@ def save(run, model, optimizer, scaler, cfg, env, pos):
 def restore(path, model, optimizer, scaler, cfg, env):
     """Model, optimiser, scaler from a checkpoint of this run → (position, this rank's RNG), its settings."""
     state = load_checkpoint(path, arch=cfg["arch"])
-    diff = differs(state["config"], cfg)
-    if diff:
+    if diff := differs(state["config"], cfg):
         raise CheckpointError(f"{path} was trained with other settings ({', '.join(diff)}); "
                               "resume it with the same ones")
     unwrap(model).load_state_dict(state["model"])
@@ -516,8 +515,7 @@ def run(cfg, args, env):
             trim_log(run_dir.log, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
             atomic_save(run_dir.config, json.dumps(cfg, indent=2))
             what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
-            print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, "
-                  f"{cfg['img_size']} px), "
+            print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, {cfg['img_size']} px), "
                   f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
                   f"lr {cfg['lr']:.3g}: {what} in {run_dir.dir}")
             notes = [paper_note(cfg), before["epochs"] != cfg["epochs"] and
