@@ -111,14 +111,14 @@ def build_jobs(c):
     rows += [(f"ablation_{a['name']}", "resnet18", a["change"], ["--method", "a2mim", "--width", "16", *a["args"]],
               b["ablation_pretrain"], [0], b["ablation_finetune"], out["ablations"])
              for a in ABLATIONS if "resnet18" in c.archs and c.only in ("ablations", "all")]
+    for a in (a for a in RANDOM_INIT if a in c.archs and c.only in ("main", "all")):  # first: every row's reference
+        row = dict(row=f"random_{a}", arch=a, label="random init")
+        jobs += evaluate(f"random_{a}", RANDOM_INIT[a], evals(b["finetune"]), out["main"], c, **row)
     for k in range(max((len(r[5]) for r in rows), default=0)):  # seed by seed: every row gets its first seed first
         for name, arch, label, args, budget_args, seeds, finetune, results in (r for r in rows if k < len(r[5])):
             row = dict(row=pretrain(name, arch, args, budget_args, c)["name"], arch=arch, label=label)
             pre = pretrain(name, arch, args, budget_args, c, seeds[k])  # a row: every pre-training seed's evaluations
             jobs += [pre, *evaluate(pre["name"], ["--checkpoint", pre["checkpoint"]], evals(finetune), results, c, **row)]
-    for a in (a for a in RANDOM_INIT if a in c.archs and c.only in ("main", "all")):
-        row = dict(row=f"random_{a}", arch=a, label="random init")
-        jobs += evaluate(f"random_{a}", RANDOM_INIT[a], evals(b["finetune"]), out["main"], c, **row)
     if c.only == "interactions" and "resnet18" in c.archs:  # §9: the ResNet fine-tuned from A²MIM, SimMIM, or scratch
         ij = b["interactions"]
         x = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *b["finetune"], "--interactions",
