@@ -76,7 +76,8 @@ def test_plot_writes_a_small_png_of_the_loss_parts(smoke):
 def test_failing_step_stops_with_exit_2_naming_the_command(tmp_path, capsys):
     assert reproduce.main([*ARGS[:-1], "no-such-data", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "`python3 train.py" in err and "exited with status 2" in err
+    # The first job (the random-init reference) fails; the sentence names its command.
+    assert "`python3 eval_linear.py --init random" in err and "no-such-data" in err and "exited with status 2" in err
     assert not os.path.exists(tmp_path / "runs.jsonl")
 
 
