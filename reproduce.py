@@ -139,6 +139,9 @@ def build_jobs(c):
         jobs += pres + [j for x in grid for name, source in sources for j in evaluate(name, source, [x], out["sweep"], c)]
     return jobs
 
+def command(job):
+    return f"python3 {job['script']} {shlex.join(job['args'])}"
+
 def read_jsonl(path):
     with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -180,7 +183,7 @@ def run_all(jobs, c):
     where = f"{cpu}, {os.cpu_count()} cores" + (f"; GPU {gpu}" if gpu else "")
 
     def one(i, job):
-        shown = f"python3 {job['script']} {shlex.join(job['args'])}"
+        shown = command(job)
         if failed.is_set() or is_done(job, jobs):
             return failed.is_set() or print(f"skip (done): {shown}", flush=True)
         log = os.path.join(c.runs_dir, "logs", f"{i:03d}_{job['name']}_{job['part']}.log") if c.jobs > 1 else None
@@ -244,7 +247,8 @@ def print_tables(jobs, c):
             print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} |")
     if c.only in ("sweep", "all"):
         print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
-    print_wall_clock([r for r in read_jsonl(os.path.join(c.results_dir, "runs.jsonl")) if r["name"] in {j["name"] for j in jobs}])
+    mine = set(map(command, jobs))
+    print_wall_clock([r for r in read_jsonl(os.path.join(c.results_dir, "runs.jsonl")) if r["command"] in mine])
 
 def print_sweep(records, sw, labels_per_class):  # fine-tune top-1 over the (batch, blr) grid, a column per encoder
     cells = {}
@@ -292,7 +296,8 @@ def report_interactions(path, png):
         lo, hi = boots[who].quantile(0.025, 0), boots[who].quantile(0.975, 0)
         ax.errorbar(orders, J, yerr=[J - lo, hi - J], marker="o", ms=3, capsize=2, label=f"{who} ({r['top1']:.1f} %)")
         mid = boots[who][:, middle].mean(1)
-        print(f"| {who} ({r['top1']:.1f} %) | {r['wall_time_s']:.0f} ({j['seconds']:.0f}) | {len(j['images'])} | " + " | ".join(f"{v:.2f}" for v in J.tolist()) +
+        print(f"| {who} ({r['top1']:.1f} %) | {r['wall_time_s']:.0f} ({j['seconds']:.0f}) | {len(j['images'])} | "
+              + " | ".join(f"{v:.2f}" for v in J.tolist()) +
               f" | {J[middle].mean():.2f} [{mid.quantile(0.025):.2f}, {mid.quantile(0.975):.2f}] |")
     for who in (w for w in boots if w != "from scratch" and "from scratch" in boots):
         d = (boots[who] - boots["from scratch"])[:, middle].mean(1)  # same seed: the same images, resampled alike
@@ -359,7 +364,7 @@ def main(argv=None):
     if c.only == "interactions" and (c.table or c.plot):
         report_interactions(os.path.join(c.results_dir, RESULTS["interactions"]), os.path.join(c.results_dir, "interactions.png"))
     for j in jobs if c.dry_run else []:
-        print(f"{'done' if is_done(j, jobs) else 'todo'}  python3 {j['script']} {shlex.join(j['args'])}")
+        print(f"{'done' if is_done(j, jobs) else 'todo'}  {command(j)}")
     if c.table or c.plot or c.dry_run:
         return 0
     os.makedirs(c.results_dir, exist_ok=True)
