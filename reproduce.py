@@ -359,7 +359,7 @@ def main(argv=None):
     jobs = build_jobs(c)
     if c.table and c.only != "interactions":
         print_tables(jobs, c)
-    if c.plot:
+    if c.plot and c.only != "interactions":
         plot_losses(jobs, os.path.join(c.results_dir, "loss_curves.png"))
     if c.only == "interactions" and (c.table or c.plot):
         report_interactions(os.path.join(c.results_dir, RESULTS["interactions"]), os.path.join(c.results_dir, "interactions.png"))
