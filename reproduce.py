@@ -75,8 +75,7 @@ BUDGETS = {
 BUDGETS["long"] = BUDGETS["full"] | dict(  # issue 17 §4: does the ordering hold with more pre-training?
     pretrain={"resnet18": ["--epochs", "30", *PRETRAIN_LR], "vit_tiny": ["--epochs", "30", *PRETRAIN_LR]},
     ablation_pretrain=["--epochs", "10", *PRETRAIN_LR], results_dir="results/long", runs_dir="out/repro_long")
-RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl",
-               interactions="interactions.jsonl")
+RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl", interactions="interactions.jsonl")
 PARTS = ("pre-training", "probe", "fine-tune")
 INTERACTION_FLAGS = ("--interactions", "--interaction-pairs", "--interaction-contexts")
 
@@ -123,11 +122,12 @@ def build_jobs(c):
         ij = b["interactions"]
         x = ["--finetune", "--labels-per-class", str(b["labels_per_class"]), *b["finetune"], "--interactions",
              str(ij["per_class"]), "--interaction-pairs", str(ij["pairs"]), "--interaction-contexts", str(ij["contexts"])]
-        pres = [pretrain(e["name"], "resnet18", e["args"], b["pretrain"]["resnet18"], c) for e in EXPERIMENTS[:2]]
-        for name, source, label in [(p["name"], ["--checkpoint", p["checkpoint"]], p["name"].split("_")[0]) for p in pres] + [
-                ("random_resnet18", RANDOM_INIT["resnet18"], "from scratch")]:
-            jobs += [p for p in pres if p["name"] == name] + evaluate(name, source, [(x, 1)], out["interactions"], c,
-                                                                     row=name, arch="resnet18", label=label)
+        for e in EXPERIMENTS[:2]:  # the ResNet rows' seed-0 pre-training (the main table's), then the measured fine-tune
+            p = pretrain(e["name"], "resnet18", e["args"], b["pretrain"]["resnet18"], c)
+            jobs += [p, *evaluate(p["name"], ["--checkpoint", p["checkpoint"]], [(x, 1)], out["interactions"], c,
+                                  row=p["name"], arch="resnet18", label=_flag(e["args"], "--method"))]
+        jobs += evaluate("random_resnet18", RANDOM_INIT["resnet18"], [(x, 1)], out["interactions"], c,
+                         row="random_resnet18", arch="resnet18", label="from scratch")
     if c.only == "sweep":  # every (batch, blr) of the grid for random init and short pre-trainings of the ResNet
         sw = b["sweep"]
         pres = [pretrain(f"sweep_{m}_resnet18", "resnet18", ["--method", m, "--width", "16"], sw["pretrain"], c)
