@@ -185,9 +185,9 @@ def run_all(jobs, c):
     def one(i, job):
         shown = command(job)
         if failed.is_set() or is_done(job, jobs):
-            return failed.is_set() or print(f"skip (done): {shown}", flush=True)
+            return failed.is_set() or print(f"skip (done): {shown}\n", end="", flush=True)
         log = os.path.join(c.runs_dir, "logs", f"{i:03d}_{job['name']}_{job['part']}.log") if c.jobs > 1 else None
-        print(f"\n>>> {shown}" + (f"   (output: {log})" if log else ""), flush=True)
+        print(f"\n>>> {shown}" + (f"   (output: {log})" if log else "") + "\n", end="", flush=True)  # one write a line
         os.makedirs(os.path.dirname(log) if log else ".", exist_ok=True)
         start = time.time()
         with open(log, "a") if log else contextlib.nullcontext() as out:
@@ -202,7 +202,7 @@ def run_all(jobs, c):
         with lock, open(os.path.join(c.results_dir, "runs.jsonl"), "a") as f:  # several threads append
             f.write(json.dumps(ran[-1]) + "\n")
         if log:
-            print(f"done in {ran[-1]['seconds']:.0f} s: {shown}", flush=True)
+            print(f"done in {ran[-1]['seconds']:.0f} s: {shown}\n", end="", flush=True)
 
     if c.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.jobs))
