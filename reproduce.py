@@ -5,11 +5,11 @@
     python reproduce.py --budget full --only all --table --plot   # the tables, results/loss_curves.png
     python reproduce.py --budget full --only interactions   # §9's J^(m); add --table --plot: results/interactions.png
 
-Jobs are data (name, script, args; run as `python3 SCRIPT ARGS`): train.py pre-trains A²MIM and SimMIM alike (the
-ResNet rows once per pre-training seed); eval_linear.py probes each checkpoint and a random init, and fine-tunes on 100
-labels per class, seeds 1-3. A row: mean ± std over pre-training × fine-tuning seeds. RESULTS_DIR/runs.jsonl adds each
-job's part, seconds, machine. Rerun a stopped run to continue it: finished jobs (same encoder, mode, labels, seed and
-recipe) are skipped, train.py resumes a half-done pre-training.
+Jobs are data (script + args, run as `python3 SCRIPT ARGS`): train.py pre-trains A²MIM and SimMIM alike (the ResNet
+rows once per pre-training seed); eval_linear.py probes each checkpoint and a random init, and fine-tunes on 100 labels
+per class, seeds 1-3. A row: mean ± std over pre-training × fine-tuning seeds; then paired differences (minus random
+init, A²MIM minus SimMIM). runs.jsonl: each job's part, seconds, machine. Rerun a stopped run to continue it: finished
+jobs (same encoder, mode, labels, seed and recipe) are skipped, train.py resumes a half-done pre-training.
 """
 import argparse
 import contextlib
@@ -171,10 +171,9 @@ def is_done(job, jobs):
                             state["step"] >= int(_flag(job["args"], "--max-steps") or 1e18))
 
 def run_all(jobs, c):
-    """Run the jobs not done yet in chains: a pre-training, then the evaluations of its checkpoint (every other job
-    alone), in order, --jobs N chains side by side (each job's output then in RUNS_DIR/logs/: interleaved progress bars
-    are unreadable). A stopped run keeps whole chains: checkpoints are not committed, results are. Each job is appended
-    to runs.jsonl; returns those records."""
+    """Run the jobs not done yet in chains (a pre-training, then its checkpoint's evaluations; any other job alone), in
+    order, --jobs N chains side by side (each job's output then in RUNS_DIR/logs/). A stopped run keeps whole chains:
+    checkpoints are not committed, results are. Appends each job to runs.jsonl; returns those records."""
     ran, failed, lock, cwd = [], threading.Event(), threading.Lock(), os.path.dirname(os.path.abspath(__file__))
     cpu, gpu = runtime.cpu_name(), ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no NVIDIA driver: a CPU machine
@@ -240,11 +239,14 @@ def print_tables(jobs, c):
         for row, j in mine.items():
             print(f"| {j['arch']} | {j['label']} | {mean_std(top1(row, 'probe'))} | {mean_std(top1(row, 'fine-tune'))} |")
         if mine and not ablation:  # pre-trained minus random init on the same fine-tuning seed (same labelled subset)
-            print("\n| arch | pre-training | fine-tune minus random init, paired by fine-tuning seed |\n|---|---|---|")
+            print("\n| arch | pre-training | fine-tune minus random init, paired by fine-tuning seed | A²MIM minus SimMIM, "
+                  "same seeds |\n|---|---|---|---|")
         for row, j in ((row, j) for row, j in mine.items() if not ablation and not row.startswith("random_")):
             diffs = [t - base for s in map(str, b["seeds"]) for base in top1(f"random_{j['arch']}", "fine-tune", s)[:1]
                      for t in top1(row, "fine-tune", s)]
-            print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} |")
+            vs = [t - u for k, t in done if k["row"] == row and k["part"] == "fine-tune" and row.startswith("a2mim_")
+                  for twin, u in done if command(twin) == command(k).replace("a2mim_", "simmim_")]  # the same seeds
+            print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} | {mean_std(vs, '+.2f', 'pair')} |")
     if c.only in ("sweep", "all"):
         print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
     mine = set(map(command, jobs))
@@ -284,7 +286,7 @@ def report_interactions(path, png):
         return print(f"no interaction results in {path} yet")
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), layout="tight")
     orders = next(iter(records.values()))["interactions"]["orders"]
     middle = torch.tensor([0.3 <= o <= 0.7 for o in orders])
     print(f"\n## Multi-order interactions J^(m) (§9)\n\n| model (fine-tune top-1) | s (J^(m) part) | images | "
@@ -306,14 +308,12 @@ def report_interactions(path, png):
     ax.axvspan(0.3, 0.7, color="gold", alpha=0.15)
     ax.set(xlabel="order m / (n − 2)", ylabel="J^(m) (normalised)", title="ResNet-18/16, Fashion-MNIST val")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
     print(f"wrote {png} ({os.path.getsize(png) // 1024} KB)")
 
 def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its spatial / Fourier parts
     import matplotlib.pyplot as plt
-
     plt.switch_backend("Agg")
     runs = [(j["name"], read_jsonl(os.path.join(os.path.dirname(j["checkpoint"]), "log.jsonl")))
             for j in jobs if j["part"] == "pre-training"]
@@ -321,13 +321,12 @@ def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its
     if not runs:
         return print("no pre-training logs yet: nothing to plot")
     cols, rows = min(4, len(runs)), -(-len(runs) // 4)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, layout="tight")
     for ax, (name, log) in zip(axes.flat, runs):
         for key in (k for k in ("loss", "loss_spatial", "loss_freq") if all(k in r for r in log)):
             ax.plot([r["step"] for r in log], [r[key] for r in log], label=key, lw=1, marker="o" if len(log) < 20 else None, ms=2)
         ax.set_title(f"{name} (x: step)", fontsize=8)
         ax.legend(fontsize=6)
-    fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
