@@ -62,7 +62,7 @@ BUDGETS = {
                   labels_per_class=10, sweep=dict(pretrain=SMOKE, epochs=1, batch_sizes=[50], blrs=[1e-3, 4e-3], seeds=[1]),
                   interactions=dict(per_class=1, pairs=2, contexts=2),
                   results_dir="results/smoke", runs_dir="out/repro_smoke"),
-    # 2-core CPU (results/runs.jsonl): ResNet-18/16 pre-training ~12 min, ViT-tiny ~21-25; an evaluation 1-4½ min.
+    # 2-core CPU, 2 jobs (results/runs.jsonl): ResNet-18/16 pre-training ~27 min, ViT-tiny ~62; an evaluation 2-11 min.
     "full": dict(pretrain={"resnet18": ["--epochs", "5", *PRETRAIN_LR], "vit_tiny": ["--epochs", "3", *PRETRAIN_LR]},
                  pretrain_seeds={"resnet18": [0, 1, 2]}, ablation_pretrain=["--epochs", "2", *PRETRAIN_LR], probe=PROBE,
                  finetune=SWEPT_FINETUNE, ablation_finetune=SWEPT_FINETUNE, labels_per_class=100, seeds=[1, 2, 3],
