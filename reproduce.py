@@ -224,6 +224,7 @@ def print_tables(jobs, c):
     b = BUDGETS[c.budget]
     results = {result_key(r): r for n in ("main", "ablations") for r in read_jsonl(os.path.join(c.results_dir, RESULTS[n]))}
     done = [(j, results[job_key(j)]["top1"]) for j in jobs if "row" in j and job_key(j) in results]
+    by_command = {command(j): t for j, t in done}
 
     def top1(row, part, seed=None):  # every pre-training seed's, in job order
         return [t for j, t in done if j["row"] == row and j["part"] == part and seed in (None, _flag(j["args"], "--seed"))]
@@ -244,8 +245,8 @@ def print_tables(jobs, c):
         for row, j in ((row, j) for row, j in mine.items() if not ablation and not row.startswith("random_")):
             diffs = [t - base for s in map(str, b["seeds"]) for base in top1(f"random_{j['arch']}", "fine-tune", s)[:1]
                      for t in top1(row, "fine-tune", s)]
-            vs = [t - u for k, t in done if k["row"] == row and k["part"] == "fine-tune" and row.startswith("a2mim_")
-                  for twin, u in done if command(twin) == command(k).replace("a2mim_", "simmim_")]  # the same seeds
+            vs = [t - by_command[twin] for k, t in done if k["row"] == row and k["part"] == "fine-tune" and
+                  row.startswith("a2mim_") for twin in [command(k).replace("a2mim_", "simmim_")] if twin in by_command]
             print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} | {mean_std(vs, '+.2f', 'pair')} |")
     if c.only in ("sweep", "all"):
         print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
