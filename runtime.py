@@ -3,11 +3,14 @@ lr schedules. train.py, eval_linear.py and bench.py share it; none imports anoth
 import contextlib
 import dataclasses
 import errno
+import fcntl
+import json
 import math
 import os
 import pickle
 import random
 import re
+import sys
 
 import torch
 import torch.distributed as dist
@@ -75,28 +78,82 @@ def user_errors():
     """The project's own errors: main() prints their sentence, exit 2; anything else keeps its traceback."""
     import data
     from models import ConfigError
-    return (ConfigError, data.DataError, CheckpointError, RunError)
+    return (ConfigError, data.DataError, CheckpointError, RunError, JsonlError)
 
 def atomic_save(path, obj):
-    """torch.save (a str: its text) to `path.tmp`, fsync, rename: never a half-written `path`; a full
-    disk (or any failed write) removes the `.tmp` and leaves the previous `path` intact."""
+    """torch.save (str or bytes: written as they are) to `path.tmp`, fsync, rename: never a half-written
+    `path`. A failed write or rename (full disk, read-only or immutable file, a folder in the way)
+    removes the `.tmp` and leaves the previous `path` intact: RunError, one sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
+            if isinstance(obj, (str, bytes)):
+                f.write(obj.encode() if isinstance(obj, str) else obj)
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:  # torch reports a short write as RuntimeError("enforce fail ...")
-        with contextlib.suppress(FileNotFoundError):
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException as e:  # a Ctrl-C half-way too: no .tmp is left behind
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, RuntimeError) and "unexpected pos" not in str(e) and "write" not in str(e):
+        # torch reports a short write as RuntimeError("... unexpected pos ..." / "... write ...")
+        failed_write = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "write" in str(e))
+        if not isinstance(e, OSError) and not failed_write:
             raise  # not a failed write: a bug keeps its traceback
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written"
-        why = "no space left on the device" if getattr(e, "errno", None) == errno.ENOSPC or isinstance(e, RuntimeError) \
-            else (e.strerror or str(e))
+        if failed_write or getattr(e, "errno", None) == errno.ENOSPC:
+            why = "no space left on the device"
+        else:
+            why = e.strerror or str(e)
         raise RunError(f"{why} while writing {path}; {kept}") from None
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+
+def append_line(path, text):
+    """Append one line to a text file (results, logs) so that a failed append leaves the file exactly as
+    it was: under an flock of the folder, the old bytes plus the new line go to `path.tmp`, fsync, rename.
+    Concurrent appenders (two evaluations sharing a results file) wait for each other."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    line = text.rstrip("\n") + "\n"
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)  # released when dir_fd is closed
+        old = b""
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                old = f.read()
+        atomic_save(path, old + line.encode())
+    finally:
+        os.close(dir_fd)
+
+class JsonlError(ValueError):
+    """A line of a JSONL file (results, log.jsonl, runs.jsonl) that is not one JSON record."""
+
+def read_jsonl(path, *, drop_torn_last=False):
+    """The records of a JSONL file ([] when it does not exist). A line that is not a JSON object is a
+    JsonlError naming the file and line; with drop_torn_last, a damaged *last* line (a write cut by a
+    kill) is dropped instead, and said on stderr."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    records = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+            continue
+        if drop_torn_last and not any(rest.strip() for rest in lines[n:]):
+            print(f"note: dropped the damaged last line {n} of {path} ({line[:40]!r}...)", file=sys.stderr)
+            break
+        raise JsonlError(f"{path}, line {n}, is not a JSON record ({line[:40]!r}); fix or remove that line")
+    return records
 
 def load_tensors(path, what="checkpoint"):
     """torch.load(weights_only=True) to CPU, with one sentence for a missing, truncated or
@@ -107,7 +164,10 @@ def load_tensors(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle of Python objects: garbage bytes
+        # A refused Python object is a pickle GLOBAL; torch's wording changes between releases
+        # ("Unsupported global: GLOBAL x", "unsupported GLOBAL x whose module is blocked"), garbage
+        # bytes say "invalid load key" / "Unsupported operand": match the opcode's name only.
+        if "global" not in str(e).lower():
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (not a torch.save archive)") from None
         raise CheckpointError(
             f"{path} was refused: it holds Python objects, not only tensors, and loading it could run code "
