@@ -1,6 +1,7 @@
 """A²MIM: Architecture-Agnostic Masked Image Modeling (Li et al., ICML 2023), in the paper's order.
 
-    §2 masking       mask_blocks, mean_fill (A²MIM), zero_fill (ablation), resize_mask
+    §2 masking       mask_blocks, mean_fill (A²MIM), zero_fill (ablation), resize_mask;
+                     default_mask_patch_size — the block that fits the encoder's token site
     §3 mask token    MaskToken — written into an intermediate feature map, not into the input
     §4 decoder       Decoder — 1×1 conv + PixelShuffle back to pixels
     §5 losses        focal_l1_loss, mixed_image, frequency_loss, spectral_focal_l1_loss, a2mim_loss
@@ -13,13 +14,14 @@ where the two differ we follow the code and say so. Tensor names carry their lay
 `img_bchw`, `mask_bgg` (block grid), `mask_b1hw` (pixel or feature resolution).
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from models import ConfigError, arch_family, token_site
+from models import ARCHS, ConfigError, arch_family, token_site, token_site_stride
 
 def _check_choice(what, value, choices):
     if value not in choices:
@@ -27,25 +29,43 @@ def _check_choice(what, value, choices):
 
 
 # --- §2 Masking on the input side
+def mask_count(input_size, mask_patch_size, mask_ratio):
+    """(g, k): the g×g block grid of an image and the k = ceil(ratio · g²) blocks masked in each (§2).
+    ConfigError unless the blocks tile the image and 1 ≤ k ≤ g² − 1: an image with every block
+    masked has nothing left to reconstruct from, one with none has nothing to learn."""
+    if not isinstance(mask_patch_size, numbers.Integral):
+        raise ConfigError(f"the mask block size must be a whole number of pixels, got {mask_patch_size!r}")
+    if mask_patch_size < 1 or input_size % mask_patch_size:
+        raise ConfigError(f"image size {input_size} must be a multiple of the mask block size {mask_patch_size}")
+    if not 0 < mask_ratio < 1:
+        raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+    g = input_size // mask_patch_size
+    n = g * g
+    k = math.ceil(round(mask_ratio * n, 6))  # round first: 0.56·100 is 56.000000000000007 in floats
+    grid = f"the {g}×{g} grid of {mask_patch_size}-px blocks of a {input_size}-px image"
+    if n == 1:
+        raise ConfigError(f"a {mask_patch_size}-px mask block covers the whole {input_size}-px image, so no mask "
+                          "ratio leaves one block masked and another visible; use a smaller block that divides "
+                          f"{input_size}")
+    if k == n:
+        raise ConfigError(f"mask ratio {mask_ratio} masks all {n} blocks of {grid} (ceil(ratio · {n}) = {n}), but at "
+                          f"least one must stay visible; use a ratio of at most {n - 1}/{n} "
+                          f"({math.floor((n - 1) / n * 1e4) / 1e4:g})")
+    if k == 0:
+        raise ConfigError(f"mask ratio {mask_ratio} masks none of the {n} blocks of {grid}, but at least one must be "
+                          f"masked; use a ratio of at least 1/{n} ({math.ceil(1 / n * 1e4) / 1e4:g})")
+    return g, k
+
 def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, device=None, generator=None):
-    """Random block masks, `ceil(ratio · g²)` masked blocks per image (§2).
+    """Random block masks, `ceil(ratio · g²)` masked blocks per image (§2, `mask_count`).
     Returns mask_bgg: float [B, g, g] of 0/1 with g = input_size // mask_patch_size; 1 = masked.
     At 224 px with 32-px blocks: g = 7, exactly 30 of 49 blocks masked (61.2 %), as released.
     Drawn on `device` in one shot: ranking i.i.d. uniforms gives a uniformly random subset
     of size k per row, with no Python loop over images."""
-    if mask_patch_size < 1 or input_size % mask_patch_size:
-        raise ConfigError(f"input size {input_size} must be divisible by the mask block size {mask_patch_size}")
-    if not 0 < mask_ratio < 1:
-        raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
-    g = input_size // mask_patch_size
-    k = math.ceil(round(mask_ratio * g * g, 6))  # round first: 0.56·100 is 56.000000000000007 in floats
+    g, k = mask_count(input_size, mask_patch_size, mask_ratio)
     noise_bl = torch.rand(batch_size, g * g, device=device, generator=generator)
     rank_bl = noise_bl.argsort(dim=1).argsort(dim=1)  # rank of each block's noise in its row
     return (rank_bl < k).float().view(batch_size, g, g)
-
-def default_mask_patch_size(img_size):
-    """32-px blocks at ImageNet size (7×7 at 224, §2); below 192 px img_size / 8, the same 8×8-ish grid."""
-    return 32 if img_size >= 192 else max(1, img_size // 8)
 
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
@@ -87,14 +107,16 @@ class MaskToken(nn.Module):
                    with a per-channel γ initialised to 1e-6, so training starts from "replace
                    by T" and may move towards a residual add. The paper text only says "add".
     mode="add"     (A²MIM ViT): x ← x + T·M.
-    mode="replace" (SimMIM): x ← x·(1−M) + T·M."""
+    mode="replace" (SimMIM): x ← x·(1−M) + T·M.
+    T is trunc-normal with std `init_std` (0.02, as the released ResNet and ViT), or zero at init_std 0."""
 
-    def __init__(self, channels, *, mode="gate", gamma_init=1e-6):
+    def __init__(self, channels, *, mode="gate", gamma_init=1e-6, init_std=0.02):
         super().__init__()
         _check_choice("mask token mode", mode, ("gate", "add", "replace"))
         self.mode = mode
         self.token = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        nn.init.trunc_normal_(self.token, std=0.02)
+        if init_std > 0:  # 0: T starts at zero (the released ConvNeXt, see models.ConvNeXt.mask_token_std)
+            nn.init.trunc_normal_(self.token, std=init_std)
         self.gamma = nn.Parameter(torch.full((1, channels, 1, 1), gamma_init)) if mode == "gate" else None
 
     def forward(self, feat_bchw, mask):
@@ -224,6 +246,7 @@ def method_defaults(arch, method="a2mim", loss_recipe="released"):
     loss_recipe "released": the per-arch Fourier term of the released configs (RELEASED_FOURIER);
     "paper": the paper text's Fourier term for every arch (ResNet-50's values for all CNNs).
     SimMIM as released: input untouched, the token replaces the stem / patch embeddings, L1 only."""
+    _check_choice("arch", arch, ARCHS)
     _check_choice("method", method, ("a2mim", "simmim"))
     _check_choice("loss recipe", loss_recipe, LOSS_RECIPES)
     if method == "simmim":
@@ -233,15 +256,40 @@ def method_defaults(arch, method="a2mim", loss_recipe="released"):
     fourier = RELEASED_FOURIER[arch] if loss_recipe == "released" else _FOCAL_FREQ_CNN
     return dict(fill="mean", token_at=None, token_mode="gate", spatial="focal_l1", **fourier)
 
-def check_grids(img_size, mask_patch_size, site_stride):
-    """The grid arithmetic of §2–§4, before anything runs: the image tiles into mask blocks, and
-    the block grid maps onto the token site's grid (one a multiple of the other)."""
-    if mask_patch_size < 1 or img_size % mask_patch_size:
-        raise ConfigError(f"image size {img_size} must be a multiple of the mask block size {mask_patch_size}")
-    g, h = img_size // mask_patch_size, img_size // site_stride
+def check_grids(img_size, mask_patch_size, site_stride, mask_ratio):
+    """The grid arithmetic of §2–§4, before anything runs: the image tiles into mask blocks of which
+    some but not all are masked (`mask_count`), and the block grid maps onto the token site's grid
+    (one a multiple of the other)."""
+    g, _ = mask_count(img_size, mask_patch_size, mask_ratio)
+    h = img_size // site_stride
     if h % g and g % h:
         raise ConfigError(f"the {g}×{g} mask grid ({mask_patch_size}-px blocks of {img_size} px) does not map onto "
                           f"the {h}×{h} token site; use a mask block size whose grid divides or is a multiple of {h}")
+
+def default_mask_patch_size(img_size, site_stride, mask_ratio=0.6):
+    """The mask block (px) used unless one is given (§2), for an image size the encoder takes and
+    the stride of the token site. Preferred: 32 px from 192 px up (7×7 at 224, as released),
+    img_size / 8 below (4 px at 32). Used: of the blocks that `check_grids` accepts, the one
+    nearest the preferred by ratio (the larger on a tie), so the preferred block wherever it fits.
+    One always fits a size the encoder takes: 1-px blocks make a grid that is a multiple of the site's."""
+    preferred = 32 if img_size >= 192 else max(1, img_size // 8)
+    fits = []
+    for block in range(1, img_size + 1):
+        try:
+            check_grids(img_size, block, site_stride, mask_ratio)
+        except ConfigError:
+            continue
+        fits.append(block)
+    if not fits:  # only a ratio no grid of this image can honour: the preferred block's sentence says why
+        check_grids(img_size, preferred, site_stride, mask_ratio)
+    return min(fits, key=lambda block: (abs(math.log(block / preferred)), -block))
+
+def mask_patch_size_for(arch, img_size, *, method="a2mim", token_at=None, mask_ratio=0.6):
+    """`default_mask_patch_size` for build_encoder(arch, img_size) and the method's token site,
+    without building anything (train.py settles its settings before the model exists). ConfigError
+    for a size the encoder refuses (naming the sizes it takes) or an unknown site."""
+    token_at = method_defaults(arch, method)["token_at"] if token_at is None else token_at
+    return default_mask_patch_size(img_size, token_site_stride(arch, img_size, token_at), mask_ratio)
 
 class A2MIM(nn.Module):
     """Masked image modeling for any encoder of `models.py` (§2–§5).
@@ -249,30 +297,39 @@ class A2MIM(nn.Module):
     fill ("mean" | "zero" | "none"), token_at (a site of the encoder, None = its A²MIM default,
     "stem"), token_mode ("gate" | "add" | "replace"), spatial ("focal_l1" | "l1"), fft_weight (λ),
     fft_loss ("focal_frequency" | "spectral_focal_l1"), fft_unmask_weight (w). The resolved
-    options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`."""
+    options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`; mask_patch_size
+    None = `default_mask_patch_size` for the encoder's size and token site (32 px at 224)."""
 
-    def __init__(self, encoder, *, method="a2mim", mask_patch_size=32, mask_ratio=0.6, loss_recipe="released",
+    def __init__(self, encoder, *, method="a2mim", mask_patch_size=None, mask_ratio=0.6, loss_recipe="released",
                  fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_loss=None,
                  fft_unmask_weight=None):
         super().__init__()
         given = dict(fill=fill, token_at=token_at, token_mode=token_mode, spatial=spatial, fft_weight=fft_weight,
                      fft_loss=fft_loss, fft_unmask_weight=fft_unmask_weight)
-        cfg = method_defaults(encoder.arch, method, loss_recipe) | {k: v for k, v in given.items() if v is not None}
+        defaults = method_defaults(encoder.arch, method, loss_recipe)
+        cfg = defaults | {k: v for k, v in given.items() if v is not None}
         _check_choice("fill", cfg["fill"], FILLS)
         _check_choice("spatial loss", cfg["spatial"], ("focal_l1", "l1"))
         _check_choice("Fourier loss", cfg["fft_loss"], FOURIER_LOSSES)
-        if cfg["fft_weight"] < 0 or not 0 <= cfg["fft_unmask_weight"] <= 1:
-            raise ConfigError(f"need fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got {cfg['fft_weight']} and "
-                              f"{cfg['fft_unmask_weight']}")
-        if not 0 < mask_ratio < 1:
-            raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+        # Written so that NaN fails too; an infinite λ would make every loss infinite.
+        if not (0 <= cfg["fft_weight"] < math.inf and 0 <= cfg["fft_unmask_weight"] <= 1):
+            raise ConfigError(f"need a finite fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got "
+                              f"{cfg['fft_weight']} and {cfg['fft_unmask_weight']}")
+        # A Fourier option given while λ = 0 (SimMIM, ConvNeXt, R-152/200, or fft_weight=0) would change nothing.
+        inert = [k for k in ("fft_loss", "fft_unmask_weight") if given[k] is not None and given[k] != defaults[k]]
+        if cfg["fft_weight"] == 0 and inert:
+            off = "off" if given["fft_weight"] is not None else f"off by default for {method} {encoder.arch}"
+            raise ConfigError(f"{inert[0]}={given[inert[0]]!r} has no effect: the Fourier term is {off} "
+                              f"(fft_weight 0); give fft_weight > 0 as well, or leave {inert[0]} out")
         self.method, self.cfg = method, cfg
-        self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
 
         self.encoder = encoder
         self.token_at, channels, stride = token_site(encoder, cfg["token_at"])
-        check_grids(encoder.img_size, mask_patch_size, stride)
-        self.mask_token = MaskToken(channels, mode=cfg["token_mode"])
+        if mask_patch_size is None:
+            mask_patch_size = default_mask_patch_size(encoder.img_size, stride, mask_ratio)
+        check_grids(encoder.img_size, mask_patch_size, stride, mask_ratio)
+        self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
+        self.mask_token = MaskToken(channels, mode=cfg["token_mode"], init_std=encoder.mask_token_std)
         self.decoder = Decoder(encoder.out_channels, encoder.out_stride)
 
     def forward(self, img_bchw, mask=None, *, generator=None):
@@ -321,6 +378,11 @@ def sample_pairs(grid, count, *, radius=2, generator=None):
     i uniform; j = i + one of the (2r+1)² − 1 offsets within Chebyshev distance r, clamped to the
     border; pairs with j = i or already drawn (in either order) are rejected and redrawn."""
     offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    # Every pair this draws is within distance r; without enough of them the loop below would never end.
+    possible = sum(max(0, grid - abs(dy)) * max(0, grid - abs(dx)) for dy, dx in offsets) // 2
+    if count > possible:
+        raise ConfigError(f"a {grid}×{grid} grid has only {possible} distinct pairs of cells within distance "
+                          f"{radius}, but {count} were asked for; use fewer pairs or a finer grid")
     chosen = []
     while len(chosen) < count:
         y, x = torch.randint(grid, (2,), generator=generator).tolist()
@@ -345,8 +407,8 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
     The model runs in eval mode (BatchNorm with its running statistics) and is put back after.
     Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised, "I_abs_bm": [B, M] per image}."""
     B, _, H, _ = images_bchw.shape
-    grid = grid or default_grid(H)
-    if H % grid:
+    grid = default_grid(H) if grid is None else grid
+    if grid < 1 or H % grid:
         raise ConfigError(f"the interaction grid {grid} must tile the {H}-px image")
     n = grid * grid
     baseline = torch.zeros(3, 1, 1) if baseline is None else baseline

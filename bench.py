@@ -5,13 +5,22 @@ fused on CUDA), CNNs in channels_last on CUDA: (a) supervised: encoder → globa
 cross-entropy; (b) A²MIM with its per-arch defaults, the mask drawn in the step on the device. A step = forward +
 backward + optimizer.step + zero_grad, no host sync. The two alternate (a b b a a b …) so both see the same load;
 each step is timed alone, the median reported. Targets: time ratio ≤ 1.10 at 224 px, ≤ 1.15 at 32 px; memory ≤ 1.15.
+--busy N runs N busy-looping processes while the steps are timed: another job on the same cores.
 """
 import argparse
 import collections
 import os
 import statistics
+import subprocess
 import sys
 import time
+
+# Set before torch loads libgomp, which reads it once: an OpenMP thread waiting for another spins 3,000 times
+# (~0.1 ms) before it sleeps, not libgomp's 300,000 (~6 ms, on a core the other thread may need). Beside another
+# job on a 2-core CPU the long spin made a step 13x slower, the short one 2x; idle, it costs ~4% (README, CPU
+# notes). How the user chose to wait, if they did, is kept.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 import torch
 from torch import nn
@@ -19,10 +28,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import data
 import runtime
-from a2mim import A2MIM, default_mask_patch_size
+from a2mim import A2MIM, mask_patch_size_for
 from models import ARCHS, SMALL_INPUT, ConfigError, arch_family, build_encoder
 
 VARIANTS = ("supervised", "a2mim")
+BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass"  # it ends if bench is killed
+# The numbers' valid ranges, written as train.py's SETTINGS write theirs; checked before anything runs.
+RANGES = {"img_size": "[1,", "width": "[1,", "batch_size": "[1,", "warmup": "[0,", "repeats": "[1,", "threads": "[1,",
+          "workers": "[0,", "busy": "[0,"}
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +49,7 @@ def get_parser():
     a("--warmup", type=int, default=3, help="untimed steps of each kind first")
     a("--repeats", type=int, default=10, help="timed steps of each kind (the median is reported)")
     a("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    a("--busy", type=int, default=0, help="busy-looping processes competing for the CPU while the steps are timed")
     a("--clock", choices=("wall", "cpu"), default="wall", help="cpu = this process's CPU time (steadier with --threads 1)")
     a("--compile", action="store_true", help="torch.compile both models")
     a("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -46,20 +60,34 @@ def get_parser():
     a("--workers", type=int, help="DataLoader workers for --loader (default: data.build_loader's)")
     return p
 
+def check_range(flag, value, spec):
+    """ConfigError unless value is None (unset) or in spec, in train.py's notation: "[1," at least 1, "[0,1)"."""
+    if value is None:
+        return
+    lo, hi = spec[1:].rstrip(")]").split(",")
+    above = value >= float(lo) if spec[0] == "[" else value > float(lo)  # False for nan
+    below = not hi or (value <= float(hi) if spec[-1] == "]" else value < float(hi))
+    if not (above and below):
+        want = f"in {spec[0]}{lo}, {hi}{spec[-1]}" if hi else ("at least " if spec[0] == "[" else "greater than ") + lo
+        raise ConfigError(f"{flag} must be {want}, got {value}")
+
 def resolve(args):
     """The flags plus device, precision, family, width (None = standard) and mask block, checked."""
-    for what in ("img_size", "batch_size", "repeats"):
-        if getattr(args, what) < 1:
-            raise ConfigError(f"--{what.replace('_', '-')} must be at least 1, got {getattr(args, what)}")
+    for name, spec in RANGES.items():  # first: nothing runs with a number out of its range
+        check_range("--" + name.replace("_", "-"), getattr(args, name), spec)
+    # train.py's default block (§2) for the encoder's token site; before any setting takes effect, as the
+    # encoder's own sentence refuses an image size it does not take
+    args.mask_patch_size = mask_patch_size_for(args.arch, args.img_size)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU")
     args.device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.clock == "cpu" and args.device.type == "cuda":
         raise ConfigError("--clock cpu counts host CPU time, which does not measure a GPU step; use --clock wall")
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.precision, args.family = runtime.resolve_precision(args.precision, args.device), arch_family(args.arch)
-    args.width = args.width or (16 if args.img_size <= SMALL_INPUT else None)
-    args.mask_patch_size = default_mask_patch_size(args.img_size)  # train.py's default block (§2)
+    if args.width is None and args.img_size <= SMALL_INPUT:
+        args.width = 16
     return args
 
 def make_step(variant, c):
@@ -100,6 +128,19 @@ def time_steps(steps, device, warmup, repeats, clock=time.perf_counter):
             sync()
             times[name] += [clock() - t0] if r >= warmup else []
     return times
+
+def time_steps_beside_busy_processes(n, *args, **kwargs):
+    """time_steps while n processes spin on the CPU: another job on the same cores, started from another terminal
+    (its own session: Linux's autogroups then share the CPU between the two sessions, not between threads)."""
+    hogs = []
+    try:
+        for _ in range(n):
+            hogs.append(subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True))
+        return time_steps(*args, **kwargs)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 def peak_memory(step, model, device):
     """Bytes: weights and buffers + the peak of tensor bytes allocated in the model's first two steps
@@ -165,16 +206,20 @@ def main(argv=None):
         c = resolve(get_parser().parse_args(argv))
         cpu, gpu = runtime.cpu_name(), torch.cuda.get_device_name(c.device) if c.device.type == "cuda" else "no GPU used"
         width = f", width {c.width or 'standard'}" if c.family == "cnn" else ""
+        waiting = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ)
+        busy = f"; busy-looping processes beside the timed steps: {c.busy}" if c.busy else ""
         print(f"bench: {c.arch}{width} at {c.img_size} px, batch {c.batch_size}, {c.precision} on {c.device.type}"
               f"{', torch.compile' * c.compile}; {c.warmup} warm-up + {c.repeats} timed steps of each, interleaved, "
               f"{c.clock} clock; mask {c.mask_patch_size}-px blocks\nmachine: {cpu} ({os.cpu_count()} cores), {gpu}; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+              f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+              f"OpenMP wait {waiting or 'default'}{busy}")
         loaded = time_loaders(c) if c.loader else []  # first: a missing dataset fails before any timing
         steps, memory = {}, {}
         for v in VARIANTS:  # one after the other: each one's memory counts from before its first step
             steps[v], model = make_step(v, c)
             memory[v] = None if c.no_memory else peak_memory(steps[v], model, c.device)
-        times = time_steps(steps, c.device, c.warmup, c.repeats, time.process_time if c.clock == "cpu" else time.perf_counter)
+        clock = time.process_time if c.clock == "cpu" else time.perf_counter
+        times = time_steps_beside_busy_processes(c.busy, steps, c.device, c.warmup, c.repeats, clock)
         report(c, times, memory)
         for line in (profile_steps(steps, c.device, c.repeats) if c.profile else []) + loaded:
             print(line)

@@ -5,8 +5,10 @@ torchvision reads the files from DIR = data_dir / --data-dir (if given, it must 
 searched), else from ./data and, for Fashion-MNIST, then /usr/share/datasets/fashion-mnist (Debian):
   fashion-mnist  the IDX files, gzipped or not, in DIR, DIR/fashion-mnist or DIR/FashionMNIST/raw.
   cifar10/100    DIR/cifar-10-batches-py (cifar-100-python); stl10: DIR/stl10_binary (the archives).
-  imagenet       DIR (default ./data/imagenet) with train/<class>/*.jpg and val/<class>/*.jpg.
-  folder         DIR (required), laid out as imagenet; the class count is read from disk.
+  imagenet       DIR (default ./data/imagenet) with train/<class>/*.jpg and val/<class>/*.jpg, the
+                 same class folders in both ("What an image folder holds" below says what is read).
+  folder         DIR (required), laid out as imagenet (the class count read from disk); pre-training
+                 also reads unlabelled images: a flat folder or any tree ("What pre-training reads").
   fake           nothing on disk: images generated from the index (deterministic).
 download=True lets torchvision fetch fashion-mnist / cifar / stl10 into DIR (or ./data).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torchvision.datasets as tvd
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms import v2
@@ -45,7 +47,7 @@ LARGE_IMAGE_PX = 96
 # encoder stride 8 used at small sizes, 32 is (32 / 4 = 8 mask blocks, 32 / 8 = 4 feature cells).
 _INFO = {"fashion-mnist": (10, 32, 1, 28), "cifar10": (10, 32, 3, 32), "cifar100": (100, 32, 3, 32),
          "stl10": (10, 96, 3, 96), "imagenet": (1000, 224, 3, None),  # None: varied sizes, "large"
-         "folder": (None, 224, 3, None),  # classes counted from disk
+         "folder": (None, 224, 3, None),  # classes counted from disk (none: unlabelled pre-training images)
          "fake": (10, 32, 3, 32)}  # generated at the requested size
 # torchvision's class for each archive (the class knows its folder, its files and their md5 sums).
 _TORCHVISION = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}
@@ -94,6 +96,8 @@ def build_transform(kind, img_size, *, family="cnn", large=True):
 # --- Reading: each reader returns (images uint8 [N, C, H, W], labels [N], the folder read)
 def _root(data_dir, download, default="data", expects=""):
     """The folder the user named (it must exist, unless it is to be downloaded into), else the default."""
+    if data_dir is not None and Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise DataError(f"data directory {data_dir} is a file, not a folder{expects}")
     if data_dir is not None and not (Path(data_dir).is_dir() or download):
         raise DataError(f"data directory {data_dir} does not exist{expects}")
     return Path(default if data_dir is None else data_dir)
@@ -130,6 +134,8 @@ def _fashion_mnist(name, split, data_dir, download):
 
 def _torchvision_archive(name, split, data_dir, download):
     cls, root = _TORCHVISION[name], _root(data_dir, download)
+    if root.name == cls.base_folder and not (root / cls.base_folder).is_dir():  # DIR is the unpacked folder
+        root = root.parent
     folder, files = root / cls.base_folder, ", ".join(f for f, _ in cls.train_list + cls.test_list)
     if not (folder.is_dir() or download):
         raise DataError(f"{name} expects {files} in {folder} (the unpacked official archive; "
@@ -161,30 +167,246 @@ def _fake(split, size, S):
         return ((image_3hw + 0.05 * torch.randn(3, S, S, generator=gen)).clamp(0, 1) * 255).round().byte()
     return torch.stack([image(i) for i in range(size)]), torch.arange(size) % 10, "generated"
 
+# What an image folder holds. An image: a file whose name ends in one of torchvision's IMG_EXTENSIONS
+# (any case) under DIR/<split>/<class>/, in sub-folders too, symlinks followed, no hidden name on the
+# way. Ignored: hidden files and folders (.git, .ipynb_checkpoints, .DS_Store, macOS "._x.jpg"
+# AppleDouble files), the tool folders in IGNORED_FOLDERS and every other file (Thumbs.db, notes.txt,
+# README.md). Refused, naming it, because each would change the dataset unseen: an image in a format
+# the folders do not read (UNREAD_IMAGE_EXTENSIONS), an image directly in DIR/<split>, a broken
+# symlink, a folder reached twice (a symlink loop, two links to one folder), a class folder of no image.
+IMAGE_EXTENSIONS = tvd.folder.IMG_EXTENSIONS
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng", ".dng")
+IGNORED_FOLDERS = ("__MACOSX", "@eaDir")  # a zip's macOS resource forks, a Synology NAS's thumbnails
+
+def _visible(folder):
+    """The entries of `folder` whose names are not hidden, sorted by name (as torchvision sorts)."""
+    try:
+        with os.scandir(folder) as entries:
+            keep = [e for e in entries if not e.name.startswith(".") and e.name not in IGNORED_FOLDERS]
+    except OSError as err:
+        raise DataError(f"cannot list the folder {folder} ({err.strerror or err})") from None
+    return sorted(keep, key=lambda e: e.name)
+
+def _is_image(entry):
+    """True for an image file, False for a file to ignore; DataError for one that would be lost unseen."""
+    suffix = os.path.splitext(entry.name)[1].lower()
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        raise DataError(f"{entry.path} is a broken symlink (to {os.readlink(entry.path)}); fix or delete it")
+    if suffix in UNREAD_IMAGE_EXTENSIONS:
+        raise DataError(f"{entry.path} is a {suffix} image, which image folders do not read (they read "
+                        f"{', '.join(IMAGE_EXTENSIONS)}); convert it or move it out")
+    return suffix in IMAGE_EXTENSIONS and entry.is_file()
+
+def _class_folders(split_dir):
+    """The class names of DIR/<split>: its visible folders (symlinks followed), sorted."""
+    classes = []
+    for entry in _visible(split_dir):
+        if entry.is_dir():
+            classes.append(entry.name)
+        elif _is_image(entry):
+            raise DataError(f"{entry.path} lies directly in {split_dir}: images go in class folders, "
+                            f"{split_dir}/<class>/{entry.name}")
+    return classes
+
+def _images_under(class_dir, seen):
+    """Image paths under `class_dir` in torchvision's order (os.walk's folders sorted by path, files by
+    name). `seen` maps the real path of every folder walked to its path: a second visit is refused."""
+    files_of, todo = {}, [class_dir]
+    while todo:
+        folder = todo.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{folder} leads to {seen[real]} again (a symlink loop or two links to one "
+                            f"folder), so its images would count twice; remove the link")
+        seen[real], files_of[folder] = folder, []
+        for entry in _visible(folder):
+            if entry.is_dir():
+                todo.append(entry.path)
+            elif _is_image(entry):
+                files_of[folder].append(entry.path)
+    return [path for folder in sorted(files_of) for path in files_of[folder]]
+
+class _ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder (classes, samples, targets, loader) with the rules above."""
+
+    def find_classes(self, directory):
+        classes = _class_folders(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        seen = {os.path.realpath(directory): str(directory)}
+        return [(path, i) for c, i in class_to_idx.items() for path in _images_under(os.path.join(directory, c), seen)]
+
+def _some(names, k=8):
+    """'a, b, c' or 'a, b, … (12 in all)'."""
+    return ", ".join(names[:k]) + (f", … ({len(names)} in all)" if len(names) > k else "")
+
+def _check_val_classes(name, val_dir, val_classes):
+    """The val split's labels are positions in its sorted class list, so its class folders must be train's."""
+    train_dir = val_dir.parent / "train"
+    if not train_dir.is_dir():
+        return
+    train_classes = _class_folders(train_dir)
+    if set(train_classes) != set(val_classes):
+        only_train = [c for c in train_classes if c not in val_classes]
+        only_val = [c for c in val_classes if c not in train_classes]
+        raise DataError(f"{name} needs the same class folders in train/ and val/ (a label is a class's place in "
+                        f"sorted order), but these are only in {train_dir}: {_some(only_train) or 'none'}; "
+                        f"only in {val_dir}: {_some(only_val) or 'none'}")
+    same = [c for c in val_classes if os.path.realpath(val_dir / c) == os.path.realpath(train_dir / c)]
+    if same:
+        raise DataError(f"{val_dir} and {train_dir} share the class folders {_some(same)} (through a symlink): "
+                        f"the accuracy would be measured on training images")
+    if len(val_classes) < 2:
+        raise DataError(f"{val_dir} holds one class folder ({val_classes[0]}): an accuracy needs at least two")
+
+# What a file's pixels become (uint8 RGB), by PIL mode; never clipped or dropped without a word:
+#   1, L, P, RGB, CMYK, YCbCr, LAB: PIL's conversion (no colour management: CMYK by PIL's formula, ICC
+#     profiles not applied); 16-bit RGB(A) PNGs PIL itself reads as 8-bit, the high byte of each value.
+#   16-bit grey (I;16*, and I from a PNG or PGM, which PIL scales to 0..65535): value / 257, rounded;
+#     PIL's convert("RGB") would clip everything above 255 to white.
+#   alpha (RGBA, LA, PA, a PNG's transparent colour): composited on ALPHA_BACKGROUND, as a viewer shows
+#     it; convert("RGB") would keep whatever colour the transparent pixels happen to store.
+#   EXIF orientation (phone photos): applied, so the image stands as it is shown (ImageOps.exif_transpose).
+#   The content decides, not the name: a PNG named .jpg is read as the PNG it is.
+#   Refused, naming the file: several frames (animated, multi-page: which one is the image?) except an
+#   MPO photo, whose first frame is the photo; 32-bit integer (I from a TIFF) or float (F) pixels, which
+#   have no fixed range to map to 0..255; PIL's decompression-bomb limit; a file PIL cannot decode.
+ALPHA_BACKGROUND = (255, 255, 255)  # white
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+_CONVERTED = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV") + _ALPHA
+
+def _to_rgb(img, path):
+    """An opened PIL image -> uint8 [3, H, W] by the rules above."""
+    frames, mode = getattr(img, "n_frames", 1), img.mode
+    if frames > 1 and img.format != "MPO":
+        raise DataError(f"{path} holds {frames} frames (an animation or a multi-page file), not one image; "
+                        f"save the frame meant as a file of its own")
+    sixteen_bit = mode in _SIXTEEN_BIT or (mode == "I" and img.format in ("PNG", "PPM"))
+    if not (sixteen_bit or mode in _CONVERTED):
+        raise DataError(f"{path} holds {mode!r} pixels (integers or floats of no fixed range), which cannot be "
+                        f"mapped to 0..255 without a guess; save it with 8- or 16-bit pixels")
+    alpha = mode in _ALPHA or "transparency" in img.info
+    img = ImageOps.exif_transpose(img)
+    if sixteen_bit:
+        grey_1hw = v2.functional.pil_to_tensor(img.convert("I"))  # int32 in 0..65535
+        return ((grey_1hw + 128) // 257).to(torch.uint8).repeat(3, 1, 1)
+    if alpha:
+        background = Image.new("RGBA", img.size, ALPHA_BACKGROUND + (255,))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return v2.functional.pil_to_tensor(img.convert("RGB"))
+
 def _load_rgb(path):
     """ImageFolder's loader: uint8 [3, H, W]. A broken image is a DataError naming it, not skipped:
     skipping would silently change the dataset (and the sample order across runs)."""
     try:
         with Image.open(path) as img:
-            return v2.functional.pil_to_tensor(img.convert("RGB"))
-    except OSError as err:  # covers UnidentifiedImageError and "image file is truncated"
+            return _to_rgb(img, path)
+    # OSError covers PIL's UnidentifiedImageError and "image file is truncated"
+    except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot decode image {path} ({err}); delete or replace the file") from None
 
-def _image_folder(name, split, data_dir, transform):
-    """torchvision's ImageFolder over DIR/<split>/<class>/*.jpg, with one sentence for a bad layout."""
+# What pre-training reads from `folder` (split "train", transform "pretrain"; it never reads a label):
+#   DIR/train/ exists: it is the training split, the rest of DIR is not read (as for evaluation):
+#     only sub-folders in it (no image directly in it): the class folders below, labels as evaluation's;
+#     else (a flat folder of images, with sub-folders or not): every image under DIR/train, label 0.
+#   neither DIR/train/ nor DIR/val/: every image under DIR at any depth (flat, dated sub-folders, class
+#     folders without a split), label 0.
+#   DIR/val/ without DIR/train/ (or a train that is not a folder): refused; walking DIR would pre-train
+#     on the val images.
+# An image is what the rules above say; the walk is sorted (folders by path, files by name), so the
+# sample order is the same in every run. imagenet keeps the class layout: a mistyped ImageNet DIR
+# (the raw archive nests train/, val/ and test/ deeper) is refused, not walked whole. Evaluation (any
+# other transform, or the val split) needs DIR/train/<class>/ and DIR/val/<class>/ and says so in
+# one sentence when DIR holds unlabelled images.
+class _UnlabelledImages(Dataset):
+    """Every image under `folder` (the walk above) as (image, 0), with ImageFolder's samples, targets,
+    classes (none), loader and transform; `num_classes` is None: there are no classes."""
+
+    def __init__(self, folder, transform):
+        self.samples = [(path, 0) for path in _images_under(str(folder), {})]
+        self.targets, self.classes, self.num_classes = [0] * len(self.samples), [], None
+        self.transform, self.loader, self.source = transform, _load_rgb, str(folder)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(self.loader(path)), label
+
+def _split_layout(folder):
+    """(images directly in `folder`, whether it has visible sub-folders); DataError for a broken link."""
+    entries = _visible(folder)
+    direct = [e.path for e in entries if not e.is_dir() and _is_image(e)]
+    return direct, any(e.is_dir() for e in entries)
+
+def _pretrain_folder(root):
+    """The folder pre-training walks unlabelled (the rules above), or None for DIR/train's class folders."""
+    train = root / "train"
+    if train.is_dir():
+        direct, has_folders = _split_layout(train)
+        return None if has_folders and not direct else train
+    if os.path.lexists(train) or (root / "val").is_dir():
+        what = "a val/ folder" if (root / "val").is_dir() else "an entry 'train' that is not a folder"
+        raise DataError(f"{root} holds {what} but no train/ folder: pre-training reads {root}/train/ when "
+                        f"{root} is split into train/ and val/, else every image under {root}")
+    return root
+
+def _unlabelled(root, folder, transform):
+    """_UnlabelledImages of `folder`, refused when it holds no image."""
+    dataset = _UnlabelledImages(folder, transform)
+    if not dataset.samples:
+        raise DataError(f"folder found no images under {folder} to pre-train on (it reads {root}/train/, in "
+                        f"<class> folders or not, else every image under {root}); images are files named "
+                        f"*{', *'.join(IMAGE_EXTENSIONS)}, hidden files are skipped")
+    return dataset
+
+def _refuse_unlabelled(root, split_dir):
+    """Evaluation given images without the train/<class>, val/<class> layout: one sentence saying so."""
+    folder, how = None, "without class folders"
+    if split_dir.is_dir():
+        direct, has_folders = _split_layout(split_dir)
+        folder = split_dir if direct and not has_folders else None
+    elif root.name not in SPLITS and not any(os.path.lexists(root / s) for s in SPLITS):
+        folder = root  # (DIR/train given for DIR has its own hint below)
+        how = "but no train/ and val/ folders" if _split_layout(root)[1] else how
+    n = len(_images_under(str(folder), {})) if folder is not None else 0
+    if n:
+        raise DataError(f"evaluation needs labelled images: {root}/train/<class>/*.jpg and {root}/val/<class>/"
+                        f"*.jpg; {folder} holds {n} image{'s' * (n != 1)} {how} (fine for pre-training)")
+
+def _image_folder(name, split, data_dir, transform, pretrain=False):
+    """ImageFolder over DIR/<split>/<class>/*.jpg (the rules above), with one sentence for a bad layout;
+    `pretrain`: `folder`'s training split may be unlabelled (_UnlabelledImages)."""
+    unlabelled_ok = pretrain and name == "folder" and split == "train"
     if data_dir is None and name == "folder":
-        raise DataError("dataset 'folder' needs data_dir pointing at DIR with "
-                        "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg")
+        raise DataError("dataset 'folder' needs data_dir: a folder of images for pre-training, or DIR with "
+                        "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg for evaluation")
     layout = f"{data_dir or 'data/imagenet'}/{split}/<class>/*.jpg"
-    split_dir = _root(data_dir, False, "data/imagenet", expects=f" ({name} expects {layout})") / split
-    try:
-        dataset = tvd.ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
-    except FileNotFoundError:  # torchvision's "no such directory" or "couldn't find any class folder"
-        raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}") from None
+    expects = " (folder pre-trains on the images under it)" if unlabelled_ok else f" ({name} expects {layout})"
+    root = _root(data_dir, False, "data/imagenet", expects=expects)
+    split_dir = root / split
+    if unlabelled_ok and (folder := _pretrain_folder(root)) is not None:
+        return _unlabelled(root, folder, transform)
+    if name == "folder" and not unlabelled_ok:
+        _refuse_unlabelled(root, split_dir)
+    classes = _class_folders(split_dir) if split_dir.is_dir() else []
+    if not classes:
+        inside_a_split = split_dir.parent.name in SPLITS  # DIR/train given for DIR
+        hint = f"; name the folder that holds {split}/, not {data_dir} itself" if inside_a_split else ""
+        raise DataError(f"{name} expects class folders of images at {layout}, found none in {split_dir}{hint}")
+    if split == "val":
+        _check_val_classes(name, split_dir, classes)
+    dataset = _ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
     have_images = set(dataset.targets)
     if empty := [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in have_images]:
+        others = [e.name for e in _visible(empty[0]) if e.is_file()]
+        found = f" ({empty[0]} has {_some(others)})" if others else ""
         raise DataError(f"{name} expects images at {layout}, but {', '.join(empty)} "
-                        f"hold{'s' * (len(empty) == 1)} none")
+                        f"hold{'s' * (len(empty) == 1)} none{found}; images are files named "
+                        f"*{', *'.join(IMAGE_EXTENSIONS)}, hidden files are skipped")
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
 
@@ -208,7 +430,8 @@ class _TensorImages(Dataset):
 def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretrain", family="cnn",
                   download=False, fake_size=512):
     """(image float [3, S, S], int label) of one split through the `transform` recipe, with `.num_classes`
-    (read from disk for "folder") and `.source` (the folder read, or "generated", for the log line)."""
+    (read from disk for "folder"; None for its unlabelled pre-training images, whose labels are all 0)
+    and `.source` (the folder read, or "generated", for the log line)."""
     info = dataset_info(name)  # raises DataError on an unknown name
     S = info["img_size"] if img_size is None else img_size
     for what, value in (("img_size", S), ("fake_size", fake_size)):
@@ -220,7 +443,7 @@ def build_dataset(name, split, *, data_dir=None, img_size=None, transform="pretr
     native = S if name == "fake" else _INFO[name][3]
     tf = build_transform(transform, S, family=family, large=native is None or native >= LARGE_IMAGE_PX)
     if name in ("imagenet", "folder"):
-        return _image_folder(name, split, data_dir, tf)
+        return _image_folder(name, split, data_dir, tf, pretrain=transform == "pretrain")
     if name == "fake":
         images, labels_n, source = _fake(split, fake_size, S)
     else:

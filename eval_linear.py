@@ -5,6 +5,7 @@
     python eval_linear.py --checkpoint CKPT --finetune       # fine-tune every weight
     python eval_linear.py --checkpoint CKPT --labels-per-class 10   # low-label probe (10 images a class)
     python eval_linear.py --checkpoint CKPT --export r50.pth # torchvision state dict, then exit
+    python eval_linear.py --checkpoint vit_base_full.pth --export vit_b.pth --export-to timm   # a released file
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint CKPT --data imagenet --data-dir /data/imagenet --finetune
 
 Settings: laptop default < checkpoint < §7's arch recipe (by itself on ImageNet or an image folder at
@@ -12,9 +13,14 @@ Settings: laptop default < checkpoint < §7's arch recipe (by itself on ImageNet
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
+
+# Set before torch loads libgomp: a short OpenMP spin, as bench.py explains; the user's own choice is kept.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 import torch
 import torch.nn as nn
@@ -26,10 +32,11 @@ from tqdm import tqdm
 
 import data
 import models
-from a2mim import default_grid, interaction_strength
-from runtime import (PRECISIONS, CheckpointError, RunError, autocast, channels_last, cleanup_distributed,
-                     load_checkpoint, lr_at, one_line, param_groups, resolve_precision, set_lr, setup_distributed,
-                     load_tensors, user_errors)
+import weights
+from a2mim import default_grid, interaction_strength, sample_pairs
+from runtime import (PRECISIONS, CheckpointError, RunError, append_line, autocast, channels_last, cleanup_distributed,
+                     lr_at, one_line, param_groups, read_jsonl, resolve_precision, set_lr, setup_distributed,
+                     user_errors)
 
 DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")  # train.py's default run
 
@@ -46,7 +53,8 @@ SETTINGS = [  # name, type or choices, laptop default ({mode: value} where modes
     ("labels_per_class", int, None, "> 0", "train on K images per class (seeded, class-balanced)"),
     ("subset_seed", int, 0, None, "seed of the --labels-per-class subset"),
     ("epochs", int, dict(probe=30, finetune=5), "> 0", "training epochs"),
-    ("batch_size", int, dict(probe=256, finetune=128), "> 0", "per process; global = this × world size"),
+    ("batch_size", int, dict(probe=256, finetune=128), "> 0",
+     "per process; global = this × world size (the cached probe: at most the train set)"),
     ("optimizer", ("sgd", "adamw"), dict(probe="sgd", finetune="adamw"), None, "AdamW stands in for RSB's LAMB too"),
     ("blr", float, dict(probe=0.1, finetune=1e-3), "> 0", "base lr per 256 images of global batch"),
     ("momentum", float, 0.9, "in [0, 1)", "SGD momentum"),
@@ -117,14 +125,17 @@ def recipe_applies(preset, data_name, img_size):
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--checkpoint", help=f"train.py checkpoint or torchvision state dict (default {DEFAULT_CHECKPOINT})")
+    a("--checkpoint", help="train.py checkpoint, a released OpenMixup A²MIM file (either layout) or a torchvision "
+      f"state dict (default {DEFAULT_CHECKPOINT})")
     a("--init", choices=("checkpoint", "random"), default="checkpoint", help="'random' = the untrained baseline")
-    a("--arch", choices=models.ARCHS, help="for --init random or a torchvision file; checked against a checkpoint")
+    a("--arch", choices=models.ARCHS, help="for --init random or a torchvision file; checked against any other file")
     a("--width", type=int, help="ResNet/ConvNeXt width for --init random (default 16; standard with an arch recipe)")
     a("--finetune", action="store_true", help="fine-tune all weights instead of a linear probe")
     a("--preset", choices=("auto", "official", "laptop"), default="auto",
       help="§7's arch recipe: auto = on ImageNet-size data (default), official = always, laptop = never")
-    a("--export", metavar="OUT.pth", help="write the checkpoint's encoder as a torchvision state dict and exit")
+    a("--export", metavar="OUT.pth", help="write the checkpoint's encoder as a plain state dict and exit")
+    a("--export-to", choices=weights.EXPORTS, help="the library whose model loads --export strictly "
+      "(default torchvision; a ViT: timm, as its BEiT)")
     a("--overwrite", action="store_true", help="let --export replace an existing file")
     a("--print-config", action="store_true", help="print each resolved setting and where it came from, then exit")
     for name, kind, default, valid, text in SETTINGS:
@@ -142,7 +153,7 @@ def resolve_config(args, source, world_size):
     same_data = cli.get("data", source["data"]) == source["data"]  # else the checkpoint's data dir is another's
     found = dict(data=source["data"], data_dir=source["data_dir"] if same_data else None,
                  img_size=source["encoder_kwargs"]["img_size"])
-    kind = "vit" if models.arch_family(arch) == "vit" else "convnext" if arch.startswith("convnext") else "resnet"
+    kind = models.arch_kind(arch)
     layers = [("laptop default", DEFAULTS[mode] | (LAPTOP_FINETUNE[kind] if mode == "finetune" else {})),
               ("checkpoint" if source["kind"] != "random" else "dataset", found), ("command line", cli)]
     recipe = recipe_applies(args.preset, cli.get("data", found["data"]), found["img_size"])
@@ -165,23 +176,32 @@ def resolve_config(args, source, world_size):
 def check_config(cfg):
     """Values out of range and combinations that cannot work, each as one sentence."""
     for name, _, _, valid, _ in SETTINGS:
-        values = cfg[name] if isinstance(cfg[name], list) else [cfg[name]]
-        if valid and not all(v is None or RANGES[valid](v) for v in values):
+        values = [v for v in (cfg[name] if isinstance(cfg[name], list) else [cfg[name]]) if v is not None]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):  # argparse takes "inf" and "nan"
+            raise EvalError(f"--{name.replace('_', '-')} must be a finite number {valid}, got {cfg[name]}")
+        if valid and not all(RANGES[valid](v) for v in values):
             raise EvalError(f"--{name.replace('_', '-')} must be {valid}, got {cfg[name]}")
+    if cfg["min_lr"] > cfg["lr"]:  # the cosine would climb from the lr to --min-lr
+        raise EvalError(f"--min-lr {cfg['min_lr']:g} is above the peak lr {cfg['lr']:.3g} (--blr × global batch / "
+                        "256); lower --min-lr or raise --blr")
     if cfg["schedule"] == "step" and not cfg["milestones"]:
         raise EvalError("schedule 'step' needs --milestones (epochs of the ×0.1 steps, e.g. 60 80)")
     if cfg["layer_decay"] is not None and cfg["family"] != "vit":
         raise EvalError(f"layer-wise lr decay is defined for ViT blocks, not for {cfg['arch']}; drop --layer-decay")
     if cfg["drop_path"] and cfg["arch"].startswith("resnet"):
         raise EvalError("torchvision's ResNet has no drop path; drop --drop-path")
+    if cfg["mode"] == "probe" and cfg["head"] == "bn" and cfg["batch_size"] < 2:
+        raise EvalError("the probe's BatchNorm head needs --batch-size >= 2 (it normalises over the batch); "
+                        "or pass --head fc")
     if cfg["mode"] == "probe" and (cfg["mixup"] or cfg["cutmix"]):
         raise EvalError("Mixup/CutMix are fine-tuning options; add --finetune or drop them")
     if not cfg["recipe"] and (cfg["rand_augment"] or cfg["random_erasing"] or cfg["test_resize"]):
         raise EvalError("RandAugment, random erasing and --test-resize are §7's; add --preset official or drop them")
 
 def load_source(args):
-    """{kind: "checkpoint" (train.py's) / "torchvision" / "random", path, weights, encoder_kwargs, method, data,
-    data_dir}. Without a config: --arch, --data, its size; a random CNN is 16 wide unless the arch recipe applies."""
+    """{kind: "checkpoint" (train.py's) / "openmixup" (a released file) / "torchvision" / "random", path, weights,
+    encoder_kwargs, method, data, data_dir}. Without a config: --arch, --data, its size (a released ViT: the size
+    of its position embedding); a random CNN is 16 wide unless the arch recipe applies."""
     name = args.data or ("imagenet" if args.preset == "official" else "fashion-mnist")
     plain = dict(arch=args.arch or "resnet18", img_size=args.img_size or data.dataset_info(name)["img_size"])
     if args.init == "random":
@@ -191,26 +211,32 @@ def load_source(args):
             plain["width"] = args.width or (None if recipe_applies(args.preset, name, plain["img_size"]) else 16)
         return dict(kind="random", path=None, weights=None, method=None, encoder_kwargs=plain, data=name, data_dir=None)
     path = args.checkpoint or DEFAULT_CHECKPOINT
+    if os.path.isdir(path):
+        raise EvalError(f"--checkpoint {path} is a folder; name the file in it (train.py writes "
+                        f"{os.path.join(path, 'checkpoint.pt')})")
     if args.checkpoint is None and not os.path.isfile(path):
         raise EvalError(f"no --checkpoint given and {path} does not exist; run `python3 train.py` first, or pass "
                         "--init random for the random-encoder baseline")
-    try:
-        state = load_checkpoint(path, arch=args.arch)
-    except CheckpointError as not_ours:
-        weights = load_tensors(path)  # a file torch cannot read gets load_tensors's own sentence
-        if not (isinstance(weights, dict) and weights and all(torch.is_tensor(v) for v in weights.values())):
-            raise not_ours from None
-        if args.arch is None:
-            raise EvalError(f"{path} is a plain state dict; pass --arch to name its torchvision model") from None
-        plain["small_stem"] = False  # torchvision's stem, at the standard width (export writes nothing else)
-        return dict(kind="torchvision", path=path, weights=weights, method=None, encoder_kwargs=plain, data=name,
-                    data_dir=None)
-    kw, config = state["encoder_kwargs"], state.get("config", {})
-    if args.width is not None and kw.get("width") != args.width:
-        raise CheckpointError(f"{path} holds a {kw['arch']} of width {kw.get('width')}, but --width is {args.width}")
-    weights = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
-    return dict(kind="checkpoint", path=path, weights=weights, encoder_kwargs=kw, method=config.get("method"),
-                data=config.get("data", "fashion-mnist"), data_dir=config.get("data_dir"))
+    found = weights.load_pretrained(path, arch=args.arch)  # ours, a released OpenMixup file, or torchvision's
+    if found["unused"]:
+        print(f"note: {path}: {len(found['unused'])} tensors outside the encoder, mask token and decoder are not "
+              f"used ({found['unused'][0]}, ...)", file=sys.stderr)
+    kw = dict(found["encoder_kwargs"])
+    if found["kind"] == "checkpoint":
+        if args.width is not None and kw.get("width") != args.width:
+            raise CheckpointError(f"{path} holds a {kw['arch']} of width {kw.get('width')}, but --width is "
+                                  f"{args.width}")
+        config = found["config"]
+        return dict(kind="checkpoint", path=path, weights=found["encoder"], encoder_kwargs=kw,
+                    method=config.get("method"), data=config.get("data", "fashion-mnist"),
+                    data_dir=config.get("data_dir"))
+    if models.arch_family(kw["arch"]) == "cnn":  # a CNN takes any size: the data's, as a random encoder
+        kw["img_size"] = plain["img_size"]
+    elif args.img_size is not None and args.img_size != kw["img_size"]:  # its position embedding fixes the size
+        raise EvalError(f"{path} holds a {kw['arch']} for {kw['img_size']}-px images; pass --img-size "
+                        f"{kw['img_size']} or leave it out")
+    return dict(kind=found["kind"], path=path, weights=found["encoder"], method=None, encoder_kwargs=kw, data=name,
+                data_dir=None)
 
 def build_loaded_encoder(source, cfg):
     """build_encoder from the source's kwargs, then its weights (strict: same keys and shapes)."""
@@ -218,11 +244,9 @@ def build_loaded_encoder(source, cfg):
     if cfg["mode"] == "finetune" and not cfg["arch"].startswith("resnet"):
         kw["drop_path"] = cfg["drop_path"]  # changes no shape, so the weights still load
     encoder = models.build_encoder(**kw)
-    if source["weights"] is not None:  # a torchvision file: its classifier goes, a ConvNeXt's norm stays
-        weights = {k.replace("classifier.0.", "norm."): v for k, v in source["weights"].items()
-                   if not k.startswith(("fc.", "classifier.2."))}
+    if source["weights"] is not None:  # in our names already (weights.load_pretrained)
         try:
-            encoder.load_state_dict(weights)
+            encoder.load_state_dict(source["weights"])
         except RuntimeError as e:  # torch lists every mismatch; the first says enough
             first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
             raise CheckpointError(f"{source['path']} does not fit a {kw['arch']} encoder ({first})") from None
@@ -258,13 +282,14 @@ def labels_of(dataset):
     labels = getattr(dataset, "labels_n", getattr(dataset, "targets", None))  # without decoding images
     return [dataset[i][1] for i in range(len(dataset))] if labels is None else labels  # e.g. "fake"
 
-def class_balanced_subset(labels, k, seed, num_classes=None):
-    """Sorted indices of exactly `k` images per class, the same for (labels, k, seed) on every rank."""
+def class_balanced_subset(labels, k, seed, num_classes=None, *, split="training", flag="--labels-per-class"):
+    """Sorted indices of exactly `k` images per class, the same for (labels, k, seed) on every rank; too few
+    images in a class is an EvalError naming the `split` and the `flag` that asked for `k`."""
     labels, gen, picks = torch.as_tensor(labels), torch.Generator().manual_seed(seed), []
     for c in range(num_classes or int(labels.max()) + 1):
         idx = (labels == c).nonzero().flatten()
         if len(idx) < k:
-            raise EvalError(f"class {c} has only {len(idx)} training images, fewer than --labels-per-class {k}")
+            raise EvalError(f"class {c} has only {len(idx)} {split} images, fewer than {flag} {k}")
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
     return torch.cat(picks).sort().values
 
@@ -408,7 +433,7 @@ def probe(encoder, train_set, val_set, cfg, env, num_classes):
         forward, (batches, steps) = (lambda img: trainable(features(img))), loader_epochs(train_set, cfg, env)
     else:  # ours: features once, each rank its shard; all ranks train the same head on all of them
         x_nc, y_n = run_over(train_set, features, cfg, env, "train features")
-        batch = min(cfg["global_batch"], len(x_nc))
+        batch = cfg["global_batch"]  # at most len(x_nc): fit_batch_to_data
         trainable, forward, steps = head, head, len(x_nc) // batch  # drop the last partial batch (BatchNorm)
 
         def batches(epoch):
@@ -435,14 +460,35 @@ def finetune(encoder, train_set, val_set, cfg, env, num_classes):
         out["ema_"] = run_over(val_set, ema.module.eval(), cfg, env, "val (EMA)")
     return out, model
 
+def fit_batch_to_data(cfg, num_train):
+    """The cached probe steps through all train features, on every rank, in batches of the global batch: with
+    fewer features than that, one step takes them all. cfg then states that batch, and the lr follows it."""
+    if cfg["mode"] == "probe" and not cfg["augment"] and num_train < cfg["global_batch"]:
+        cfg.update(global_batch=num_train, lr=cfg["blr"] * num_train / 256)
+        cfg["origin"].update(global_batch="derived (all train images)", lr="derived (all train images)")
+        check_config(cfg)  # --min-lr against the lower lr
+
 def evaluate(encoder, cfg, env):
     """Train the chosen way, then top-1/top-5 over the whole val split (also of the EMA weights)."""
     train_set, val_set, num_classes = build_data(cfg)
+    fit_batch_to_data(cfg, len(train_set))
+    picked = None  # §9's val images, picked before training: too few in a class, or too many pairs, is said now
+    if cfg["interactions"]:
+        picked = class_balanced_subset(labels_of(val_set), cfg["interactions"], cfg["seed"], num_classes, split="val",
+                                       flag="--interactions")
+        try:
+            sample_pairs(default_grid(cfg["test_size"]), cfg["interaction_pairs"])
+        except models.ConfigError as e:  # more pairs than the grid of this image size has
+            raise EvalError(f"--interaction-pairs {cfg['interaction_pairs']} is too many at {cfg['test_size']} px: "
+                            f"{e}") from None
     if env.is_main:
         recipe = f"the {cfg['recipe']} recipe of §7" if cfg["recipe"] else "laptop settings"
+        batch = f"global batch {cfg['global_batch']}"
+        if cfg["origin"]["global_batch"].endswith("train images)"):
+            batch += " (every train image: fewer than the batch asked for)"
         print(f"{cfg['mode']} of {cfg['arch']} ({cfg['checkpoint'] or 'random init'}) on {cfg['data']}, {recipe}: "
               f"{len(train_set)} train / {len(val_set)} val images, {env.world_size} process(es) on {env.device.type}, "
-              f"{cfg['optimizer']} lr {cfg['lr']:.3g}, global batch {cfg['global_batch']}, {cfg['epochs']} epochs")
+              f"{cfg['optimizer']} lr {cfg['lr']:.3g}, {batch}, {cfg['epochs']} epochs")
     way = finetune if cfg["mode"] == "finetune" else probe
     result = dict(num_train=len(train_set), num_val=len(val_set), num_classes=num_classes)
     outputs, classifier = way(encoder, train_set, val_set, cfg, env, num_classes)
@@ -450,15 +496,15 @@ def evaluate(encoder, cfg, env):
         hit_nk = logits_nk.topk(min(5, num_classes), dim=1).indices == labels_n[:, None]  # top-5 of ≥ 5 classes
         for k in (1, 5):
             result[f"{prefix}top{k}"] = round(100.0 * hit_nk[:, :k].any(dim=1).float().mean().item(), 3)
-    if cfg["interactions"] and env.is_main:
-        result["interactions"] = interactions(classifier, val_set, cfg, num_classes, env.device)
+    if picked is not None and env.is_main:
+        result["interactions"] = interactions(classifier, val_set, picked, cfg, env.device)
     return result
 
-def interactions(classifier, val_set, cfg, num_classes, device):
-    """§9's J^(m) of the trained classifier on K val images per class (seeded, class-balanced), by the released
-    protocol (a2mim.interaction_strength) at --interaction-pairs × --interaction-contexts; the baseline is the mean
-    colour of those images (the dataset mean of §9). I^(m) is kept per image, for a bootstrap over images."""
-    start, idx = time.time(), class_balanced_subset(labels_of(val_set), cfg["interactions"], cfg["seed"], num_classes)
+def interactions(classifier, val_set, idx, cfg, device):
+    """§9's J^(m) of the trained classifier on the val images `idx` (K per class: seeded, class-balanced), by the
+    released protocol (a2mim.interaction_strength) at --interaction-pairs × --interaction-contexts; the baseline is
+    the mean colour of those images (the dataset mean of §9). I^(m) is kept per image, for a bootstrap over images."""
+    start = time.time()
     images, labels = zip(*[val_set[i] for i in idx.tolist()])
     img_bchw, labels_b = torch.stack(images).to(device), torch.tensor(labels, device=device)
     baseline_c11 = img_bchw.mean(dim=(0, 2, 3))[:, None, None]
@@ -476,27 +522,50 @@ def report(cfg, result, seconds):
                   data=cfg["data"], labels_per_class=cfg["labels_per_class"], wall_time_s=round(seconds, 1),
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S"), config=cfg)
     try:
-        os.makedirs(os.path.dirname(cfg["results"]) or ".", exist_ok=True)
-        with open(cfg["results"], "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise EvalError(f"cannot append the result to {cfg['results']} ({e.strerror or e}); "
+        append_line(cfg["results"], json.dumps(record))  # a failed append leaves the file as it was
+    except (OSError, RunError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise EvalError(f"cannot append the result to {cfg['results']} ({why}); "
                         "the accuracy above is not recorded") from None
+
+def check_results_file(path):
+    """Before any training: --results must name a file, and one that holds only JSON lines (a damaged file would
+    take the new line with it, and reproduce.py refuses to read it)."""
+    if os.path.isdir(path) or not os.path.basename(path):
+        raise EvalError(f"--results must name a JSONL file, not a folder (got {path!r}; e.g. "
+                        f"{os.path.join(path, 'results.jsonl')})")
+    if os.path.exists(path) and not os.path.isfile(path):  # append_line replaces the file: never a device's node
+        raise EvalError(f"--results must name a regular JSONL file, got {path}")
+    read_jsonl(path)  # JsonlError naming the bad line
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
     start = time.time()
     try:
         env = setup_distributed()
+        if args.export_to and not args.export:
+            raise EvalError("--export-to names the library of --export; add --export OUT.pth or drop it")
         if args.export:  # before anything is read or written: never the checkpoint being read, nor another file
             read = args.checkpoint or DEFAULT_CHECKPOINT  # that exists, unless --overwrite
             if args.init == "random":
                 raise EvalError("--export writes a checkpoint's encoder; pass --checkpoint, not --init random")
+            if args.finetune or args.interactions:  # export writes the checkpoint's weights as they are, then exits
+                raise EvalError("--export writes the checkpoint's encoder as it is and exits; run --finetune / "
+                                "--interactions without --export")
+            if os.path.isdir(args.export) or not os.path.basename(args.export):
+                raise EvalError(f"--export {args.export} is a folder; name the file to write in it, e.g. "
+                                f"{os.path.join(args.export, 'encoder.pth')}")
+            if os.path.exists(args.export) and not os.path.isfile(args.export):  # atomic_save would replace it
+                raise EvalError(f"--export must name a regular file to write, got {args.export}")
             if os.path.exists(args.export) and os.path.exists(read) and os.path.samefile(args.export, read):
                 raise EvalError(f"--export {args.export} is the checkpoint being read; export to another file")
             if os.path.exists(args.export) and not args.overwrite:
                 raise EvalError(f"{args.export} already exists; pass --overwrite to replace it")
+        else:
+            check_results_file(args.results or DEFAULTS["probe"]["results"])
         source = load_source(args)
+        if args.export:  # before the encoder is built: a ViT has no torchvision model
+            weights.check_export(source["encoder_kwargs"]["arch"], args.export_to or "torchvision")
         cfg = resolve_config(args, source, env.world_size)
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
@@ -507,8 +576,10 @@ def main(argv=None):
         encoder = build_loaded_encoder(source, cfg)
         if args.export:
             if env.is_main:
-                models.export_torchvision(encoder, args.export)
-                print(f"wrote {cfg['arch']} from {cfg['checkpoint']} as a torchvision state dict to {args.export}")
+                to = args.export_to or "torchvision"
+                how = weights.export(encoder, args.export, to)
+                print(f"wrote {cfg['arch']} from {cfg['checkpoint']} as a {to} state dict to {args.export}; "
+                      f"it loads with strict=True into {how}")
             return 0
         # channels_last weights make every conv's output channels_last too (faster under bf16)
         result = evaluate(channels_last(encoder.to(env.device), cfg["family"], env.device), cfg, env)

@@ -7,8 +7,8 @@ x_bchw [B, 3, H, W] is the (masked and filled) image; `token_fn(feat_bchw) -> fe
 to the feature map at the token site `token_at` (§3: where the mask token is written; None = plain forward);
 feat_bchw [B, out_channels, H / out_stride, W / out_stride] is the last feature map. Attributes: `arch`, `family`
 ("cnn" / "vit": picks the per-family defaults), `out_channels` and `out_stride` (what the decoder needs, §4),
-`token_sites` {name: (channels, stride)} in network order ("stem" = the first, SimMIM's) and `default_token_site`
-(A²MIM's, §3).
+`token_sites` {name: (channels, stride)} in network order ("stem" = the first, SimMIM's), `default_token_site`
+(A²MIM's, §3) and `mask_token_std` (the token's init in the released backbone, §3).
 """
 
 import torch
@@ -38,11 +38,13 @@ RESNET_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock
 
 class ResNet(torchvision.models.ResNet):
     """torchvision's ResNet without `avgpool`/`fc`, plus a token hook before any stage.
-    Keys of `state_dict()` are exactly torchvision's (minus `fc.*`), see `torchvision_state_dict`.
+    Keys of `state_dict()` are exactly torchvision's (minus `fc.*`), see `weights.torchvision_state_dict`.
     Token sites: "layerK" = the input of stage K ("stem" = layer1's input). A²MIM uses
     "layer4" (stride 16 at standard width, 14×14 at 224 px; §3)."""
 
     family = "cnn"
+    default_token_site = "layer4"
+    mask_token_std = 0.02  # T ~ trunc-normal, as released (mim_resnet.py: trunc_normal_ on the tensor)
 
     def __init__(self, arch, *, width=64, small_stem=False):
         block, layers = RESNET_LAYERS[arch]
@@ -60,12 +62,11 @@ class ResNet(torchvision.models.ResNet):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-        stem_stride = 1 if small_stem else 4
         chans = [width] + [width * block.expansion * 2**k for k in range(4)]  # the stem's, then each stage's output
-        # The input of layer{k+1} is the output of layer{k} (layer1's: the stem's, at the stem's stride).
-        self.token_sites = {f"layer{k + 1}": (chans[k], stem_stride * 2 ** max(k - 1, 0)) for k in range(4)}
-        self.default_token_site = "layer4"
-        self.out_channels, self.out_stride = chans[4], stem_stride * 8
+        # The input of layer{k+1} is the output of layer{k} (layer1's: the stem's).
+        strides, self.out_stride = _site_strides(arch, small_stem=small_stem)
+        self.token_sites = {name: (chans[k], stride) for k, (name, stride) in enumerate(strides.items())}
+        self.out_channels = chans[4]
 
     def _rebuild(self, block, layers, width, small_stem):
         """Re-make stem and stages at another width (for CPU-sized models) or a 32-px stem."""
@@ -84,53 +85,13 @@ class ResNet(torchvision.models.ResNet):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x_bchw, token_fn=None, token_at=None):
-        token_at = _resolve_site(self, token_at)
+        token_at = _resolve_site(self.token_sites, self.default_token_site, token_at)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x_bchw))))
         for name in ("layer1", "layer2", "layer3", "layer4"):
             if token_fn is not None and name == token_at:
                 x = token_fn(x)
             x = getattr(self, name)(x)
         return x
-
-def torchvision_state_dict(encoder, num_classes=1000):
-    """Encoder weights as a state dict that `torchvision.models.<arch>()` loads with strict=True.
-    The encoder holds no classifier, so a freshly initialised one (torchvision's own init) is
-    added: fine-tuning recipes replace or re-train it anyway. ResNet and ConvNeXt only (a ViT has
-    no torchvision twin with relative position bias)."""
-    if isinstance(encoder, ResNet):
-        head = nn.Linear(encoder.out_channels, num_classes)
-        extra = {f"fc.{k}": v for k, v in head.state_dict().items()}
-    elif isinstance(encoder, ConvNeXt):
-        # torchvision's head is LayerNorm2d → Flatten → Linear. Our final norm (on the 7×7 map,
-        # before pooling) has the same shape as the head's LayerNorm (after pooling): its weights
-        # become `classifier.0`, the closest place torchvision has for them.
-        c = encoder.out_channels
-        linear = nn.Linear(c, num_classes)
-        nn.init.trunc_normal_(linear.weight, std=0.02)  # torchvision's ConvNeXt head init
-        nn.init.zeros_(linear.bias)
-        extra = {f"classifier.0.{k}": v for k, v in encoder.norm.state_dict().items()}
-        extra |= {f"classifier.2.{k}": v for k, v in linear.state_dict().items()}
-    else:
-        raise ConfigError(f"only ResNet and ConvNeXt encoders export to torchvision, got {type(encoder).__name__}")
-    state = {k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")}
-    return {**state, **extra}
-
-def export_torchvision(encoder, path):
-    """Write torchvision_state_dict(encoder) to `path` once torchvision's own model loads it strictly."""
-    from runtime import atomic_save  # the one file models.py writes
-    if not hasattr(torchvision.models, encoder.arch):
-        raise ConfigError(f"torchvision has no {encoder.arch}, so there is nothing to export it to")
-    state = torchvision_state_dict(encoder)
-    with torch.device("meta"):  # shapes only: no memory, no init cost
-        reference = getattr(torchvision.models, encoder.arch)()
-    try:
-        reference.load_state_dict(state, assign=True)  # strict: torchvision's keys and shapes
-    except RuntimeError as e:  # torch lists every mismatch; the first says enough
-        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
-        raise ConfigError(f"this {encoder.arch} is not torchvision's ({first}); export needs the standard width "
-                          "and stem, i.e. pre-training at img_size > 64 with --width 64") from None
-    atomic_save(path, state)
-
 
 # --- ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling
 CONVNEXT_DEPTHS = {"convnext_tiny": ((3, 3, 9, 3), 96), "convnext_small": ((3, 3, 27, 3), 96),  # depths, width
@@ -143,6 +104,11 @@ class ConvNeXt(torchvision.models.ConvNeXt):
     (stride 32, 7×7 at 224 px; §3). "stem" = the input of stage 1."""
 
     family = "cnn"
+    default_token_site = "stage4"
+    # T starts at zero, as released: openmixup/models/backbones/convnext.py (MIMConvNeXt.init_weights) calls
+    # mmcv's trunc_normal_init(self.mask_token, ...), which initialises a module's `.weight` and `.bias`
+    # only, so the bare nn.Parameter keeps its torch.zeros (ResNet and ViT call trunc_normal_ on the tensor).
+    mask_token_std = 0.0
 
     def __init__(self, arch, *, width=None, small_stem=False, drop_path=0.0):
         depths, base = CONVNEXT_DEPTHS[arch]
@@ -157,13 +123,12 @@ class ConvNeXt(torchvision.models.ConvNeXt):
         self.norm = LayerNorm2d(dims[3], eps=1e-6)
         self.arch = arch
 
-        s = 1 if small_stem else 4
-        self.token_sites = {f"stage{k + 1}": (dims[k], s * 2**k) for k in range(4)}
-        self.default_token_site = "stage4"
-        self.out_channels, self.out_stride = dims[3], s * 8
+        strides, self.out_stride = _site_strides(arch, small_stem=small_stem)
+        self.token_sites = {name: (dims[k], stride) for k, (name, stride) in enumerate(strides.items())}
+        self.out_channels = dims[3]
 
     def forward(self, x_bchw, token_fn=None, token_at=None):
-        token_at = _resolve_site(self, token_at)
+        token_at = _resolve_site(self.token_sites, self.default_token_site, token_at)
         x = self.features[0](x_bchw)
         for k in range(4):
             if k > 0:
@@ -242,6 +207,8 @@ class ViT(nn.Module):
     default conv init; every Linear trunc-normal 0.02 with zero bias."""
 
     family = "vit"
+    default_token_site = "block0"
+    mask_token_std = 0.02  # T ~ trunc-normal, as released (mim_vit.py: trunc_normal_ on the tensor)
 
     def __init__(self, arch, *, img_size=224, patch_size=16, drop_path=0.1, init_values=0.1):
         super().__init__()
@@ -251,16 +218,17 @@ class ViT(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()  # linearly increasing stochastic depth
+        # Linearly increasing stochastic depth; on the CPU whatever the default device (weights.py builds on "meta").
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(dim, heads, mlp, self.grid, drop_path=r, init_values=init_values) for r in rates
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._init_weights()
 
-        self.token_sites = {f"block{k}": (dim, patch_size) for k in range(depth)}
-        self.default_token_site = "block0"
-        self.out_channels, self.out_stride = dim, patch_size
+        strides, self.out_stride = _site_strides(arch, patch_size=patch_size)
+        self.token_sites = {name: (dim, stride) for name, stride in strides.items()}
+        self.out_channels = dim
 
     def _init_weights(self):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -272,7 +240,7 @@ class ViT(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x_bchw, token_fn=None, token_at=None):
-        token_at = _resolve_site(self, token_at)
+        token_at = _resolve_site(self.token_sites, self.default_token_site, token_at)
         feat_bdhw = self.patch_embed(x_bchw)
         B, D, h, w = feat_bdhw.shape
         if (h, w) != (self.grid, self.grid):
@@ -292,28 +260,102 @@ class ViT(nn.Module):
 def _tokens_to_map(x_bnd, h, w):
     return rearrange(x_bnd, "b (h w) d -> b d h w", h=h, w=w)
 
-def _resolve_site(encoder, token_at):
-    """`None` → the encoder's A²MIM default; "stem" → the first site (SimMIM's); else must exist."""
-    token_at = token_at or encoder.default_token_site
+def _resolve_site(sites, default, token_at):
+    """`None` → `default` (the encoder's A²MIM site); "stem" → the first of `sites` (SimMIM's); else must exist."""
+    token_at = default if token_at is None else token_at  # "" or 0 is no site name
     if token_at == "stem":
-        return next(iter(encoder.token_sites))
-    if token_at not in encoder.token_sites:
-        raise ConfigError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(encoder.token_sites)}")
+        return next(iter(sites))
+    if token_at not in sites:
+        raise ConfigError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(sites)}")
     return token_at
 
 def token_site(encoder, token_at=None):
     """(name, channels, stride) of the site where the mask token goes."""
-    name = _resolve_site(encoder, token_at)
+    name = _resolve_site(encoder.token_sites, encoder.default_token_site, token_at)
     return (name, *encoder.token_sites[name])
 
 
-# --- The one entry point
+# --- Strides and image sizes, known without building an encoder (train.py settles its mask block first)
 ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
 
 def arch_family(arch):
     """"vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
     return "vit" if arch in VIT_CONFIGS else "cnn"
 
+def arch_kind(arch):
+    """"resnet", "convnext" or "vit": the family whose recipes and foreign key names (weights.py) an arch follows."""
+    if arch in RESNET_LAYERS:
+        return "resnet"
+    return "convnext" if arch in CONVNEXT_DEPTHS else "vit"
+
+def _check_arch(arch):
+    if arch not in ARCHS:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+
+def _encoder_class(arch):
+    if arch in RESNET_LAYERS:
+        return ResNet
+    return ConvNeXt if arch in CONVNEXT_DEPTHS else ViT
+
+def _site_strides(arch, *, small_stem=False, patch_size=16):
+    """({token site: stride} in network order, output stride): the encoder classes' own geometry.
+    ResNet: the stem divides by 4 (7×7/2 conv, 3×3/2 max-pool; CIFAR-style: 1), layers 2–4 by 2 each.
+    ConvNeXt: the stem by 4 (4×4/4 patchify; CIFAR-style: 1), each later stage's downsampling by 2.
+    ViT: every block at the patch size."""
+    if arch in RESNET_LAYERS:
+        s = 1 if small_stem else 4
+        return {f"layer{k + 1}": s * 2 ** max(k - 1, 0) for k in range(4)}, s * 8
+    if arch in CONVNEXT_DEPTHS:
+        s = 1 if small_stem else 4
+        return {f"stage{k + 1}": s * 2**k for k in range(4)}, s * 8
+    return {f"block{k}": patch_size for k in range(VIT_CONFIGS[arch][0])}, patch_size
+
+def _stem_and_patch(img_size, small_stem, patch_size):
+    """build_encoder's defaults: a CIFAR-style stem and 4-px ViT patches up to SMALL_INPUT px."""
+    small = img_size <= SMALL_INPUT
+    return (small if small_stem is None else small_stem), (patch_size or (4 if small else 16))
+
+def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
+    """ConfigError unless build_encoder(arch, img_size, …) takes img_size: a multiple of the encoder's
+    output stride (the ViT patch), so that the decoder gives back the input size (§4). With the
+    default stem and patch that stride is smaller up to SMALL_INPUT px; the sentence says so and
+    names the accepted sizes nearest to img_size."""
+    def stride_at(size):
+        stem, patch = _stem_and_patch(size, small_stem, patch_size)
+        return _site_strides(arch, small_stem=stem, patch_size=patch)[1]
+
+    _check_arch(arch)
+    if img_size < 1:
+        raise ConfigError(f"image size must be at least 1 px, got {img_size}")
+    stride = stride_at(img_size)
+    if img_size % stride == 0:
+        return
+    small, large = stride_at(SMALL_INPUT), stride_at(SMALL_INPUT + 1)
+    rule = f"multiples of {small}"
+    if small != large:
+        rule += f" up to {SMALL_INPUT} px and of {large} above"
+    # The accepted sizes either side of img_size lie within two of the larger stride.
+    window = range(max(1, img_size - 2 * max(small, large)), img_size + 2 * max(small, large) + 1)
+    accepted = [n for n in window if n % stride_at(n) == 0]
+    below, above = [n for n in accepted if n < img_size][-2:], [n for n in accepted if n > img_size][:2]
+    near = below + above + ["…"]
+    if below and below[0] > stride_at(1):  # the smallest size taken is one stride
+        near.insert(0, "…")
+    what = "patch size" if arch_family(arch) == "vit" else "output stride"
+    raise ConfigError(f"image size {img_size} is not divisible by the {arch} {what} {stride}: {arch} takes {rule} "
+                      f"({', '.join(map(str, near))})")
+
+def token_site_stride(arch, img_size, token_at=None, *, small_stem=None, patch_size=None):
+    """The stride of `token_site(build_encoder(arch, img_size, …), token_at)`, without building the
+    encoder: what the default mask block needs before any model exists. ConfigError for a size the
+    encoder refuses (`check_img_size`) or an unknown site."""
+    check_img_size(arch, img_size, small_stem=small_stem, patch_size=patch_size)
+    small_stem, patch_size = _stem_and_patch(img_size, small_stem, patch_size)
+    strides, _ = _site_strides(arch, small_stem=small_stem, patch_size=patch_size)
+    return strides[_resolve_site(strides, _encoder_class(arch).default_token_site, token_at)]
+
+
+# --- The one entry point
 def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
     """Build an encoder by name (see `ARCHS`).
     * `width`       ResNet base width (64 = standard; e.g. 16 for CPU runs) or ConvNeXt first-stage
@@ -321,24 +363,16 @@ def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size
     * `small_stem`  CIFAR-style stem; default: on when `img_size <= 64`.
     * `patch_size`  ViT patch; default 16, or 4 when `img_size <= 64`.
     * `drop_path`   ViT default 0.1 (§4), ConvNeXt default 0.
-    Raises ValueError naming the choices for an unknown arch, and for an image size the encoder
-    cannot tile exactly (the decoder must give back the input size)."""
-    if arch not in ARCHS:
-        raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    small = img_size <= SMALL_INPUT
-    small_stem = small if small_stem is None else small_stem
+    Raises ConfigError naming the choices for an unknown arch, and naming the sizes it takes for an
+    image size the encoder cannot tile exactly (`check_img_size`: the decoder must give back the input size)."""
+    check_img_size(arch, img_size, small_stem=small_stem, patch_size=patch_size)  # first: an unknown arch
+    small_stem, patch_size = _stem_and_patch(img_size, small_stem, patch_size)
     if arch in RESNET_LAYERS:
         encoder = ResNet(arch, width=width or 64, small_stem=small_stem)
     elif arch in CONVNEXT_DEPTHS:
         encoder = ConvNeXt(arch, width=width, small_stem=small_stem, drop_path=drop_path or 0.0)
     else:
-        patch_size = patch_size or (4 if small else 16)
-        if img_size % patch_size:
-            raise ConfigError(f"image size {img_size} is not divisible by the ViT patch size {patch_size}")
         dp = 0.1 if drop_path is None else drop_path
         encoder = ViT(arch, img_size=img_size, patch_size=patch_size, drop_path=dp)
-    if img_size % encoder.out_stride:
-        raise ConfigError(f"image size {img_size} must be divisible by the {arch} output stride {encoder.out_stride}")
     encoder.arch, encoder.img_size = arch, img_size
     return encoder
-

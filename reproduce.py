@@ -1,4 +1,4 @@
-"""Reproduce the Results tables on Fashion-MNIST with one command (issues 8, 17).
+"""Reproduce the Results tables on Fashion-MNIST with one command.
 
     python reproduce.py                                # smoke budget: a few steps of everything, ~5 min
     python reproduce.py --budget full --jobs 2         # the main table; --only ablations / sweep / all
@@ -72,14 +72,14 @@ BUDGETS = {
                  # pairs × contexts (~13k forward passes an image, ~15 min a model on one 2-core CPU thread).
                  interactions=dict(per_class=3, pairs=16, contexts=16), results_dir="results", runs_dir="out/repro"),
 }
-BUDGETS["long"] = BUDGETS["full"] | dict(  # issue 17 §4: does the ordering hold with more pre-training?
+BUDGETS["long"] = BUDGETS["full"] | dict(  # does the ordering hold with more pre-training?
     pretrain={"resnet18": ["--epochs", "30", *PRETRAIN_LR], "vit_tiny": ["--epochs", "30", *PRETRAIN_LR]},
     ablation_pretrain=["--epochs", "10", *PRETRAIN_LR], results_dir="results/long", runs_dir="out/repro_long")
 RESULTS = dict(main="fashion_mnist.jsonl", ablations="ablations.jsonl", sweep="ft_sweep.jsonl", interactions="interactions.jsonl")
 PARTS = ("pre-training", "probe", "fine-tune")
 INTERACTION_FLAGS = ("--interactions", "--interaction-pairs", "--interaction-contexts")
 
-class StepFailed(Exception):
+class StepFailed(runtime.RunError):
     """A job's command exited non-zero: one sentence, exit 2."""
 
 def _flag(args, flag):
@@ -142,9 +142,23 @@ def build_jobs(c):
 def command(job):
     return f"python3 {job['script']} {shlex.join(job['args'])}"
 
-def read_jsonl(path):
-    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
-        return [json.loads(line) for line in f if line.strip()]
+RESULT_FIELDS = ("mode", "checkpoint", "init", "arch", "labels_per_class", "top1", "config")  # what the tables read
+CONFIG_FIELDS = ("seed", "epochs", "batch_size", "blr")  # of a result's config: its result_key
+RUN_FIELDS = ("name", "part", "command", "seconds", "machine")  # of a runs.jsonl line
+
+def read_records(path, runs=False):
+    """The eval_linear.py results of a JSONL file (runs=True: runs.jsonl's job records). A damaged line, or one
+    that is JSON but not such a record, is a runtime.JsonlError naming the file and the line."""
+    records = runtime.read_jsonl(path)
+    for r in records:
+        holds = all(k in r for k in (RUN_FIELDS if runs else RESULT_FIELDS))
+        if holds and not runs:
+            holds = isinstance(r["config"], dict) and all(k in r["config"] for k in CONFIG_FIELDS)
+        if not holds:
+            what = "job record of reproduce.py" if runs else "result of eval_linear.py"
+            raise runtime.JsonlError(f"{path} holds a line that is not a {what} ({json.dumps(r)[:60]!r}); "
+                                     "fix or remove that line")
+    return records
 
 def result_key(r):  # one evaluation: encoder (checkpoint or 'random <arch>'), mode, labels, seed, (epochs, batch, blr)
     c = r["config"]
@@ -163,7 +177,7 @@ def is_done(job, jobs):
     """An evaluation: its result is in the JSONL. A pre-training: no evaluation of `jobs` still needs its checkpoint
     (a fresh clone holds the results, not the checkpoints), or the checkpoint has every epoch / --max-steps step."""
     if job["script"] == "eval_linear.py":
-        return job_key(job) in {result_key(r) for r in read_jsonl(job["results"])}
+        return job_key(job) in {result_key(r) for r in read_records(job["results"])}
     if not any(_flag(j["args"], "--checkpoint") == job["checkpoint"] and not is_done(j, jobs) for j in jobs):
         return True
     state = os.path.exists(job["checkpoint"]) and runtime.load_checkpoint(job["checkpoint"])  # weights_only=True
@@ -174,7 +188,7 @@ def run_all(jobs, c):
     """Run the jobs not done yet in chains (a pre-training, then its checkpoint's evaluations; any other job alone), in
     order, --jobs N chains side by side (each job's output then in RUNS_DIR/logs/). A stopped run keeps whole chains:
     checkpoints are not committed, results are. Appends each job to runs.jsonl; returns those records."""
-    ran, failed, lock, cwd = [], threading.Event(), threading.Lock(), os.path.dirname(os.path.abspath(__file__))
+    ran, failed, cwd = [], threading.Event(), os.path.dirname(os.path.abspath(__file__))
     cpu, gpu = runtime.cpu_name(), ""  # the machine: '<CPU model>, N cores; GPU <the first one nvidia-smi sees>'
     with contextlib.suppress(OSError, subprocess.SubprocessError):  # no NVIDIA driver: a CPU machine
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
@@ -183,8 +197,9 @@ def run_all(jobs, c):
 
     def one(i, job):
         shown = command(job)
-        if failed.is_set() or is_done(job, jobs):
-            return failed.is_set() or print(f"skip (done): {shown}\n", end="", flush=True)
+        if is_done(job, jobs):
+            print(f"skip (done): {shown}\n", end="", flush=True)
+            return
         log = os.path.join(c.runs_dir, "logs", f"{i:03d}_{job['name']}_{job['part']}.log") if c.jobs > 1 else None
         print(f"\n>>> {shown}" + (f"   (output: {log})" if log else "") + "\n", end="", flush=True)  # one write a line
         os.makedirs(os.path.dirname(log) if log else ".", exist_ok=True)
@@ -193,24 +208,33 @@ def run_all(jobs, c):
             rc = subprocess.run([sys.executable, job["script"], *job["args"]], cwd=cwd, stdout=out,
                                 stderr=subprocess.STDOUT if log else None).returncode
         if rc != 0:
-            failed.set()
             raise StepFailed(f"`{shown}` exited with status {rc} ({f'see {log}' if log else 'its output is above'}); "
                              "fix it and rerun, finished jobs are kept")
         ran.append(dict(name=job["name"], part=job["part"], command=shown, seconds=round(time.time() - start, 1),
                         budget=c.budget, machine=where, finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
-        with lock, open(os.path.join(c.results_dir, "runs.jsonl"), "a") as f:  # several threads append
-            f.write(json.dumps(ran[-1]) + "\n")
+        runtime.append_line(os.path.join(c.results_dir, "runs.jsonl"), json.dumps(ran[-1]))  # flock: threads wait
         if log:
             print(f"done in {ran[-1]['seconds']:.0f} s: {shown}\n", end="", flush=True)
 
     if c.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # N processes share the CPU cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.jobs))
+
+    def chain(jobs_of_chain):
+        for i, job in jobs_of_chain:
+            if failed.is_set():  # another chain failed: start no new job (the running ones finish)
+                return
+            try:
+                one(i, job)
+            except BaseException:
+                failed.set()
+                raise
+
     chains = {}
     for i, j in enumerate(jobs):
         chains.setdefault(j.get("checkpoint") if j["part"] == "pre-training" else _flag(j["args"], "--checkpoint") or i,
                           []).append((i, j))
     with ThreadPoolExecutor(max_workers=c.jobs) as pool:
-        for future in [pool.submit(lambda chain: [one(*job) for job in chain], ch) for ch in chains.values()]:
+        for future in [pool.submit(chain, ch) for ch in chains.values()]:
             future.result()  # the first failure is re-raised here (running jobs finish first)
     return ran
 
@@ -222,7 +246,7 @@ def mean_std(values, fmt=".2f", unit="run"):  # 'm ± s (n runs)'; unit=None: no
 
 def print_tables(jobs, c):
     b = BUDGETS[c.budget]
-    results = {result_key(r): r for n in ("main", "ablations") for r in read_jsonl(os.path.join(c.results_dir, RESULTS[n]))}
+    results = {result_key(r): r for n in ("main", "ablations") for r in read_records(os.path.join(c.results_dir, RESULTS[n]))}
     done = [(j, results[job_key(j)]["top1"]) for j in jobs if "row" in j and job_key(j) in results]
     by_command = {command(j): t for j, t in done}
 
@@ -249,9 +273,9 @@ def print_tables(jobs, c):
                   row.startswith("a2mim_") for twin in [command(k).replace("a2mim_", "simmim_")] if twin in by_command]
             print(f"| {j['arch']} | {j['label']} | {mean_std(diffs, '+.2f', 'pair')} | {mean_std(vs, '+.2f', 'pair')} |")
     if c.only in ("sweep", "all"):
-        print_sweep(read_jsonl(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
+        print_sweep(read_records(os.path.join(c.results_dir, RESULTS["sweep"])), b["sweep"], b["labels_per_class"])
     mine = set(map(command, jobs))
-    print_wall_clock([r for r in read_jsonl(os.path.join(c.results_dir, "runs.jsonl")) if r["command"] in mine])
+    print_wall_clock([r for r in read_records(os.path.join(c.results_dir, "runs.jsonl"), runs=True) if r["command"] in mine])
 
 def print_sweep(records, sw, labels_per_class):  # fine-tune top-1 over the (batch, blr) grid, a column per encoder
     cells = {}
@@ -282,7 +306,7 @@ def bootstrap(per_image, n=2000, seed=0):
 def report_interactions(path, png):
     """§9 table (J per order, 95 % bootstrap interval over images) and plot; the middle orders (0.3 ≤ r ≤ 0.7)
     of each pre-trained model minus the model from scratch, resampling the same images for both."""
-    records = {r["checkpoint"] and r["config"]["pretrain_method"] or "from scratch": r for r in read_jsonl(path)}
+    records = {r["checkpoint"] and r["config"]["pretrain_method"] or "from scratch": r for r in read_records(path)}
     if not records:
         return print(f"no interaction results in {path} yet")
     import matplotlib.pyplot as plt
@@ -316,8 +340,9 @@ def report_interactions(path, png):
 def plot_losses(jobs, path):  # one panel per pre-training run: the loss and its spatial / Fourier parts
     import matplotlib.pyplot as plt
     plt.switch_backend("Agg")
-    runs = [(j["name"], read_jsonl(os.path.join(os.path.dirname(j["checkpoint"]), "log.jsonl")))
-            for j in jobs if j["part"] == "pre-training"]
+    # A run stopped by a kill may have torn its last log line: dropped, with a note; any other damage is named.
+    logs = [(j["name"], os.path.join(os.path.dirname(j["checkpoint"]), "log.jsonl")) for j in jobs if j["part"] == "pre-training"]
+    runs = [(name, runtime.read_jsonl(log, drop_torn_last=True)) for name, log in logs]
     runs = [(name, log) for name, log in runs if log]
     if not runs:
         return print("no pre-training logs yet: nothing to plot")
@@ -353,10 +378,21 @@ def main(argv=None):
     c = get_parser().parse_args(argv)
     c.runs_dir = c.runs_dir or (os.path.join(c.results_dir, "runs") if c.results_dir else BUDGETS[c.budget]["runs_dir"])
     c.results_dir = c.results_dir or BUDGETS[c.budget]["results_dir"]
-    if c.jobs < 1:
-        print(f"error: --jobs must be a positive number of parallel jobs, got {c.jobs}", file=sys.stderr)
+    try:
+        return run(c)
+    except runtime.user_errors() as e:  # a failed job, a damaged results file, a full disk
+        print(f"error: {runtime.one_line(e)}", file=sys.stderr)
         return 2
+
+def run(c):
+    if c.jobs < 1:
+        raise runtime.RunError(f"--jobs must be a positive number of parallel jobs, got {c.jobs}")
+    if os.path.exists(c.results_dir) and not os.path.isdir(c.results_dir):
+        raise runtime.RunError(f"--results-dir {c.results_dir} is a file; name a folder for the results")
     jobs = build_jobs(c)
+    for path in dict.fromkeys(j["results"] for j in jobs if "results" in j):  # damage is named before any job runs
+        read_records(path)
+    read_records(os.path.join(c.results_dir, "runs.jsonl"), runs=True)
     if c.table and c.only != "interactions":
         print_tables(jobs, c)
     if c.plot and c.only != "interactions":
@@ -369,11 +405,7 @@ def main(argv=None):
         return 0
     os.makedirs(c.results_dir, exist_ok=True)
     start = time.time()
-    try:
-        ran = run_all(jobs, c)
-    except StepFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ran = run_all(jobs, c)
     parts = ", ".join(f"{p} {sum(r['seconds'] for r in ran if r['part'] == p):.0f} s" for p in PARTS)
     print(f"\n{c.budget} budget: ran {len(ran)} of {len(jobs)} jobs in {time.time() - start:.0f} s ({parts}"
           f"{', overlapping' * (c.jobs > 1)}); results in {c.results_dir}; tables: add --table to the command")

@@ -85,6 +85,8 @@ def atomic_save(path, obj):
     `path`. A failed write or rename (full disk, read-only or immutable file, a folder in the way)
     removes the `.tmp` and leaves the previous `path` intact: RunError, one sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, a device: never replaced by a file
+        raise RunError(f"cannot write {path}: it is not a regular file")
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -115,6 +117,8 @@ def append_line(path, text):
     Concurrent appenders (two evaluations sharing a results file) wait for each other."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise RunError(f"cannot append to {path}: it is not a regular file")
     line = text.rstrip("\n") + "\n"
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -123,6 +127,8 @@ def append_line(path, text):
         if os.path.exists(path):
             with open(path, "rb") as f:
                 old = f.read()
+        if old and not old.endswith(b"\n"):  # a last line cut by a kill: the new record starts a line of its own
+            old += b"\n"
         atomic_save(path, old + line.encode())
     finally:
         os.close(dir_fd)
@@ -159,6 +165,8 @@ def load_tensors(path, what="checkpoint"):
     """torch.load(weights_only=True) to CPU, with one sentence for a missing, truncated or
     refused file. weights_only refuses pickles holding arbitrary Python objects, because loading
     them would run code from the file; we never turn that off."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{what} {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} {path} does not exist")
     try:
@@ -233,14 +241,22 @@ def param_groups(model, *, weight_decay, token_lr_scale=1.0, lr_scale_fn=None, a
         groups.setdefault((wd, scale), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": s} for (wd, s), ps in groups.items()]
 
-def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=()):
-    """Per-step lr: linear warm-up, then cosine down to `min_lr`, or ×0.1 at each step in `step_at`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
+def lr_at(step, *, lr, total_steps, warmup_steps, schedule="cosine", min_lr=0.0, step_at=(), warmup_ratio=0.0):
+    """Per-step lr, as the released mmcv hooks (§6): the schedule's own value at `step`, cosine down to
+    `min_lr` after the warm-up or ×0.1 at each step in `step_at`; during the warm-up that value is
+    scaled by 1 − (1 − step / warmup_steps)·(1 − warmup_ratio), which rises linearly from warmup_ratio.
+    warmup_ratio 0 = OpenMixup's StepFixCosineAnnealing (its linear warm-up drops the ratio: lr 0 at
+    step 0; every CNN config); the ViT configs' mmcv step hook uses 5e-7 · 2048 / 512 = 2e-6."""
     if schedule == "step":
-        return lr * 0.1 ** sum(step >= s for s in step_at)
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        regular = lr * 0.1 ** sum(step >= s for s in step_at)
+    else:
+        # Progress counted from the end of the warm-up, as StepFixCosineAnnealing. During the warm-up it is
+        # negative; cos is even, so the warm-up scales the mirror image of the cosine's start, as released.
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        regular = min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if step < warmup_steps:
+        return regular * (1 - (1 - step / warmup_steps) * (1 - warmup_ratio))
+    return regular
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
@@ -284,5 +300,3 @@ def one_line(err):
     """The error's own sentence (from a DataLoader worker: the last line of its traceback, unprefixed)."""
     last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
     return re.sub(r"^[\w.]+(Error|Loss): ", "", last)
-
-

@@ -5,6 +5,7 @@ Everything runs on CPU in well under a minute: tiny encoders at 32 px (4-px mask
 grid), batch 1 wherever a 224-px shape is checked.
 """
 import math
+import re
 
 import pytest
 import torch
@@ -18,14 +19,19 @@ from a2mim import (
     Decoder,
     MaskToken,
     a2mim_loss,
+    check_grids,
+    default_mask_patch_size,
     focal_l1_loss,
     frequency_loss,
     mask_blocks,
+    mask_patch_size_for,
     mean_fill,
     resize_mask,
     zero_fill,
 )
-from models import ARCHS, ConfigError, build_encoder, token_site, torchvision_state_dict
+from models import (ARCHS, CONVNEXT_DEPTHS, RESNET_LAYERS, ConfigError, build_encoder, check_img_size, token_site,
+                    token_site_stride)
+from weights import torchvision_state_dict
 
 
 def count_params(module):
@@ -136,7 +142,7 @@ def test_every_block_is_masked_with_frequency_near_30_of_49():
 
 
 def test_mask_blocks_rejects_input_size_not_divisible_by_block_size():
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="image size 224 must be a multiple of the mask block size 30"):
         mask_blocks(2, 224, 30, 0.6)
 
 
@@ -144,6 +150,52 @@ def test_mask_blocks_rejects_input_size_not_divisible_by_block_size():
 def test_mask_blocks_rejects_ratio_outside_open_unit_interval(ratio):
     with pytest.raises(ValueError, match="ratio"):
         mask_blocks(2, 224, 32, ratio)
+
+
+@pytest.mark.parametrize("input_size, block, ratio, expect", [
+    (224, 32, 0.999, "masks all 49 blocks of the 7×7 grid of 32-px blocks of a 224-px image"),
+    (32, 4, 0.99, "masks all 64 blocks of the 8×8 grid"),
+    (32, 4, 1e-9, "masks none of the 64 blocks of the 8×8 grid"),
+    (32, 32, 0.5, "a 32-px mask block covers the whole 32-px image"),
+])
+def test_a_ratio_or_block_that_masks_every_block_or_none_is_refused_naming_grid_and_count(input_size, block, ratio,
+                                                                                         expect):
+    with pytest.raises(ConfigError, match=expect):
+        mask_blocks(2, input_size, block, ratio)
+    with pytest.raises(ConfigError, match=expect):  # and when the model is built, before any step runs
+        A2MIM(build_encoder("resnet18", input_size, width=4), mask_patch_size=block, mask_ratio=ratio)
+
+
+def test_the_refusal_names_the_largest_ratio_that_works_and_it_leaves_exactly_one_block_visible():
+    with pytest.raises(ConfigError, match=r"at most 48/49 \(0\.9795\)"):
+        mask_blocks(2, 224, 32, 0.999)
+    for ratio in (48 / 49, 0.9795):
+        assert (mask_blocks(8, 224, 32, ratio, generator=gen(0)).sum(dim=(1, 2)) == 48).all()
+    assert (mask_blocks(8, 224, 32, 1e-3, generator=gen(0)).sum(dim=(1, 2)) == 1).all()  # ceil(0.049): one
+
+
+def test_fractional_mask_block_size_is_refused_not_a_float_grid():
+    with pytest.raises(ConfigError, match="whole number of pixels, got 4.0"):
+        A2MIM(tiny("resnet18"), mask_patch_size=4.0)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--mask-ratio", "0.999"], "masks all 64 blocks of the 8×8 grid"),
+    (["--mask-patch-size", "32"], "a 32-px mask block covers the whole 32-px image"),
+])
+def test_train_py_refuses_a_mask_that_hides_every_block_before_writing_anything(tmp_path, capsys, argv, expect):
+    import train
+    out = tmp_path / "out"
+    (out / "earlier_run").mkdir(parents=True)
+    (out / "earlier_run" / "log.jsonl").write_text('{"step": 0}\n')
+    before = {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    argv = ["--data", "fake", "--arch", "resnet18", "--width", "4", "--img-size", "32", "--mask-patch-size", "4",
+            "--workers", "0", "--max-steps", "1", "--out-dir", str(out), *argv]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["earlier_run"]  # no run folder made either
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +329,25 @@ def test_mask_token_is_trunc_normal_with_std_002():
     assert t.shape == (1, 4096, 1, 1)
     assert 0.018 < t.std().item() < 0.022
     assert t.abs().max() <= 2.0  # nn.init.trunc_normal_ default bounds
+
+
+def test_convnext_mask_token_starts_at_zero_while_resnet_and_vit_start_trunc_normal():
+    # As released: MIMConvNeXt's trunc_normal_init(parameter) initialises nothing (models.ConvNeXt.mask_token_std).
+    tokens = {arch: A2MIM(tiny(arch), mask_patch_size=4).mask_token.token.detach() for arch in TINY}
+    assert torch.equal(tokens["convnext_tiny"], torch.zeros_like(tokens["convnext_tiny"]))
+    for arch in ("resnet18", "vit_tiny"):
+        assert 0.01 < tokens[arch].std().item() < 0.03, arch
+
+
+def test_a_zero_token_in_gate_mode_leaves_masked_convnext_features_near_zero_at_init():
+    model = A2MIM(tiny("convnext_tiny"), mask_patch_size=4).eval()
+    mask = mask_blocks(2, 32, 4, 0.6, generator=gen(5))
+    with torch.no_grad():
+        feat_in, feat_out, _ = capture_token_site(model.encoder, randn(2, 3, 32, 32) * 3,
+                                                  lambda f: model.mask_token(f, mask))
+    m = resize_mask(mask, feat_in.shape[-1]).bool().expand_as(feat_in)
+    assert feat_out[m].abs().max() <= 1e-6 * feat_in.abs().max()  # γ·x + 0: the masked cells are ≈ 0
+    assert torch.equal(feat_out[~m], feat_in[~m])
 
 
 def test_mask_token_rejects_unknown_mode():
@@ -777,6 +848,48 @@ def test_unknown_method_or_option_raises_value_error(kwargs, match):
         A2MIM(tiny("resnet18"), mask_patch_size=4, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(fft_weight=float("nan")), dict(fft_weight=float("inf")),
+                                    dict(fft_unmask_weight=float("nan")), dict(fft_unmask_weight=1.5)])
+def test_non_finite_or_out_of_range_fourier_weights_are_refused(kwargs):
+    with pytest.raises(ConfigError, match="need a finite fft_weight"):
+        A2MIM(tiny("resnet18"), mask_patch_size=4, **kwargs)
+
+
+@pytest.mark.parametrize("arch, kwargs, expect", [
+    ("convnext_tiny", dict(fft_unmask_weight=0.5), "fft_unmask_weight=0.5 has no effect: the Fourier term is off by "
+                                                   "default for a2mim convnext_tiny"),
+    ("resnet18", dict(fft_weight=0.0, fft_loss="spectral_focal_l1"), "fft_loss='spectral_focal_l1' has no effect"),
+    ("resnet18", dict(method="simmim", fft_unmask_weight=0.1), "fft_unmask_weight=0.1 has no effect"),
+])
+def test_a_fourier_option_given_while_the_fourier_term_is_off_is_refused(arch, kwargs, expect):
+    with pytest.raises(ConfigError, match=expect):
+        A2MIM(tiny(arch), mask_patch_size=4, **kwargs)
+
+
+def test_a_fourier_option_equal_to_its_default_is_accepted_with_the_term_off():
+    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.0, fft_unmask_weight=1e-3)  # ResNet's own w
+    assert model.cfg["fft_weight"] == 0.0
+    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.1, fft_unmask_weight=0.5)  # λ > 0: takes effect
+    assert model.cfg["fft_unmask_weight"] == 0.5
+
+
+@pytest.mark.parametrize("site", ["", 0])
+def test_an_empty_or_zero_token_site_is_refused_not_taken_for_the_default(site):
+    with pytest.raises(ConfigError, match="unknown token site"):
+        A2MIM(tiny("resnet18"), mask_patch_size=4, token_at=site)
+
+
+@pytest.mark.parametrize("arch, site", [("resnet18", "layer5"), ("vit_tiny", "block6"), ("convnext_tiny", "stage5")])
+def test_a_token_site_after_the_last_stage_is_refused_naming_the_sites(arch, site):
+    with pytest.raises(ConfigError, match=f"unknown token site '{site}'; choose 'stem' or one of"):
+        A2MIM(tiny(arch), mask_patch_size=4, token_at=site)
+
+
+def test_method_defaults_refuses_an_unknown_arch_naming_the_choices():
+    with pytest.raises(ConfigError, match="arch must be one of 'resnet18'"):
+        method_defaults("resnet9")
+
+
 def test_unknown_spatial_loss_is_refused_when_the_model_is_built():
     with pytest.raises(ConfigError, match="spatial"):
         A2MIM(tiny("resnet18"), mask_patch_size=4, spatial="l2")
@@ -792,6 +905,124 @@ def test_mask_grid_that_does_not_map_onto_the_token_site_is_refused_at_build_tim
     # 48 px, 6-px blocks: an 8×8 mask grid against a 12×12 token site (stride 4) — neither divides.
     with pytest.raises(ConfigError, match="mask"):
         A2MIM(build_encoder("resnet18", img_size, width=4), mask_patch_size=block)
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults that always fit: the mask block follows the encoder's token site (§2, §3)
+# ---------------------------------------------------------------------------------------------
+
+# Every multiple of 4 from 32 to 256 px, and a few sizes off every stride.
+SWEEP = [*range(32, 257, 4), 33, 50, 99, 250]
+# The smallest member of each family with its real token sites (width changes no stride).
+FAMILIES = {"resnet18": dict(width=4), "resnet50": dict(width=4), "convnext_tiny": dict(width=8), "vit_tiny": {}}
+# The encoder's own refusal: its stride rule and the accepted sizes around the one given.
+TAKES = re.compile(r"takes multiples of \d+( up to 64 px and of \d+ above)? \((…, )?\d+(, \d+)*, …\)$")
+
+
+def site_names(arch):
+    """Every token site of `arch`, from a tiny member of its family (all ViT blocks share one stride)."""
+    small = "resnet18" if arch in RESNET_LAYERS else "convnext_tiny" if arch in CONVNEXT_DEPTHS else "vit_tiny"
+    return [None, "stem", *tiny(small).token_sites]
+
+
+def test_released_configs_keep_32_px_blocks_at_224_and_the_small_recipe_its_4_px_at_32():
+    for arch in ARCHS:
+        for method in ("a2mim", "simmim"):
+            assert mask_patch_size_for(arch, 224, method=method) == 32
+            assert mask_patch_size_for(arch, 32, method=method) == 4
+
+
+def test_the_default_block_is_img_size_over_8_or_32_px_from_192_wherever_that_block_fits():
+    # So no run that the earlier default could build changes its mask.
+    for img_size in range(1, 321):
+        preferred = 32 if img_size >= 192 else max(1, img_size // 8)
+        for stride in (s for s in (1, 2, 4, 8, 16, 32) if img_size % s == 0):
+            try:
+                check_grids(img_size, preferred, stride, 0.6)
+            except ConfigError:
+                continue
+            assert default_mask_patch_size(img_size, stride) == preferred
+
+
+@pytest.mark.parametrize("img_size", [96, 160])
+def test_resnet50_vit_base_and_convnext_tiny_build_at_96_and_160_px_with_16_px_blocks(img_size):
+    # The earlier img_size / 8 (12, 20 px) mapped onto none of their 6×6 / 10×10 or 3×3 / 5×5 token sites.
+    for arch in ("resnet50", "vit_base", "convnext_tiny"):
+        assert mask_patch_size_for(arch, img_size) == 16
+    # Built narrow: width changes no stride (vit_tiny has vit_base's 16-px patches above 64 px).
+    for arch, kw in (("resnet50", dict(width=4)), ("vit_tiny", {}), ("convnext_tiny", dict(width=8))):
+        assert A2MIM(build_encoder(arch, img_size, **kw)).mask_patch_size == 16
+
+
+def test_every_size_an_encoder_takes_gets_a_default_block_that_fits_each_of_its_token_sites():
+    pairs = set()  # (image size, site stride): the default depends on nothing else
+    for arch in ARCHS:
+        sites = site_names(arch)
+        for img_size in range(1, 321):
+            try:
+                check_img_size(arch, img_size)
+            except ConfigError as e:
+                assert TAKES.search(str(e)), e
+                continue
+            pairs |= {(img_size, token_site_stride(arch, img_size, site)) for site in sites}
+    for img_size, stride in sorted(pairs):
+        check_grids(img_size, default_mask_patch_size(img_size, stride), stride, 0.6)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_every_image_size_trains_a_step_with_the_default_mask_or_the_encoder_names_the_sizes_it_takes(arch):
+    trained, refused = [], []
+    for img_size in SWEEP:
+        try:
+            encoder = build_encoder(arch, img_size, **FAMILIES[arch])
+        except ConfigError as e:  # the encoder's own size rule, never the mask
+            assert TAKES.search(str(e)) and "mask" not in str(e), e
+            refused.append(img_size)
+            continue
+        torch.manual_seed(0)
+        model = A2MIM(encoder).train()  # the default mask block
+        out = model(randn(2, 3, img_size, img_size), generator=gen(img_size))
+        out["loss"].backward()
+        assert out["pred"].shape == (2, 3, img_size, img_size) and torch.isfinite(out["loss"])
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        trained.append(img_size)
+    assert {32, 64, 96, 128, 160, 192, 224, 256} <= set(trained) and {33, 50, 99, 250} <= set(refused)
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+def test_token_site_stride_known_without_building_is_the_built_encoders(arch):
+    for img_size, kw in ((32, {}), (64, {}), (96, {}), (224, {}), (96, dict(small_stem=True)), (64, dict(patch_size=8))):
+        encoder = build_encoder(arch, img_size, **FAMILIES[arch], **kw)
+        for site in [None, "stem", *encoder.token_sites]:
+            assert token_site_stride(arch, img_size, site, **kw) == token_site(encoder, site)[2]
+
+
+@pytest.mark.parametrize("arch, img_size, kw, expect", [
+    ("vit_base", 100, {}, "image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
+                          "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)"),
+    ("resnet50", 70, {}, "the resnet50 output stride 32: resnet50 takes multiples of 8 up to 64 px and of 32 above "
+                         "(…, 56, 64, 96, 128, …)"),
+    ("convnext_tiny", 4, {}, "convnext_tiny takes multiples of 8 up to 64 px and of 32 above (8, 16, …)"),
+    ("vit_base", 100, dict(patch_size=12), "vit_base takes multiples of 12 (…, 84, 96, 108, 120, …)"),
+    ("resnet18", 40, dict(small_stem=False), "resnet18 takes multiples of 32 (32, 64, 96, …)"),
+])
+def test_a_size_the_encoder_refuses_is_one_sentence_naming_the_sizes_it_takes(arch, img_size, kw, expect):
+    with pytest.raises(ConfigError) as info:
+        build_encoder(arch, img_size, **kw)
+    assert expect in str(info.value) and len(str(info.value).splitlines()) == 1
+    if not kw:  # asking for the default mask block gets the encoder's sentence too, not a mask one
+        with pytest.raises(ConfigError, match=re.escape(expect)):
+            mask_patch_size_for(arch, img_size)
+
+
+def test_the_default_block_honours_the_mask_ratio_with_a_finer_grid():
+    # 0.99 of the 8×8 grid of 8-px blocks is all 64 of them; of the 16×16 grid of 4-px blocks, 254 of 256.
+    with pytest.raises(ConfigError, match="masks all 64 blocks"):
+        check_grids(64, 8, 4, 0.99)
+    assert default_mask_patch_size(64, 4, 0.99) == 4
+    assert A2MIM(tiny("resnet18", 64), mask_ratio=0.99).mask_patch_size == 4
+    with pytest.raises(ConfigError, match="masks all 64 blocks of the 8×8 grid of 1-px blocks"):
+        default_mask_patch_size(8, 4, 0.999)  # no grid of an 8-px image leaves a block visible
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1069,6 +1300,18 @@ def test_sampled_pairs_are_distinct_neighbours_within_chebyshev_distance_2():
     assert (pairs >= 0).all() and (pairs < 196).all()
 
 
+@pytest.mark.parametrize("grid, count", [(1, 1), (2, 7)])
+def test_more_pairs_than_the_grid_holds_is_refused_instead_of_drawing_forever(grid, count):
+    with pytest.raises(ConfigError, match=f"a {grid}×{grid} grid has only"):
+        sample_pairs(grid, count, generator=gen(0))
+    assert len(sample_pairs(3, 36, generator=gen(0))) == 36  # all C(9, 2) pairs of a 3×3 grid are within 2
+
+
+def test_interaction_grid_0_is_refused_not_taken_for_the_default():
+    with pytest.raises(ConfigError, match="interaction grid 0"):
+        interaction_strength(torch.nn.Flatten(), randn(1, 3, 8, 8), torch.tensor([0]), grid=0)
+
+
 def test_interaction_strength_is_the_same_in_train_and_eval_mode_and_restores_the_mode():
     torch.manual_seed(0)
     encoder = tiny("resnet18")
@@ -1086,3 +1329,32 @@ def test_interaction_strength_is_the_same_in_train_and_eval_mode_and_restores_th
     model[0].layer1.train(False)
     interaction_strength(model, *args, generator=gen(0), **kw)
     assert [m.training for m in model.modules()] == modes
+
+
+# ---------------------------------------------------------------------------------------------
+# §6 The lr schedule (runtime.lr_at): the released mmcv hooks, warm-up included
+# ---------------------------------------------------------------------------------------------
+import runtime  # noqa: E402
+
+
+def test_warmup_and_schedule_equal_the_released_mmcv_hooks_at_every_printed_step():
+    # Numbers of mmcv 1.7 + OpenMixup run side by side at 100 iterations per epoch, 10 warm-up epochs.
+    # ResNet-50, 300 ep (StepFixCosineAnnealing: its linear warm-up ignores warmup_ratio, so lr 0 at step 0).
+    r50 = dict(lr=1.2e-3, total_steps=30000, warmup_steps=1000, min_lr=1e-5)
+    for step, lr in ((1, 1.1965e-6), (500, 5.9956e-4), (999, 1.1988e-3), (1000, 1.2e-3)):
+        assert runtime.lr_at(step, **r50) == pytest.approx(lr, rel=1e-4), step
+    assert runtime.lr_at(0, **r50) == 0.0
+    # ViT-B, 800 ep, ×0.1 at epoch 700 (mmcv's StepLrUpdaterHook, warmup_ratio 5e-7 · 2048 / 512).
+    vit = dict(lr=4e-4, total_steps=80000, warmup_steps=1000, schedule="step", step_at=[70000], warmup_ratio=2e-6)
+    for step, lr in ((0, 8e-10), (1, 4.008e-7), (500, 2.0000e-4), (1000, 4e-4), (69999, 4e-4), (70000, 4e-5)):
+        assert runtime.lr_at(step, **vit) == pytest.approx(lr, rel=1e-4), step
+
+
+def test_warmup_scales_each_groups_own_cosine_value_towards_the_same_absolute_min_lr():
+    # mmcv warms each group up from its own regular lr (peak × lr_mult annealed to the absolute min_lr).
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.AdamW([{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1))])
+    sched = dict(lr=1.2e-3, total_steps=30000, warmup_steps=1000, min_lr=1e-5)
+    runtime.set_scheduled_lr(opt, 500, **sched)
+    regular = [1e-5 + (p - 1e-5) * 0.5 * (1 + math.cos(math.pi * 500 / 29000)) for p in (1.2e-3, 1.2e-4)]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([r * 0.5 for r in regular], rel=1e-12)

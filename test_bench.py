@@ -1,9 +1,13 @@
 """Tests for issue 6 (performance): the one-FFT Fourier loss, bench.py, and data.device_loader."""
 
+import ast
 import inspect
+import os
 import re
 import struct
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,7 @@ import a2mim
 import bench
 import data
 from a2mim import frequency_loss, mask_blocks
+from bench import time_steps
 from data import DeviceLoader, device_loader, random_resized_crop_params, resized_crop
 
 MEAN = torch.tensor(data.IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -150,6 +155,139 @@ def test_bench_loader_timing_reports_the_dataloader_and_the_device_loader(capsys
     rates = [float(line.split("): ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
              if line.startswith("loader fake (")]
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+@pytest.mark.parametrize("flag,value,want", [
+    ("--threads", "-1", "at least 1"), ("--threads", "0", "at least 1"), ("--warmup", "-3", "at least 0"),
+    ("--width", "0", "at least 1"), ("--repeats", "0", "at least 1"), ("--batch-size", "0", "at least 1"),
+    ("--img-size", "-32", "at least 1"), ("--workers", "-1", "at least 0")])
+def test_bench_number_out_of_its_range_is_one_sentence_and_exit_2_before_anything_runs(capsys, flag, value, want):
+    threads = torch.get_num_threads()
+    assert bench.main(TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1), flag, value]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: {flag} must be {want}, got {value}\n"
+    assert out == "" and torch.get_num_threads() == threads  # no header printed, no thread count set
+
+
+def test_bench_range_boundaries_are_accepted_and_an_unset_width_is_16_up_to_64_px():
+    assert tiny_cfg("--warmup", "0", "--workers", "0", "--width", "1").width == 1
+    unset = [bench.resolve(bench.get_parser().parse_args(["--device", "cpu", "--img-size", px])) for px in ("64", "96")]
+    assert [c.width for c in unset] == [16, None]
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit_base", "convnext_tiny"])
+def test_bench_default_mask_block_fits_the_encoders_token_site_at_96_px(arch):
+    # The earlier img_size / 8 (12 px) mapped onto none of their 6×6 or 3×3 token sites.
+    c = bench.resolve(bench.get_parser().parse_args(["--arch", arch, "--img-size", "96", "--device", "cpu"]))
+    assert c.mask_patch_size == 16
+
+
+def test_bench_size_the_encoder_refuses_names_the_sizes_it_takes_before_anything_runs(capsys):
+    threads = torch.get_num_threads()
+    assert bench.main(TINY + ["--no-memory", "--threads", str(threads + 1), "--arch", "vit_base", "--img-size", "100"]) == 2
+    out, err = capsys.readouterr()
+    assert err == ("error: image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
+                   "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)\n")
+    assert out == "" and torch.get_num_threads() == threads  # no header printed, no thread count set
+
+
+def busy_children_of(parent):
+    """Pids of the children of process `parent` that are bench's busy loops (read from Linux's /proc)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # it ended while we looked
+            continue
+        if ppid == str(parent) and bench.BUSY_LOOP.encode() in cmdline:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def busy_children():
+    return busy_children_of(os.getpid())
+
+
+def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends_them(monkeypatch, capsys):
+    seen = []
+
+    def recording_time_steps(*args, **kwargs):
+        seen.append(busy_children())
+        return time_steps(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_steps", recording_time_steps)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # named in the header: it decides how much the busy ones cost
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    assert bench.main(TINY + ["--no-memory", "--busy", "2"]) == 0
+    assert len(seen) == 1 and len(seen[0]) == 2
+    assert not busy_children()  # killed and reaped
+    out = capsys.readouterr().out
+    assert "OpenMP wait OMP_WAIT_POLICY=PASSIVE; busy-looping processes beside the timed steps: 2" in out
+
+
+def test_bench_busy_processes_end_when_a_timed_step_raises(monkeypatch):
+    def bug():
+        assert len(busy_children()) == 1
+        raise RuntimeError("a bug in the step")
+
+    with pytest.raises(RuntimeError, match="a bug in the step"):
+        bench.time_steps_beside_busy_processes(1, {"step": bug}, torch.device("cpu"), 0, 1)
+    assert not busy_children()
+
+
+def running(pid):
+    """Whether process `pid` exists and has not ended (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_busy_process_ends_when_bench_is_killed_without_a_chance_to_end_it():
+    step_forever = ("import time, torch, bench\nstep = {'step': lambda: time.sleep(3600)}\n"
+                    "bench.time_steps_beside_busy_processes(1, step, torch.device('cpu'), 0, 1)")
+    bench_proc = subprocess.Popen([sys.executable, "-c", step_forever], cwd=Path(bench.__file__).parent)
+    hog = None
+    while hog is None and bench_proc.poll() is None:  # until bench has started its busy process
+        hog = next(iter(busy_children_of(bench_proc.pid)), None)
+        time.sleep(0.1)
+    assert hog is not None, "bench ended before it started its busy process"
+    bench_proc.kill()
+    bench_proc.wait()
+    for _ in range(600):  # it sees its parent gone at its next turn of the loop: up to a minute of a busy machine
+        if not running(hog):
+            return
+        time.sleep(0.1)
+    os.kill(hog, 9)
+    pytest.fail("the busy process outlived bench")
+
+
+# Imports a script in a fresh process and prints the OpenMP wait settings at the moment torch is first imported:
+# libgomp reads them then, once.
+OPENMP_WAIT_AT_TORCH_IMPORT = """
+import os, sys
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not hasattr(Spy, "seen"):
+            Spy.seen = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+sys.meta_path.insert(0, Spy())
+import SCRIPT
+print(Spy.seen)
+"""
+
+
+@pytest.mark.parametrize("script", ["bench", "train", "eval_linear"])
+@pytest.mark.parametrize("user,seen", [
+    ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "3000"}),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
+    ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"})])
+def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(script, user, seen):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user
+    code = OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", script)
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(bench.__file__).parent, capture_output=True,
+                         text=True, check=True).stdout
+    assert ast.literal_eval(out.splitlines()[-1]) == seen
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

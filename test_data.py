@@ -3,6 +3,7 @@
 import gzip
 import pickle
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -377,6 +378,461 @@ def test_truncated_jpeg_raises_data_error_naming_the_file(tmp_path):
     ds[0]  # the intact files still load
     with pytest.raises(DataError, match="1.jpg"):
         ds[3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: train and val must name the same classes
+
+
+def write_classes(root, split, classes, n=1):
+    for c in classes:
+        for k in range(n):
+            write_jpeg(root / split / c / f"{k}.jpg", (200, 20, 20))
+
+
+@pytest.mark.parametrize("name", ["folder", "imagenet"])
+def test_val_class_folders_named_differently_from_train_are_refused_naming_each_side(tmp_path, name):
+    write_classes(tmp_path, "train", ["c0", "c1"])
+    write_classes(tmp_path, "val", ["c0", "zz"])
+    assert build_dataset(name, "train", data_dir=tmp_path).classes == ["c0", "c1"]  # train alone is fine
+    with pytest.raises(DataError) as err:
+        build_dataset(name, "val", data_dir=tmp_path)
+    message = str(err.value)
+    assert f"only in {tmp_path / 'train'}: c1;" in message and f"only in {tmp_path / 'val'}: zz" in message
+    assert "\n" not in message
+
+
+def test_a_val_split_missing_one_of_trains_classes_is_refused_too(tmp_path):
+    write_classes(tmp_path, "train", ["a", "b", "c"])
+    write_classes(tmp_path, "val", ["a", "c"])  # b's absence would shift c's label from 2 to 1
+    with pytest.raises(DataError, match=r"only in \S*train: b; only in \S*val: none"):
+        build_dataset("folder", "val", data_dir=tmp_path)
+
+
+def test_eval_linear_refuses_differing_val_classes_before_writing_anything(tmp_path, capsys, monkeypatch):
+    import eval_linear
+    from test_eval import folder_state
+    monkeypatch.chdir(tmp_path)
+    write_classes(tmp_path / "d", "train", ["c0", "c1"], n=4)
+    write_classes(tmp_path / "d", "val", ["c0", "zz"], n=4)
+    before = folder_state(tmp_path)
+    assert eval_linear.main(["--init", "random", "--data", "folder", "--data-dir", str(tmp_path / "d"),
+                             "--img-size", "32", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and ": zz" in err and ": c1;" in err
+    assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_val_class_folders_that_are_links_to_trains_are_refused(tmp_path):
+    write_classes(tmp_path, "train", ["cat", "dog"])
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "cat").symlink_to(tmp_path / "train" / "cat")
+    write_classes(tmp_path, "val", ["dog"])
+    with pytest.raises(DataError, match=r"share the class folders cat .*training images"):
+        build_dataset("folder", "val", data_dir=tmp_path)
+
+
+def test_a_val_split_of_one_class_is_refused_while_pretraining_takes_one_class(tmp_path):
+    write_classes(tmp_path, "train", ["all"], n=3)
+    write_classes(tmp_path, "val", ["all"])
+    assert len(build_dataset("folder", "train", data_dir=tmp_path)) == 3  # unlabelled images in one folder
+    with pytest.raises(DataError, match=r"holds one class folder \(all\): an accuracy needs at least two"):
+        build_dataset("folder", "val", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: what is counted as an image
+
+
+def write_messy_folder(root):
+    """Two classes, four images (one in a sub-folder), and the litter of notebooks, git, macOS,
+    Windows and a NAS around them; returns the paths of the four real images in reading order."""
+    images = [root / "train" / "cat" / "0.jpg", root / "train" / "cat" / "1.JPG",
+              root / "train" / "dog" / "0.png", root / "train" / "dog" / "more" / "1.jpeg"]
+    for path in images:
+        write_jpeg(path, (0, 0, 250))  # PIL picks the format from the name: dog/0.png is a PNG
+    for hidden_copy in ["train/.ipynb_checkpoints/0-checkpoint.jpg", "train/cat/.ipynb_checkpoints/0-checkpoint.jpg",
+                        "train/__MACOSX/cat/0.jpg", "train/dog/@eaDir/0.png/SYNOFILE_THUMB_S.jpg",
+                        "train/.trash/x.jpg"]:
+        write_jpeg(root / hidden_copy, (0, 250, 0))  # real images, in places no one means as data
+    (root / "train" / ".git" / "objects").mkdir(parents=True)
+    (root / "train" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "train" / ".empty").mkdir()
+    for litter in ["train/.DS_Store", "train/Thumbs.db", "train/README.md", "train/cat/.DS_Store",
+                   "train/cat/Thumbs.db", "train/cat/notes.txt", "train/dog/desktop.ini", "train/cat/labels.csv"]:
+        (root / litter).write_bytes(b"\x00\x01 not an image")
+    (root / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble
+    return [str(p) for p in images]
+
+
+def test_hidden_folders_and_files_and_non_images_are_not_counted_and_every_counted_file_decodes(tmp_path):
+    images = write_messy_folder(tmp_path)
+    ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert ds.samples == [(images[0], 0), (images[1], 0), (images[2], 1), (images[3], 1)]
+    assert [ds[i][0].shape for i in range(len(ds))] == [(3, 8, 8)] * 4
+
+
+def test_train_py_prints_the_number_of_real_images_of_a_messy_folder(tmp_path, capsys):
+    import train
+    write_messy_folder(tmp_path / "d")
+    assert train.main(["--data", "folder", "--data-dir", str(tmp_path / "d"), "--img-size", "32", "--batch-size", "2",
+                       "--workers", "0", "--max-steps", "1", "--vis-every", "0",
+                       "--out-dir", str(tmp_path / "out")]) == 0
+    assert f"(4 images from {tmp_path / 'd' / 'train'}" in capsys.readouterr().out
+
+
+def test_images_in_sub_folders_keep_torchvisions_order_and_labels(tmp_path):
+    for rel in ["a/z.jpg", "a/b/1.jpg", "a/b-c/2.jpg", "a/b/d/3.jpg", "a/0.jpg", "b/x/y.png", "b/0.bmp"]:
+        write_jpeg(tmp_path / "train" / rel, (9, 9, 9))
+    ours = build_dataset("folder", "train", data_dir=tmp_path).samples
+    assert ours == tvd.ImageFolder(str(tmp_path / "train")).samples and len(ours) == 7
+
+
+@pytest.mark.parametrize("link, target", [("train/cat/loop", "train"), ("train/cat/self", "train/cat"),
+                                          ("train/cat/up", ".")])
+def test_a_symlink_loop_is_refused_naming_the_link_instead_of_counting_images_again(tmp_path, link, target):
+    write_folder(tmp_path)
+    (tmp_path / link).symlink_to(tmp_path / target, target_is_directory=True)
+    with pytest.raises(DataError, match=r"again \(a symlink loop or two links to one folder\)") as err:
+        build_dataset("folder", "train", data_dir=tmp_path)
+    assert str(err.value).startswith(str(tmp_path / link))  # the link, or a folder reached through it
+
+
+def test_two_class_folders_linked_to_one_folder_are_refused(tmp_path):
+    write_classes(tmp_path, "pool", ["cats"], n=2)
+    (tmp_path / "train").mkdir()
+    for name in ("cat", "kitty"):
+        (tmp_path / "train" / name).symlink_to(tmp_path / "pool" / "cats")
+    with pytest.raises(DataError, match=r"train/kitty leads to \S*train/cat again"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_class_folders_that_are_symlinks_are_read(tmp_path):
+    write_classes(tmp_path / "elsewhere", "x", ["cats", "dogs"], n=2)
+    (tmp_path / "train").mkdir()
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).symlink_to(tmp_path / "elsewhere" / "x" / f"{name}s")
+    ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
+    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1, 1] and ds[3][0].shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("link", ["train/bird", "train/cat/2.jpg"])
+def test_a_broken_symlink_is_refused_naming_it_instead_of_losing_a_class_or_an_image(tmp_path, link):
+    write_folder(tmp_path)
+    (tmp_path / link).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=f"{tmp_path / link} is a broken symlink"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_an_image_directly_in_the_split_folder_is_refused_naming_it(tmp_path):
+    write_folder(tmp_path)
+    write_jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3))  # ImageNet's val comes flat
+    with pytest.raises(DataError, match=r"ILSVRC2012_val_00000001.JPEG lies directly in \S*val: images go in class"):
+        build_dataset("imagenet", "val", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("name, suffix", [("2.gif", ".gif"), ("IMG_0001.HEIC", ".heic")])
+def test_an_image_in_a_format_folders_do_not_read_is_refused_not_dropped(tmp_path, name, suffix):
+    write_folder(tmp_path)
+    Image.new("P", (4, 4)).save(tmp_path / "train" / "cat" / name, format="GIF")
+    with pytest.raises(DataError, match=f"cat/{name} is a \\{suffix} image.*read \\.jpg, "):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_a_class_folder_of_only_non_images_names_what_it_holds_and_what_counts(tmp_path):
+    write_folder(tmp_path)
+    for litter in ["Thumbs.db", "notes.txt", ".DS_Store"]:
+        (tmp_path / "train" / "bird" / litter).parent.mkdir(exist_ok=True)
+        (tmp_path / "train" / "bird" / litter).write_text("x")
+    with pytest.raises(DataError, match=r"train/bird holds none \(\S*bird has Thumbs.db, notes.txt\); "
+                                        r"images are files named \*\.jpg, \*\.jpeg"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_a_folder_that_cannot_be_listed_is_named_not_taken_as_empty(tmp_path, monkeypatch):
+    write_folder(tmp_path)
+    locked, scandir = tmp_path / "train" / "dog", data.os.scandir
+
+    def refuse_dog(path):
+        if str(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(data.os, "scandir", refuse_dog)  # as root, chmod 000 would not stop the tests
+    with pytest.raises(DataError, match=f"cannot list the folder {locked} \\(Permission denied\\)"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: unlabelled images for pre-training (data.py, "What pre-training reads")
+
+
+def photograph():
+    """A real photograph, RGB: matplotlib's sample picture of Grace Hopper (512 × 600 JPEG)."""
+    from matplotlib import cbook
+    with cbook.get_sample_data("grace_hopper.jpg") as f, Image.open(f) as img:
+        return img.convert("RGB")
+
+
+def write_photos(root, names):
+    """Crops of the photograph at `root`/name, each a different crop, in the format its name says;
+    returns their paths."""
+    photo = photograph()
+    for k, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        photo.crop((20 * k, 15 * k, 20 * k + 120, 15 * k + 100)).save(root / name)
+    return [str(root / name) for name in names]
+
+
+def tiny_pretraining(data_dir, out, *more):
+    return ["--data", "folder", "--data-dir", str(data_dir), "--img-size", "32", "--width", "4", "--batch-size", "4",
+            "--max-steps", "2", "--threads", "1", "--vis-every", "0", "--out-dir", str(out), *more]
+
+
+def test_an_unlabelled_flat_folder_pretrains_end_to_end_and_its_checkpoint_evaluates_on_class_folders(
+        tmp_path, capsys, monkeypatch):
+    import eval_linear
+    import train
+    monkeypatch.chdir(tmp_path)
+    write_photos(tmp_path / "photos", [f"IMG_{k:04d}.jpg" for k in range(6)] + ["scan.png", "old.bmp"])
+    assert train.main(tiny_pretraining(tmp_path / "photos", tmp_path / "out", "--workers", "1")) == 0
+    assert f"(8 images from {tmp_path / 'photos'}, 32 px)" in capsys.readouterr().out
+    checkpoint = tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt"
+    assert train.load_checkpoint(checkpoint)["step"] == 2
+    write_folder(tmp_path / "labelled")  # the class layout still evaluates, here the unlabelled run's encoder
+    assert eval_linear.main(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "labelled"),
+                             "--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1"]) == 0
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_a_nested_unlabelled_folder_yields_every_image_under_it_in_sorted_order_with_label_0(tmp_path):
+    # Folders sorted by path ("2023-06" before "2023/05", as torchvision's sorted os.walk), files by name.
+    images = write_photos(tmp_path, ["a.jpg", "2023/b.JPG", "2023-06/x.jpeg", "2023/05/a.png", "2023/05/b.jpg",
+                                     "z/deep/er/y.bmp"])
+    write_photos(tmp_path, [".thumbs/t.jpg", "__MACOSX/2023/b.jpg", "2023/.ipynb_checkpoints/b-checkpoint.jpg"])
+    for litter in ["notes.txt", "2023/.DS_Store", "2023/05/._a.png", "z/Thumbs.db"]:
+        (tmp_path / litter).write_bytes(b"\x00 not an image")
+    ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=16)
+    assert ds.samples == [(path, 0) for path in images] and ds.targets == [0] * 6
+    assert ds.num_classes is None and ds.classes == [] and ds.source == str(tmp_path)
+    assert [tuple(ds[i][0].shape) for i in range(6)] == [(3, 16, 16)] * 6 and {ds[i][1] for i in range(6)} == {0}
+    assert build_dataset("folder", "train", data_dir=tmp_path).samples == ds.samples  # the same order every run
+    Image.new("P", (4, 4)).save(tmp_path / "2023" / "05" / "anim.gif")
+    with pytest.raises(DataError, match=r"2023/05/anim.gif is a \.gif image"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_pretraining_reads_only_train_when_the_folder_is_split_with_or_without_class_folders(tmp_path):
+    write_folder(tmp_path / "classes")
+    write_photos(tmp_path / "classes", ["stray.jpg"])  # beside train/: not read, as before
+    labelled = build_dataset("folder", "train", data_dir=tmp_path / "classes")
+    assert labelled.classes == ["cat", "dog"] and labelled.targets == [0, 0, 1, 1]
+    assert labelled.samples == tvd.ImageFolder(str(tmp_path / "classes" / "train")).samples
+    flat = write_photos(tmp_path / "flat" / "train", ["0.jpg", "1.jpg", "more/2.jpg"])
+    write_folder(tmp_path / "flat", splits=("val",))
+    write_photos(tmp_path / "flat", ["stray.jpg"])
+    ds = build_dataset("folder", "train", data_dir=tmp_path / "flat")
+    assert ds.samples == [(path, 0) for path in flat] and ds.source == str(tmp_path / "flat" / "train")
+
+
+def test_a_val_folder_without_train_is_refused_for_pretraining_instead_of_walked(tmp_path):
+    write_folder(tmp_path, splits=("val",))
+    with pytest.raises(DataError, match=f"{tmp_path} holds a val/ folder but no train/ folder: pre-training "
+                                        f"reads {tmp_path}/train/ when"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+def test_a_folder_without_any_image_names_what_pretraining_reads(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=rf"folder found no images under {tmp_path} to pre-train on .*"
+                                        rf"images are files named \*\.jpg"):
+        build_dataset("folder", "train", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "flat_splits"])
+def test_eval_linear_on_an_unlabelled_folder_says_the_layout_it_needs_in_one_sentence_and_writes_nothing(
+        tmp_path, capsys, monkeypatch, layout):
+    import eval_linear
+    from test_eval import folder_state
+    monkeypatch.chdir(tmp_path)
+    d = tmp_path / "d"
+    names = {"flat": ["a.jpg", "b.jpg", "c.png"], "nested": ["2023/a.jpg", "2023/05/b.jpg", "c.jpg"],
+             "flat_splits": ["train/a.jpg", "train/b.jpg", "train/c.jpg", "val/d.jpg"]}[layout]
+    write_photos(d, names)
+    held = {"flat": f"{d} holds 3 images without class folders", "nested": f"{d} holds 3 images but no train/ "
+            f"and val/ folders", "flat_splits": f"{d}/train holds 3 images without class folders"}[layout]
+    before = folder_state(tmp_path)
+    assert eval_linear.main(["--init", "random", "--data", "folder", "--data-dir", str(d), "--img-size", "32",
+                             "--workers", "0", "--threads", "1"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: evaluation needs labelled images: {d}/train/<class>/*.jpg "
+                                               f"and {d}/val/<class>/*.jpg; {held} (fine for pre-training)")
+    assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match=r"evaluation needs labelled images"):
+        build_dataset("folder", "val", data_dir=d, transform="pretrain")  # val: evaluation's, whatever the transform
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: how a file's pixels are decoded
+
+
+def decoded(tmp_path, name, write):
+    """Write one image with `write(path)` as the only file of a one-class folder, and decode it as
+    the dataset does: uint8 [3, H, W] (ds.loader, before the transform)."""
+    path = tmp_path / "train" / "c" / name
+    path.parent.mkdir(parents=True)
+    write(path)
+    ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
+    assert ds.samples == [(str(path), 0)] and ds[0][0].shape == (3, 8, 8)
+    return ds.loader(str(path))
+
+
+def png16(path, array_hwc):
+    """A 16-bit PNG (grey, grey + alpha, RGB or RGBA), which PIL cannot write itself."""
+    h, w, c = array_hwc.shape
+    rows = b"".join(b"\x00" + array_hwc[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def uniform(pixels_3hw):
+    """The one colour of a uniform image, as a list of 3 ints."""
+    assert (pixels_3hw == pixels_3hw[:, :1, :1]).all()
+    return pixels_3hw[:, 0, 0].tolist()
+
+
+@pytest.mark.parametrize("name", ["grey16.png", "grey16_named.jpg", "grey16.tif", "grey16.pgm"])
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, name):
+    def write(path):
+        fmt = {".png": "PNG", ".jpg": "PNG", ".tif": "TIFF", ".pgm": "PPM"}[path.suffix]
+        Image.fromarray(np.full((6, 5), 0x8000, dtype=np.uint16)).save(path, format=fmt)  # a PNG named .jpg too
+    assert uniform(decoded(tmp_path, name, write)) == [128, 128, 128]  # 32768 / 257 = 127.5
+
+
+def test_16_bit_rgb_png_keeps_its_colour(tmp_path):
+    rgb = np.empty((4, 4, 3), dtype=np.uint16)
+    rgb[...] = (65535, 0x8000, 0x00FF)
+    assert uniform(decoded(tmp_path, "rgb16.png", lambda p: png16(p, rgb))) == [255, 128, 0]
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("RGBA", (255, 0, 0, 0), [255, 255, 255]),      # fully transparent red: the white background
+    ("RGBA", (255, 0, 0, 255), [255, 0, 0]),        # opaque: unchanged
+    ("RGBA", (0, 0, 0, 128), [127, 127, 127]),      # half-transparent black over white
+    ("LA", (0, 0), [255, 255, 255]),
+    ("LA", (40, 255), [40, 40, 40]),
+])
+def test_alpha_is_composited_on_the_stated_white_background(tmp_path, mode, value, expected):
+    assert data.ALPHA_BACKGROUND == (255, 255, 255)
+    pixels = decoded(tmp_path, "a.png", lambda p: Image.new(mode, (4, 4), value).save(p))
+    assert max(abs(got - want) for got, want in zip(uniform(pixels), expected)) <= 1  # alpha_composite's rounding
+
+
+def test_a_palette_pngs_transparent_colour_becomes_the_background(tmp_path):
+    def write(path):
+        image = Image.new("P", (4, 4), 0)
+        image.putpalette([0, 0, 0, 255, 0, 0])  # index 0 black (transparent), 1 red
+        image.putpixel((3, 3), 1)
+        image.save(path, transparency=0)
+    pixels = decoded(tmp_path, "p.png", write)
+    assert pixels[:, 0, 0].tolist() == [255, 255, 255] and pixels[:, 3, 3].tolist() == [255, 0, 0]
+
+
+def test_cmyk_jpeg_1_bit_and_a_16_bit_grey_alpha_png_decode_to_their_colours(tmp_path):
+    cyan = uniform(decoded(tmp_path / "a", "cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(p)))
+    assert cyan[0] <= 3 and min(cyan[1:]) >= 252
+    bits = decoded(tmp_path / "b", "b.png", lambda p: Image.new("1", (4, 4), 1).save(p))
+    assert uniform(bits) == [255, 255, 255]
+    grey_alpha = np.empty((4, 4, 2), dtype=np.uint16)
+    grey_alpha[...] = (0x8000, 0xFFFF)  # opaque mid grey
+    assert uniform(decoded(tmp_path / "c", "la16.png", lambda p: png16(p, grey_alpha))) == [128, 128, 128]
+
+
+def test_an_exif_rotated_phone_photo_is_turned_upright(tmp_path):
+    def write(path):  # stored 40 wide, 20 high: left half red, right half blue; EXIF 6: turn 90° clockwise
+        image = Image.new("RGB", (40, 20), (0, 0, 255))
+        image.paste((255, 0, 0), (0, 0, 20, 20))
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.save(path, quality=95, exif=exif.tobytes())
+    pixels = decoded(tmp_path, "IMG_0001.jpg", write).int()
+    assert pixels.shape == (3, 40, 20)  # as shown: 20 wide, 40 high
+    assert pixels[:, 5, 10].tolist()[0] > 240 and pixels[:, 35, 10].tolist()[2] > 240  # red on top, blue below
+
+
+@pytest.mark.parametrize("name, fmt", [("pages.tif", "TIFF"), ("anim.png", "PNG"), ("anim.webp", "WEBP")])
+def test_a_file_of_several_frames_is_refused_naming_it(tmp_path, name, fmt):
+    frames = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]
+    with pytest.raises(DataError, match=f"{name} holds 2 frames"):
+        decoded(tmp_path, name, lambda p: frames[0].save(p, format=fmt, save_all=True, append_images=frames[1:]))
+
+
+def test_an_mpo_phone_photo_is_read_as_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 0, 250))]
+    pixels = decoded(tmp_path, "DSCF0001.jpg",
+                     lambda p: frames[0].save(p, format="MPO", save_all=True, append_images=frames[1:]))
+    assert pixels[0].min() > 240 and pixels[2].max() < 15
+
+
+@pytest.mark.parametrize("mode, value", [("F", 0.5), ("I", 70_000)])
+def test_32_bit_float_or_integer_pixels_without_a_range_are_refused_naming_the_file(tmp_path, mode, value):
+    with pytest.raises(DataError, match=f"x.tif holds '{mode}' pixels .* no fixed range"):
+        decoded(tmp_path, "x.tif", lambda p: Image.new(mode, (4, 4), value).save(p))
+
+
+def test_an_image_over_pils_decompression_bomb_limit_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 × 30 = 1200 px > 2 × 100: PIL refuses
+    with pytest.raises(DataError, match=r"cannot decode image \S*big.jpg .*decompression bomb"):
+        decoded(tmp_path, "big.jpg", lambda p: write_jpeg(p, (1, 2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Careless inputs
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"])
+def test_a_data_dir_that_is_a_file_is_named_as_a_file_not_a_missing_folder(tmp_path, name):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"\x1f\x8b not really")
+    with pytest.raises(DataError, match=r"data directory \S*cifar-10-python.tar.gz is a file, not a folder"):
+        build_dataset(name, "train", data_dir=archive)
+    if name == "cifar10":  # not handed to torchvision's downloader either
+        with pytest.raises(DataError, match="is a file, not a folder"):
+            build_dataset(name, "train", data_dir=archive, download=True)
+    assert archive.read_bytes() == b"\x1f\x8b not really"
+
+
+def test_the_unpacked_cifar_folder_itself_as_data_dir_is_read_and_extra_files_in_it_are_ignored(tmp_path, no_md5):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "readme.html").write_text("<html>the official archive ships this</html>")
+    (folder / ".DS_Store").write_bytes(b"\x00")
+    (folder / "data_batch_1.bak").write_bytes(b"an old copy")
+    (folder / "notes").mkdir()
+    via_parent = build_dataset("cifar10", "train", data_dir=tmp_path, transform="none")
+    direct = build_dataset("cifar10", "train", data_dir=folder, transform="none")
+    assert direct.source == via_parent.source == str(folder) and len(direct) == 10
+    assert torch.equal(direct.images, via_parent.images) and torch.equal(direct.labels_n, via_parent.labels_n)
+
+
+def test_a_data_dir_naming_the_train_folder_itself_is_told_to_name_its_parent(tmp_path):
+    write_folder(tmp_path)
+    with pytest.raises(DataError, match=f"found none in {tmp_path}/train/val; name the folder that holds val/, "
+                                        f"not {tmp_path}/train itself"):
+        build_dataset("folder", "val", data_dir=tmp_path / "train")
+
+
+def test_an_image_folder_of_one_image_loads_and_a_larger_batch_is_refused(tmp_path):
+    write_jpeg(tmp_path / "train" / "only" / "0.jpg", (250, 0, 0))
+    ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
+    assert len(ds) == 1 and ds.classes == ["only"] and [y for _, y in build_loader(ds, 1, workers=0)] == [0]
+    with pytest.raises(DataError, match=r"has 1 training images .*batch_size 2"):
+        build_loader(ds, 2, workers=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """What happens when a run is killed, its loss explodes, or it is fed garbage (README table
 "What happens when…"). Every case: one sentence, a non-zero exit, nothing on disk lost."""
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,8 +225,9 @@ def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is
 
 
 def snapshot(folder):
-    """Every file under `folder` with its bytes: what a refused command must leave as it was."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` with its bytes, every sub-folder as None: what a refused command must leave
+    as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_lock(tmp_path, reference):
@@ -320,6 +323,18 @@ def refused(folder, argv, expect, capsys):
     (["--blr", "0"], "--blr must be greater than 0"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--schedule", "step"], "--schedule step needs --step-epoch"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number at least 0, got inf"),
+    (["--fft-weight", "inf"], "--fft-weight must be a finite number at least 0, got inf"),
+    (["--blr", "nan"], "--blr must be a finite number greater than 0, got nan"),
+    (["--mask-ratio", "nan"], "--mask-ratio must be a finite number in (0, 1), got nan"),
+    (["--clip-grad", "inf"], "--clip-grad must be a finite number greater than 0, got inf"),
+    (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number at least 0, got nan"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    (["--warmup-epochs", "3"], "--warmup-epochs must be at most --epochs (2), got 3"),
+    (["--schedule", "step", "--step-epoch", "5"], "--step-epoch must be at most --epochs (2), got 5"),
+    (["--step-epoch", "1"], "--step-epoch is the epoch of the ×0.1 step of --schedule step; this run's schedule is cosine"),
+    (["--min-lr", "1"], "--min-lr must be at most the peak lr 0.0005 (--blr × global batch / 512), got 1"),
+    (["--assume-world-size", "2"], "--assume-world-size only goes with --print-config; this run has 1 process(es)"),
 ])
 def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(finished, capsys, argv, expect):
     refused(finished, argv, expect, capsys)
@@ -338,7 +353,8 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
 
 def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_command_runs(tmp_path, capsys):
     out = tmp_path / "out"
-    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48"]) == 2
+    # 6 px = 48 / 8, the preferred block, makes an 8×8 grid; the default block is one that fits (a2mim.py).
+    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48", "--mask-patch-size", "6"]) == 2
     assert "does not map onto the 12×12 token site" in capsys.readouterr().err and not out.exists()
     assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48", "--mask-patch-size", "4"]) == 0
 
@@ -413,3 +429,293 @@ def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: only ours is taken over, and what it holds is never lost
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "", ".", "..", "a/b"])
+def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_written(tmp_path, capsys, name):
+    out = tmp_path / "a" / "b" / "out"
+    out.mkdir(parents=True)
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--run-name", name])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("error: --run-name must be a plain folder name under --out-dir (no path separator, "
+                                     f"not '.', '..' or empty, at most 255 bytes), got {name!r}")
+    assert snapshot(tmp_path) == {"a": None, "a/b": None, "a/b/out": None}
+
+
+def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_path, capsys):
+    theirs = tmp_path / "a2mim_resnet18_fake"
+    theirs.mkdir()
+    (theirs / "thesis.tex").write_text("years of work")
+    refused(tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder", capsys)
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite"]) == 0
+    assert (theirs / "thesis.tex").read_text() == "years of work" and train.load_checkpoint(tmp_path / CKPT)["step"] == 2
+
+
+def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_over_its_log(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    (tmp_path / CKPT).rename(tmp_path / "elsewhere.pt")
+    refused(tmp_path, ["--max-steps", "3"], "a2mim_resnet18_fake has a log and a config but no checkpoint.pt (log.jsonl "
+            "records one written after step 2): put it back to resume, or pass --overwrite to start afresh", capsys)
+    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "elsewhere.pt")]) == 0
+    assert "resuming at epoch 0, step 2" in capsys.readouterr().out
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path, monkeypatch, capsys):
+    argv = [*RUN, "--max-steps", "3", "--log-every", "1", "--out-dir", str(tmp_path)]
+
+    def full_disk(obj, f, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime.torch, "save", full_disk)
+        assert train.main(argv) == 2
+    log = (tmp_path / "a2mim_resnet18_fake" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2 and not (tmp_path / CKPT).exists()  # steps 0 and 1 logged, no checkpoint ever written
+    assert train.main(argv) == 0
+    assert "starting in" in capsys.readouterr().out and train.load_checkpoint(tmp_path / CKPT)["step"] == 3
+
+
+def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_refused(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    older = tmp_path / "older.pt"
+    older.write_bytes((tmp_path / CKPT).read_bytes())
+    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    refused(tmp_path, ["--max-steps", "6", "--resume", str(older)],
+            f"--resume {older} is at step 2, but {tmp_path / CKPT} is at the later step 4, which resuming here would "
+            "replace; to go on from step 2, pass --run-name for a new folder", capsys)
+    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path), "--resume", str(older), "--run-name", "b"]) == 0
+    assert train.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("change, now", [("shrank", 6), ("grew", 10)])
+def test_resume_after_the_image_folder_changed_size_is_one_sentence(tmp_path, capsys, change, now):
+    root = _image_folder(tmp_path / "data")  # 8 training images: 4 steps of 2
+    argv = ["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "2", "--workers", "0",
+            "--vis-every", "0", "--out-dir", str(tmp_path / "out")]
+    assert train.main([*argv, "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    if change == "shrank":
+        for i in (0, 1):
+            (root / "train" / "cat" / f"{i}.jpg").unlink()
+    else:
+        for i in (4, 5):
+            shutil.copy(root / "train" / "dog" / "0.jpg", root / "train" / "dog" / f"{i}.jpg")
+    before = snapshot(tmp_path / "out")
+    assert train.main([*argv, "--max-steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the dataset changed since") and f"(8 images then, {now} now)" in err
+    assert snapshot(tmp_path / "out") == before
+
+
+def test_a_checkpoint_written_before_it_recorded_its_dataset_size_still_resumes(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    state = train.load_checkpoint(tmp_path / CKPT)
+    assert state.pop("images") == 512
+    runtime.save_checkpoint(str(tmp_path / CKPT), {k: v for k, v in state.items() if k != "format"})
+    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
+    assert "resuming at epoch 0, step 2" in capsys.readouterr().out
+
+
+def test_torn_last_log_line_is_dropped_and_said_and_the_run_resumes(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    log = tmp_path / "a2mim_resnet18_fake" / "log.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 2, "epoch": 0, "lo')  # a kill in the middle of a write
+    assert train.main([*RUN, "--max-steps", "3", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "resuming at epoch 0, step 2" in captured.out and f"dropped the damaged last line 3 of {log}" in captured.err
+    lines = log.read_text().splitlines()
+    assert log.read_text().startswith(whole) and len(lines) == 3 and '"step": 2' in lines[-1]
+
+
+def test_damaged_log_line_before_the_last_is_one_sentence_and_nothing_changes(tmp_path, capsys):
+    assert train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    log = tmp_path / "a2mim_resnet18_fake" / "log.jsonl"
+    first, second = log.read_text().splitlines()
+    log.write_text(f"{first}\nnot json\n{second}\n")
+    refused(tmp_path, ["--max-steps", "3", "--log-every", "1"], f"{log}, line 2, is not a JSON record", capsys)
+
+
+def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, monkeypatch, capsys):
+    argv = [*RUN, "--log-every", "1", "--out-dir", str(tmp_path)]
+    assert train.main([*argv, "--max-steps", "2"]) == 0
+    log = tmp_path / "a2mim_resnet18_fake" / "log.jsonl"
+    good = log.read_bytes()
+    real_fsync, writes = os.fsync, []
+
+    def full_disk_for_the_log(fd):  # the resume's trim of the log passes, its first new line does not
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("log.jsonl.tmp"):
+            writes.append(fd)
+            if len(writes) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", full_disk_for_the_log)
+    assert train.main([*argv, "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: no space left on the device while writing {log}; the previous log.jsonl is intact"
+    assert len(writes) == 2 and log.read_bytes() == good and not list(log.parent.glob("*.tmp"))
+
+
+def test_disk_full_while_writing_a_reconstruction_png_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, capsys):
+    real_fsync = os.fsync
+
+    def full_disk_for_pngs(fd):
+        if ".png" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(runtime.os, "fsync", full_disk_for_pngs)
+    assert train.main([*RUN, "--max-steps", "3", "--vis-every", "2", "--out-dir", str(tmp_path)]) == 2
+    png = tmp_path / "a2mim_resnet18_fake" / f"recon_step000002_{train.COLUMNS}.png"
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: no space left on the device while writing {png}; nothing was written"
+    assert not png.exists() and not list(png.parent.glob("*.tmp"))
+
+
+def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_and_leaves_no_tmp(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """An immutable (chattr +i) or read-only checkpoint.pt: the rename onto it fails with EPERM / EACCES."""
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    good = (tmp_path / CKPT).read_bytes()
+    real_replace = os.replace
+
+    def immutable_checkpoint(src, dst):
+        if str(dst).endswith("checkpoint.pt"):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(runtime.os, "replace", immutable_checkpoint)
+    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == f"error: Operation not permitted while writing {tmp_path / CKPT}; the previous checkpoint.pt is intact"
+    assert (tmp_path / CKPT).read_bytes() == good and not list((tmp_path / CKPT).parent.glob("*.tmp"))
+
+
+def _damage(run_dir, how, other_ckpt):
+    if how == "config.json: a JSON list":
+        (run_dir / "config.json").write_text("[1, 2]")
+    elif how == "config.json: garbage":
+        (run_dir / "config.json").write_bytes(b"\x00\xff garbage")
+    elif how == "checkpoint.pt: garbage":
+        (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    elif how == "checkpoint.pt: another run's":
+        shutil.copy(other_ckpt, run_dir / "checkpoint.pt")
+    else:  # "<name>: a folder"
+        name = how.split(":")[0]
+        (run_dir / name).unlink()
+        (run_dir / name).mkdir()
+        (run_dir / name / "keep").write_text("theirs")
+
+
+@pytest.mark.parametrize("how, expect", [
+    ("config.json: a JSON list", "config.json is unreadable or not a train.py config; pass --overwrite"),
+    ("config.json: garbage", "config.json is unreadable or not a train.py config; pass --overwrite"),
+    ("checkpoint.pt: garbage", "checkpoint.pt is not a readable PyTorch checkpoint"),
+    ("checkpoint.pt: another run's", "checkpoint.pt was trained with other settings (mask_ratio)"),
+    ("checkpoint.pt: a folder", "checkpoint.pt is not a file (a folder, or a link to nothing), where train.py keeps"),
+    ("log.jsonl: a folder", "log.jsonl is not a file (a folder, or a link to nothing), where train.py keeps its log"),
+    ("config.json: a folder", "config.json is not a file (a folder, or a link to nothing)"),
+    (".lock: a folder", ".lock is not a file (a folder, or a link to nothing), where train.py keeps its .lock"),
+])
+def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_changes(tmp_path, capsys, how, expect):
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "other", "--mask-ratio",
+                       "0.5"]) == 0
+    capsys.readouterr()
+    _damage(tmp_path / "a2mim_resnet18_fake", how, tmp_path / "other" / "checkpoint.pt")
+    refused(tmp_path, ["--max-steps", "3"], expect, capsys)
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(finished, monkeypatch, capsys):
+    """A read-only .lock left by another user (root may open it anyway: os.open is made to refuse)."""
+    real_open = os.open
+
+    def read_only_lock(path, *args, **kw):
+        if str(path).endswith(".lock"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(train.os, "open", read_only_lock)
+    lock = finished / "a2mim_resnet18_fake" / ".lock"
+    refused(finished, ["--max-steps", "3"], f"cannot lock {lock} (Permission denied); remove it", capsys)
+
+
+def test_resume_of_a_folder_names_the_checkpoint_inside_it(finished, capsys):
+    run_dir = finished / "a2mim_resnet18_fake"
+    refused(finished, ["--resume", str(run_dir), "--run-name", "b"],
+            f"--resume {run_dir} is a folder; name the checkpoint in it ({run_dir / 'checkpoint.pt'})", capsys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedulers and torchrun (end-to-end: real processes, real signals)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_repeated_sigterm_does_not_end_the_run_before_its_checkpoint():
+    """A scheduler signals every process and torchrun forwards its own SIGTERM: the trainer may get two."""
+    code = ("import os, signal, train\n"
+            "with train.Stop() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('still running, stopping after this step:', signal.Signals(stop.signum).name)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == "still running, stopping after this step: SIGTERM\n", out.stderr
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *RUN,
+            "--workers", "1", "--device-data", "off", "--epochs", "50", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def sigterm_to_torchrun(tmp_path_factory):
+    """End-to-end: a 2-process torchrun run, each rank with a DataLoader worker, and SIGTERM to torchrun
+    itself (what a scheduler sends): torchrun forwards it to each rank's process group, workers included.
+    → (out folder, torchrun's exit code, its stderr)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    proc = subprocess.Popen([*TORCHRUN, "--out-dir", str(out)], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_first_log_line(proc, out / "a2mim_resnet18_fake")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    return out, proc.returncode, err
+
+
+def test_end_to_end_sigterm_to_torchrun_checkpoints_every_rank_and_the_same_command_resumes(sigterm_to_torchrun,
+                                                                                            tmp_path):
+    stopped, code, err = sigterm_to_torchrun
+    out = tmp_path / "out"
+    shutil.copytree(stopped, out)
+    state = train.load_checkpoint(out / CKPT)
+    step = state["step"]
+    assert err.count(f"stopped by SIGTERM after step {step}: checkpoint") == 2, err[-3000:]  # both ranks, no crash
+    assert code == 1 and "SignalException" in err  # torchrun's own exit: it re-raises the signal it forwarded
+    rerun = subprocess.run([*TORCHRUN, "--out-dir", str(out), "--max-steps", str(step + 1)], cwd=HERE,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resuming at epoch {state['epoch']}, step {step}" in rerun.stdout
+    assert train.load_checkpoint(out / CKPT)["step"] == step + 1
+
+
+def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_overwrite(sigterm_to_torchrun,
+                                                                                            tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(sigterm_to_torchrun[0], out)
+    refused(out, ["--workers", "1", "--device-data", "off", "--epochs", "50", "--log-every", "1", "--max-steps", "50"],
+            f"{out / 'a2mim_resnet18_fake'} was written by 2 process(es) and resumes only on 2 (the global batch, the "
+            "lr and each rank's data shard depend on it), not on 1: continue it with `torchrun --nproc_per_node=2 "
+            "train.py …", capsys)
+    state = train.load_checkpoint(out / CKPT)
+    (out / "a2mim_resnet18_fake" / "config.json").unlink()  # without config.json the checkpoint says the same
+    code = train.main([*RUN, "--out-dir", str(out), "--workers", "1", "--device-data", "off", "--epochs", "50",
+                       "--log-every", "1", "--max-steps", "50"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"{out / CKPT} was written by 2 process(es) and resumes only on 2" in err
+    assert "--overwrite" not in err and train.load_checkpoint(out / CKPT)["step"] == state["step"]

@@ -3,10 +3,12 @@ import json
 import os
 import re
 import statistics
+import types
 
 import pytest
 
 import reproduce
+from test_eval import fill_disk  # noqa: F401 (a fixture: runtime's writes fail half-way)
 
 ARGS = ["--budget", "smoke", "--only", "main", "--archs", "resnet18", "--data", "fake"]
 
@@ -228,3 +230,96 @@ def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_
     diffs = [t - base for t in a2mim]
     # No SimMIM row in this table: nothing to pair A²MIM with.
     assert paired == f"| resnet18 | a2mim | {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} (2 pairs) | — |", out
+
+
+# ------------------------------------------------------------------------------------------
+# A results file damaged between two runs, a full disk: one sentence, exit 2, nothing changed or lost.
+
+
+def folder_state(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+RESULT = dict(mode="probe", checkpoint=None, init="random", arch="resnet18", labels_per_class=10, top1=50.0,
+              config=dict(seed=1, epochs=1, batch_size=50, blr=1e-3))  # the fields the tables read
+
+
+@pytest.fixture
+def no_jobs_run(monkeypatch):
+    """reproduce.py's subprocess calls (jobs, nvidia-smi): a refusal must come before the first."""
+    calls = []
+
+    def run(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError(f"ran {args}")
+    monkeypatch.setattr(reproduce.subprocess, "run", run)
+    return calls
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("fashion_mnist.jsonl", json.dumps(RESULT) + json.dumps(RESULT) + "\n", "fashion_mnist.jsonl, line 1, is not a JSON record"),
+    ("fashion_mnist.jsonl", json.dumps(RESULT) + "\n{\"mode\": \"pro\x00be\n" + json.dumps(RESULT) + "\n",
+     "fashion_mnist.jsonl, line 2, is not a JSON record"),
+    ("fashion_mnist.jsonl", json.dumps(RESULT) + "\n" + json.dumps({"top1": 3.0}) + "\n",
+     "fashion_mnist.jsonl holds a line that is not a result of eval_linear.py"),
+    ("runs.jsonl", "{\"name\": \"random_resnet18\", \"part\n", "runs.jsonl, line 1, is not a JSON record"),
+], ids=["glued-lines", "garbled-line", "not-a-result", "torn-runs-line"])
+@pytest.mark.parametrize("mode", [[], ["--dry-run"], ["--table"]], ids=["run", "dry-run", "table"])
+def test_a_damaged_results_file_is_named_in_one_sentence_before_any_job_and_nothing_changes(
+        tmp_path, capsys, no_jobs_run, name, text, message, mode):
+    (tmp_path / name).write_text(text)
+    before = folder_state(tmp_path)
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), *mode]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {tmp_path / name}") and message in err and "\n" not in err
+    assert "fix or remove that line" in err
+    assert no_jobs_run == [] and folder_state(tmp_path) == before
+
+
+def test_a_runs_jsonl_append_that_fails_half_way_leaves_it_byte_identical(tmp_path, capsys, monkeypatch, fill_disk):
+    finished = dict(name="x", part="probe", command="python3 eval_linear.py", seconds=1.0, machine="cpu")
+    (tmp_path / "runs.jsonl").write_text(json.dumps(finished) + "\n")
+    before = folder_state(tmp_path)
+    done = types.SimpleNamespace(returncode=0, stdout="")  # every job "succeeds" at once, writing nothing
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda *args, **kwargs: done)
+    fill_disk()
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: no space left on the device while writing {tmp_path / 'runs.jsonl'}; the previous runs.jsonl is intact"
+    assert folder_state(tmp_path) == before  # not half a line, no runs.jsonl.tmp
+
+
+def test_a_results_dir_that_is_a_file_is_one_sentence(tmp_path, capsys, no_jobs_run):
+    (tmp_path / "results").write_text("not a folder")
+    before = folder_state(tmp_path)
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --results-dir {tmp_path / 'results'} is a file; name a folder for the results"
+    assert no_jobs_run == [] and folder_state(tmp_path) == before
+
+
+def test_plot_drops_a_torn_last_log_line_with_a_note_and_names_any_other_damaged_line(tmp_path, capsys):
+    log = tmp_path / "runs" / "a2mim_resnet18" / "log.jsonl"
+    log.parent.mkdir(parents=True)
+    records = "".join(json.dumps(dict(step=s, loss=1 / s)) + "\n" for s in (1, 2, 3))
+    log.write_text(records + '{"step": 4, "lo')  # a training killed in the middle of a log write
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), "--plot"]) == 0
+    out, err = capsys.readouterr()
+    assert f"note: dropped the damaged last line 4 of {log}" in err and "(1 runs" in out
+    log.write_text('{"step": 1, "lo\n' + records)
+    before = folder_state(tmp_path)
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), "--plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {log}, line 1, is not a JSON record") and "\n" not in err
+    assert folder_state(tmp_path) == before
+
+
+def test_a_damaged_checkpoint_in_the_runs_folder_is_one_sentence_naming_it(tmp_path, capsys, no_jobs_run):
+    ckpt = tmp_path / "runs" / "a2mim_resnet18" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    before = folder_state(tmp_path)
+    assert reproduce.main([*ARGS, "--results-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {ckpt} is not a readable PyTorch checkpoint") and "\n" not in err
+    assert no_jobs_run == [] and folder_state(tmp_path) == before

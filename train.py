@@ -19,17 +19,23 @@ import sys
 import tempfile
 import time
 
+# Set before torch loads libgomp: a short OpenMP spin, as bench.py explains; the user's own choice is kept.
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+    os.environ["GOMP_SPINCOUNT"] = "3000"
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from a2mim import A2MIM, default_mask_patch_size, resize_mask
+from a2mim import A2MIM, mask_patch_size_for
 from models import ARCHS, ConfigError, arch_family, build_encoder
-from runtime import (PRECISIONS, CheckpointError, RunError, atomic_save, autocast, broadcast_buffers, channels_last,
-                     cleanup_distributed, load_checkpoint, one_line, param_groups, resolve_precision, rng_state,
-                     save_checkpoint, set_rng_state, set_scheduled_lr, setup_distributed, unwrap, user_errors)
+from reconstruct import RECON_COLUMNS, save_reconstructions
+from runtime import (PRECISIONS, CheckpointError, RunError, append_line, atomic_save, autocast, broadcast_buffers,
+                     channels_last, cleanup_distributed, load_checkpoint, one_line, param_groups, read_jsonl,
+                     resolve_precision, rng_state, save_checkpoint, set_rng_state, set_scheduled_lr, setup_distributed,
+                     unwrap, user_errors)
 
 # Settings, written once: name (flag --name-with-dashes), small-data default, help, valid range ("[1,"
 # at least 1, "(0,1)" strictly between; checked before anything runs) or choices, argparse extras.
@@ -42,7 +48,8 @@ SETTINGS = (
     S("img_size", None, "training resolution (default: the dataset's, 224 for ImageNet)", "[1,", dict(type=int)),
     S("width", 16, "ResNet base width / ConvNeXt first-stage width", "[1,"),
     S("method", "a2mim", "a2mim, or simmim as released (§2, §3)", ("a2mim", "simmim")),
-    S("mask_patch_size", None, "mask block in px (default img_size / 8, 32 at 224; §2)", "[1,", dict(type=int)),
+    S("mask_patch_size", None, "mask block in px (default: the one nearest img_size / 8, 32 px from 192 px, "
+      "that fits the token site; §2)", "[1,", dict(type=int)),
     S("mask_ratio", 0.6, "fraction of the mask blocks masked (§2)", "(0,1)"),
     S("crop", None, "pre-training crop: cnn (0.8, 1), vit or simmim (0.67, 1); default: the family's (§6)",
       tuple(data.CROP_SCALE)),
@@ -63,6 +70,7 @@ SETTINGS = (
     S("blr", 4e-3, "base lr per 512 images (small data: a short-run lr)", "(0,"),
     S("min_lr", 1e-5, "absolute lr that every parameter group anneals to", "[0,"),
     S("warmup_epochs", 0.2, "linear warm-up", "[0,"),
+    S("warmup_ratio", 0.0, "the warm-up starts at this fraction of the lr (released: 0 CNN, 2e-6 ViT)", "[0,1]"),
     S("schedule", "cosine", "cosine, or ×0.1 at --step-epoch", ("cosine", "step")),
     S("step_epoch", None, "epoch of the ×0.1 step (schedule 'step')", "[1,", dict(type=int)),
     S("weight_decay", 0.05, "AdamW decay (none on norms, biases, tokens: runtime.NO_DECAY)", "[0,"),
@@ -78,7 +86,7 @@ SETTINGS = (
     S("device_data", "auto", "small data held and augmented on the GPU (auto: on CUDA)", ("auto", "on", "off")),
     S("workers", None, "data loader workers per process", "[0,", dict(type=int)),
     S("threads", None, "torch CPU threads (2 cores shared with another job: use 1)", "[1,", dict(type=int)),
-    S("seed", 0, "initial weights, masks, augmentation"),
+    S("seed", 0, "initial weights, masks, augmentation", "[0,4294967295]"),
     S("out_dir", "out", "folder of the run folders"),
     S("run_name", None, "sub-folder of --out-dir (default: method_arch_data)", kw=dict(type=str)),
     S("save_every", 1, "checkpoint every N epochs (and at the end)", "[1,"),
@@ -92,11 +100,11 @@ SETTINGS = (
 )
 
 # §6, the released ImageNet configs: 8 processes, global batch 2048.
-RESNET = dict(img_size=224, mask_patch_size=32, width=64, epochs=300, batch_size=256, accum_steps=1, blr=3e-4,
+RESNET = dict(img_size=224, width=64, epochs=300, batch_size=256, accum_steps=1, blr=3e-4,
               min_lr=1e-5, warmup_epochs=10, schedule="cosine", weight_decay=0.05, clip_grad=None, sync_bn=True,
               token_lr_scale=0.1, gamma_lr_scale=1.0, gamma_weight_decay=0.05)  # γ as in the 300-epoch configs
 R50_100_EPOCHS = dict(gamma_lr_scale=0.1, gamma_weight_decay=0.0)  # r50_l3_sz224_init_8xb256_cos_ep100
-VIT = dict(img_size=224, mask_patch_size=32, epochs=800, batch_size=128, accum_steps=2, blr=1e-4, warmup_epochs=10,
+VIT = dict(img_size=224, warmup_ratio=2e-6, epochs=800, batch_size=128, accum_steps=2, blr=1e-4, warmup_epochs=10,
            schedule="step", step_epoch=700, weight_decay=0.05, clip_grad=5.0, drop_path=0.1, token_lr_scale=1.0)
 RECIPES = {"ResNet": RESNET, "ConvNeXt": RESNET | dict(width=None) | R50_100_EPOCHS,
            "ViT-S": VIT | dict(batch_size=256, accum_steps=1), "ViT-B/L": VIT}
@@ -152,26 +160,74 @@ def resolve_config(args, world_size=1):
     else:
         layer({k: cfg[k] for k in RECIPE_KEYS}, "small-data recipe")
         layer(SMALL_VIT if arch_family(arch) == "vit" else {}, "small-data recipe (ViT)")
-        layer(dict(img_size=size, mask_patch_size=default_mask_patch_size(size)), f"dataset recipe ({name})")
+        layer(dict(img_size=size), f"dataset recipe ({name})")
     layer(cli, "command line")
     for s in SETTINGS:  # every value against its range
-        value, spec = cfg[s.name], s.valid
-        if not isinstance(spec, str) or not spec or value is None:
-            continue
-        lo, hi = spec[1:].rstrip(")]").split(",")
-        if not ((value >= float(lo) if spec[0] == "[" else value > float(lo)) and
-                (not hi or (value <= float(hi) if spec[-1] == "]" else value < float(hi)))):
-            want = f"in {spec[0]}{lo}, {hi}{spec[-1]}" if hi else \
-                ("at least " if spec[0] == "[" else "greater than ") + lo
-            raise ConfigError(f"{flag(s.name)} must be {want}, got {value}")
+        if isinstance(s.valid, str) and s.valid and cfg[s.name] is not None:
+            check_range(s, cfg[s.name])
+    if cfg["mask_patch_size"] is None:  # the dataset recipe's block: the preferred one that fits the token site (§2)
+        layer(dict(mask_patch_size=mask_patch_size_for(cfg["arch"], cfg["img_size"], method=cfg["method"],
+                                                       token_at=cfg["token_at"], mask_ratio=cfg["mask_ratio"])),
+              f"dataset recipe ({name})")
+    check_run_name(cfg["run_name"])
     if cfg["schedule"] == "step" and not cfg["step_epoch"]:
         raise ConfigError("--schedule step needs --step-epoch (the epoch of the ×0.1 step)")
+    check_epochs(cfg, source)
     cfg["world_size"], cfg["global_batch"] = world_size, cfg["batch_size"] * world_size * cfg["accum_steps"]
     cfg["lr"] = cfg["blr"] * cfg["global_batch"] / 512
+    if source["min_lr"] == "command line" and cfg["min_lr"] > cfg["lr"]:  # the cosine would climb to --min-lr
+        raise ConfigError(f"--min-lr must be at most the peak lr {cfg['lr']:.3g} (--blr × global batch / 512), got "
+                          f"{cfg['min_lr']:g}; lower --min-lr or raise --blr")
     source.update(world_size="processes", global_batch="batch_size × processes × accum_steps",
                   lr="blr × global_batch / 512")
     cfg["preset"], cfg["source"] = preset, source
     return cfg
+
+def check_range(s, value):
+    """ConfigError unless value lies in s.valid ("[1," at least 1, "(0,1)" strictly between); NaN and ±inf never do
+    (argparse's float() takes "inf" and "nan")."""
+    lo, hi = s.valid[1:].rstrip(")]").split(",")
+    above = value >= float(lo) if s.valid[0] == "[" else value > float(lo)  # False for nan
+    below = not hi or (value <= float(hi) if s.valid[-1] == "]" else value < float(hi))
+    bound = ("at least " if s.valid[0] == "[" else "greater than ") + lo
+    want = f"in {s.valid[0]}{lo}, {hi}{s.valid[-1]}" if hi else bound
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag(s.name)} must be a finite number {want}, got {value}")
+    if not (above and below):
+        raise ConfigError(f"{flag(s.name)} must be {want}, got {value}")
+
+def check_run_name(name):
+    """A run name is one folder under --out-dir: never a path that leads elsewhere."""
+    if name is None:
+        return
+    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name or len(name.encode()) > 255:
+        raise ConfigError(f"--run-name must be a plain folder name under --out-dir (no path separator, not '.', "
+                          f"'..' or empty, at most 255 bytes), got {name!r}")
+
+def check_epochs(cfg, source):
+    """A warm-up longer than the run never ends, an lr step after it never happens: refused when the
+    command line asks for it (a recipe's, under a shorter --epochs, is a note: schedule_note)."""
+    for name in ("warmup_epochs", "step_epoch"):
+        if source[name] == "command line" and cfg[name] is not None and cfg[name] > cfg["epochs"]:
+            raise ConfigError(f"{flag(name)} must be at most --epochs ({cfg['epochs']}), got {cfg[name]:g}")
+    if source["step_epoch"] == "command line" and cfg["schedule"] != "step":
+        raise ConfigError(f"--step-epoch is the epoch of the ×0.1 step of --schedule step; this run's schedule is "
+                          f"{cfg['schedule']}")
+
+def schedule_note(cfg):
+    """One line when the recipe's schedule does not fit this run: a warm-up or lr step beyond a shorter
+    --epochs, a min lr above the peak lr of a smaller global batch."""
+    misfits = []
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        misfits.append(f"its {cfg['warmup_epochs']:g} warm-up epochs outlast --epochs {cfg['epochs']} (the lr rises "
+                       "all along)")
+    if (cfg["step_epoch"] or 0) > cfg["epochs"]:
+        misfits.append(f"its ×0.1 lr step at epoch {cfg['step_epoch']} never comes")
+    if cfg["min_lr"] > cfg["lr"]:
+        misfits.append(f"its min lr {cfg['min_lr']:g} is above the peak lr {cfg['lr']:.3g} (the lr climbs to it)")
+    if misfits:
+        return f"note: the recipe's schedule does not fit this run: {'; '.join(misfits)}"
+    return None
 
 def paper_note(cfg):
     """One line when the paper's recipe runs at another global batch than on the paper's 8 processes."""
@@ -234,6 +290,7 @@ def build_train_loader(cfg, env):
         cpu = c["workers"] is None and env.device.type == "cpu" and c["data"] in data.IN_MEMORY
         loader = data.build_loader(dataset, c["batch_size"], train=True, distributed=env.enabled,
                                    workers=0 if cpu else c["workers"], seed=c["seed"])
+        loader.worker_init_fn = leave_stop_signals_to_the_trainer
     return loader, n, where
 
 
@@ -247,11 +304,35 @@ Run = collections.namedtuple("Run", "dir ckpt log config")
 def differs(previous, cfg):
     return sorted(k for k in cfg if k not in NOT_IDENTITY and previous.get(k) != cfg[k])
 
-def prepare_run_dir(cfg, args):
-    """(Run, checkpoint to resume or None), writing nothing. The same command resumes; a folder of another
-    run is refused (--resume of another run's checkpoint into it too) unless --overwrite: afresh."""
-    d = os.path.join(cfg["out_dir"], cfg["run_name"] or f"{cfg['method']}_{cfg['arch']}_{cfg['data']}")
-    run = Run(d, *(os.path.join(d, f) for f in ("checkpoint.pt", "log.jsonl", "config.json")))
+def check_processes(previous, cfg, what):
+    """A run resumes only on the number of processes that wrote it: its global batch, its lr and each
+    rank's data shard and random streams depend on that number."""
+    n = previous.get("world_size", cfg["world_size"])
+    if n != cfg["world_size"]:
+        how = "python train.py …" if n == 1 else f"torchrun --nproc_per_node={n} train.py … (nodes × processes = {n})"
+        raise RunError(f"{what} was written by {n} process(es) and resumes only on {n} (the global batch, the lr and "
+                       f"each rank's data shard depend on it), not on {cfg['world_size']}: continue it with `{how}`")
+
+def read_config(run):
+    try:
+        with open(run.config) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict):
+        raise RunError(f"{run.config} is unreadable or not a train.py config; pass --overwrite to start afresh in "
+                       f"{run.dir}")
+    return previous
+
+def read_log(run):
+    """log.jsonl's records; a torn last line (a kill in mid-write) is dropped and said, other damage refused."""
+    records = read_jsonl(run.log, drop_torn_last=True)
+    for r in records:
+        if not isinstance(r.get("step"), int):
+            raise RunError(f"{run.log} holds a record without a step ({json.dumps(r)[:60]}); fix or remove that line")
+    return records
+
+def check_writable(d):
     parent = d
     while not os.path.exists(parent):
         parent = os.path.dirname(parent) or "."
@@ -261,18 +342,44 @@ def prepare_run_dir(cfg, args):
         tempfile.TemporaryFile(dir=parent).close()  # can we write there? (gone again at once)
     except OSError as e:
         raise RunError(f"cannot write the output folder {d}: {parent} is not writable ({e.strerror})") from None
-    if os.path.exists(run.config) and not args.overwrite:
-        try:
-            with open(run.config) as f:
-                diff = differs(json.load(f), cfg)
-        except (OSError, ValueError):
-            raise RunError(f"{run.config} is unreadable; pass --overwrite to start afresh in {d}") from None
-        if diff:
+
+def check_files(run, args):
+    """Our names in the folder are our files, and --resume names a file."""
+    for path in (run.ckpt, run.log, run.config, os.path.join(run.dir, ".lock")):
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise RunError(f"{path} is not a file (a folder, or a link to nothing), where train.py keeps its "
+                           f"{os.path.basename(path)}; move it away")
+    if args.resume and os.path.isdir(args.resume):
+        raise RunError(f"--resume {args.resume} is a folder; name the checkpoint in it "
+                       f"({os.path.join(args.resume, 'checkpoint.pt')})")
+
+def prepare_run_dir(cfg, args):
+    """(Run, checkpoint to resume or None, log.jsonl's records), writing nothing. The same command resumes;
+    a folder of another run or of someone else's files is refused (--resume of another run's checkpoint
+    into it too), and so is one whose checkpoint went missing, unless --overwrite: afresh."""
+    d = os.path.join(cfg["out_dir"], cfg["run_name"] or f"{cfg['method']}_{cfg['arch']}_{cfg['data']}")
+    run = Run(d, *(os.path.join(d, f) for f in ("checkpoint.pt", "log.jsonl", "config.json")))
+    check_writable(d)
+    check_files(run, args)
+    if args.overwrite:
+        return run, args.resume, []
+    if os.path.exists(run.config):
+        previous = read_config(run)
+        check_processes(previous, cfg, d)
+        if diff := differs(previous, cfg):
             raise RunError(f"{d} holds a different run (differs in {', '.join(diff)}); pass --run-name for a new "
                            "folder, or --overwrite to start afresh there")
-    if args.resume:
-        return run, args.resume
-    return run, run.ckpt if os.path.exists(run.ckpt) and not args.overwrite else None
+    elif os.path.isdir(d) and set(os.listdir(d)) - {".lock"} and not os.path.exists(run.ckpt):
+        # Someone else's files (a checkpoint.pt without its config.json: restore checks that it is this run's).
+        raise RunError(f"{d} holds files but no config.json: not a train.py run folder (or its config.json was "
+                       "removed); pass --run-name for a new folder, or --overwrite to use this one anyway")
+    records = read_log(run)
+    resume = args.resume or (run.ckpt if os.path.exists(run.ckpt) else None)
+    saved = [r["step"] for r in records if r.get("checkpoint")]
+    if resume is None and saved:
+        raise RunError(f"{d} has a log and a config but no checkpoint.pt (log.jsonl records one written after step "
+                       f"{saved[-1] + 1}): put it back to resume, or pass --overwrite to start afresh")
+    return run, resume, records
 
 def all_max(env, *flags):
     """The element-wise max of integer flags over all ranks (a CPU all-reduce): every rank agrees."""
@@ -285,17 +392,20 @@ def all_max(env, *flags):
 def locked(run, env):
     """An exclusive flock on <run>/.lock held by rank 0 (a kill -9 releases it too): a second
     train.py on the same folder is refused instead of mixing logs and checkpoints."""
-    fd, busy = None, False
+    fd, problem = None, ""
     if env.is_main:
         os.makedirs(run.dir, exist_ok=True)
-        fd = os.open(os.path.join(run.dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = os.path.join(run.dir, ".lock")
         try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            busy = True
+            problem = f"another train.py is running in {run.dir}; wait for it to end, or use another --run-name"
+        except OSError as e:  # e.g. a read-only .lock of another user
+            problem = f"cannot lock {lock} ({e.strerror}); remove it (train.py makes a new one)"
     try:
-        if all_max(env, busy)[0]:
-            raise RunError(f"another train.py is running in {run.dir}; wait for it to end, or use another --run-name")
+        if all_max(env, bool(problem))[0]:
+            raise RunError(problem or f"rank 0 could not lock {run.dir}")
         yield
     finally:
         if fd is not None:
@@ -326,45 +436,46 @@ def save(run, model, optimizer, scaler, cfg, env, pos):
     if env.is_main:
         save_checkpoint(run.ckpt, state)
 
-def restore(path, model, optimizer, scaler, cfg, env):
+def restore(path, model, optimizer, scaler, cfg, env, images):
     """Model, optimiser, scaler from a checkpoint of this run → (position, this rank's RNG), its settings."""
     state = load_checkpoint(path, arch=cfg["arch"])
+    check_processes(state["config"], cfg, path)
     if diff := differs(state["config"], cfg):
         raise CheckpointError(f"{path} was trained with other settings ({', '.join(diff)}); "
                               "resume it with the same ones")
+    if state.get("images", images) != images:  # the epoch's order and the position in it are over N images
+        raise RunError(f"the dataset changed since {path} was written ({state['images']} images then, {images} now); "
+                       "resume it on the same images, or pass --run-name to start a new run")
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    pos = dict(step=state["step"], epoch=state["epoch"], batch=state["batch"], rng=state["rng"][env.rank])
+    pos = dict(step=state["step"], epoch=state["epoch"], batch=state["batch"], images=images,
+               rng=state["rng"][env.rank])
     return pos, state["config"]
 
-def trim_log(path, step):
+def check_not_older(run, path, step):
+    """--resume of an older checkpoint into this run's folder would replace the later one there."""
+    if not os.path.exists(run.ckpt) or os.path.samefile(path, run.ckpt):
+        return
+    later = load_checkpoint(run.ckpt)["step"]
+    if later > step:
+        raise RunError(f"--resume {path} is at step {step}, but {run.ckpt} is at the later step {later}, which "
+                       f"resuming here would replace; to go on from step {step}, pass --run-name for a new folder, "
+                       "or --overwrite to replace it")
+
+def trim_log(path, records, step):
     """Keep the records of steps before `step`: a killed run logged steps the resumed one redoes."""
-    if os.path.exists(path):
-        with open(path) as f:
-            atomic_save(path, "".join(line for line in f if line.strip() and json.loads(line)["step"] < step))
+    if records or os.path.exists(path):
+        atomic_save(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] < step))
 
-COLUMNS = "original-input-prediction-pasted"  # the PNG's columns, named in its file name
-
-def save_reconstructions(path, img_bchw, out, n=8):
-    """Rows of original | model input | prediction | prediction pasted into the visible pixels, from
-    what the model returned (its own fill), on the CPU; small images upscaled (nearest) to ≥ 96 px
-    so that a 32-px tile is legible."""
-    from torchvision.utils import save_image
-
-    pred, mask = out["pred"][:n].detach().float().cpu(), out["mask"][:n].cpu()
-    seen = out.get("input", img_bchw)[:n].detach().float().cpu()  # the pixels the encoder saw
-    m = resize_mask(mask, pred.shape[-1]).float()
-    rows = torch.stack([img_bchw[:n].float().cpu(), seen, pred, seen * (1 - m) + pred * m], dim=1)  # [n, 4, 3, H, W]
-    rows = rows * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-    tiles = nn.functional.interpolate(rows.flatten(0, 1), scale_factor=math.ceil(96 / pred.shape[-1]), mode="nearest")
-    save_image(tiles.clamp(0, 1), path, nrow=4, padding=2)
+COLUMNS = "-".join(RECON_COLUMNS)  # the PNG's columns, named in its file name
 
 
 # --- The training loop.
 class LossLog:
     """Losses stay on the device until a flush every log_every steps (one host sync): it traces a NaN
-    to its step and appends the window's mean to log.jsonl."""
+    to its step and appends the window's mean to log.jsonl, marked "checkpoint": true at a step whose
+    checkpoint was written (so that a folder whose checkpoint.pt went missing is recognised)."""
 
     def __init__(self, run, is_main):
         self.run, self.is_main, self.window, self.t0, self.images = run, is_main, [], time.time(), 0
@@ -373,32 +484,43 @@ class LossLog:
         self.window.append((step, torch.stack([out["loss"], out["loss_spatial"], out["loss_freq"]]).detach().float()))
         self.images += images
 
-    def flush(self, epoch, lr):
+    def check(self):
+        """The window's (steps, losses [n, 3] on the CPU); RunError at the first step whose loss is not finite."""
         if not self.window:
-            return dict(loss=math.nan, img_per_s=0)  # every step of the window was skipped
+            return (), torch.zeros(0, 3)
         steps, parts = zip(*self.window)
-        parts, self.window = torch.stack(parts).cpu(), []
+        parts = torch.stack(parts).cpu()
         bad = (~torch.isfinite(parts)).any(dim=1).nonzero()
         if len(bad):
             s, (loss, spa, freq) = steps[bad[0, 0]], parts[bad[0, 0]].tolist()
             raise RunError(f"non-finite loss at step {s} (loss={loss}, spatial={spa}, freq={freq}): stopped, "
                                 f"{kept(self.run.ckpt)} (--on-nonfinite skip skips such steps)")
+        return steps, parts
+
+    def flush(self, epoch, lr, checkpoint=False):
+        steps, parts = self.check()
+        if not steps:
+            return dict(loss=math.nan, img_per_s=0)  # every step of the window was skipped
         elapsed = max(time.time() - self.t0, 1e-9)
         rec = dict(step=steps[-1], epoch=epoch, lr=lr, img_per_s=round(self.images / elapsed, 1),
                    **dict(zip(("loss", "loss_spatial", "loss_freq"), parts.mean(0).tolist())))
+        if checkpoint:
+            rec["checkpoint"] = True
         if self.is_main:
-            with open(self.run.log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        self.t0, self.images = time.time(), 0
+            append_line(self.run.log, json.dumps(rec))
+        self.window, self.t0, self.images = [], time.time(), 0
         return rec
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 class Stop(contextlib.AbstractContextManager):
     """SIGTERM, SIGUSR1 (what schedulers send before a kill) and Ctrl-C only set `signum`: the loop
-    finishes its step, checkpoints, exits 128 + signal. A second signal ends it at once."""
+    finishes its step, checkpoints, exits 128 + signal. A second Ctrl-C ends it at once; a repeated
+    SIGTERM / SIGUSR1 does not (a scheduler signals every process and torchrun forwards its own copy)."""
 
     def __enter__(self):
-        self.signum, signals = 0, (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-        self.previous = {s: signal.signal(s, self.catch) for s in signals}
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self.catch) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc):
@@ -406,11 +528,20 @@ class Stop(contextlib.AbstractContextManager):
             signal.signal(s, handler)
 
     def catch(self, signum, frame):
-        if self.signum:
+        if self.signum and signum == signal.SIGINT:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+        if self.signum:
+            return
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr)
+
+def leave_stop_signals_to_the_trainer(worker_id):
+    """A DataLoader worker's init: torchrun, a scheduler or a terminal signal the whole process group, and
+    a worker killed by that would fail the step that the training process finishes before it checkpoints
+    (Stop); the training process ends its workers itself."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, mask=None, generator=None):
     """One micro-step: forward under autocast, backward of loss / accum. DDP all-reduces the
@@ -423,10 +554,11 @@ def forward_backward(model, img, env, precision, scaler, *, accum=1, last=True, 
     return out
 
 def train(model, optimizer, scaler, loader, cfg, env, run, pos):
-    """The pre-training loop (§2–§6) from pos (step, epoch, batch, rng) on → (pos, signal or 0)."""
+    """The pre-training loop (§2–§6) from pos (step, epoch, batch, images, rng) on → (pos, signal or 0)."""
     accum, steps_per_epoch = cfg["accum_steps"], len(loader) // cfg["accum_steps"]
     sched = dict(lr=cfg["lr"], total_steps=cfg["epochs"] * steps_per_epoch, schedule=cfg["schedule"],
                  min_lr=cfg["min_lr"], warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch),
+                 warmup_ratio=cfg["warmup_ratio"],
                  step_at=[cfg["step_epoch"] * steps_per_epoch] if cfg["step_epoch"] else [])
     precision = resolve_precision(cfg["precision"], env.device)
     max_steps = min(cfg["max_steps"] or math.inf, cfg["epochs"] * steps_per_epoch)
@@ -475,50 +607,54 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
                 step += 1
                 bar.update()
 
-                # 4. Log, reconstruction PNG, checkpoint; stop on a signal (all ranks at this same
-                #    step: the flags are all-reduced), at --max-steps or at the end.
+                # 4. Reconstruction PNG, checkpoint, log; stop on a signal (all ranks at this same step:
+                #    the flags are all-reduced), at --max-steps or at the end.
                 end = i + 1 == steps_per_epoch * accum
-                here = dict(step=step, epoch=epoch + end, batch=0 if end else i + 1)
-                if step % cfg["log_every"] == 0:
-                    rec = log.flush(epoch, lr)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                here = dict(step=step, epoch=epoch + end, batch=0 if end else i + 1, images=pos["images"])
                 if env.is_main and cfg["vis_every"] and step % cfg["vis_every"] == 0:
                     save_reconstructions(os.path.join(run.dir, f"recon_step{step:06d}_{COLUMNS}.png"), img, out)
                 minutes = cfg["save_every_minutes"] and time.monotonic() - saved_at >= 60 * cfg["save_every_minutes"]
                 signum, minutes = all_max(env, stop.signum, minutes)
                 every = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
-                if signum or minutes or step >= max_steps or every or (end and here["epoch"] % cfg["save_every"] == 0):
-                    log.flush(epoch, lr)
+                checkpoint = bool(signum or minutes or step >= max_steps or every or
+                                  (end and here["epoch"] % cfg["save_every"] == 0))
+                if checkpoint:
+                    log.check()  # a NaN loss stops the run at its step, before any checkpoint of it
                     save(run, model, optimizer, scaler, cfg, env, here)
                     saved_at = time.monotonic()
+                if checkpoint or step % cfg["log_every"] == 0:
+                    rec = log.flush(epoch, lr, checkpoint)  # after the save: a marked record has its checkpoint
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
                 if signum or step >= max_steps:
                     return here, signum
             epoch, pos["batch"] = epoch + 1, 0
 
 def run(cfg, args, env):
     """Every check first (nothing written), then lock the folder and train. → (model, exit code)."""
-    run_dir, resume_from = prepare_run_dir(cfg, args)
+    run_dir, resume_from, records = prepare_run_dir(cfg, args)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = build_model(cfg, env)  # ConfigError when mask grid, token site and decoder do not fit
     loader, n_images, where = build_train_loader(cfg, env)
     optimizer = build_optimizer(model, cfg, env)
     scaler = torch.amp.GradScaler(env.device.type, enabled=resolve_precision(cfg["precision"], env.device) == "fp16")
-    pos, before = dict(step=0, epoch=0, batch=0), cfg
+    pos, before = dict(step=0, epoch=0, batch=0, images=n_images), cfg
     if resume_from:
-        pos, before = restore(resume_from, model, optimizer, scaler, cfg, env)
+        pos, before = restore(resume_from, model, optimizer, scaler, cfg, env, n_images)
+    if resume_from and not args.overwrite:
+        check_not_older(run_dir, resume_from, pos["step"])
     if pos["step"] >= min(cfg["max_steps"] or math.inf, cfg["epochs"] * (len(loader) // cfg["accum_steps"])):
         print(f"nothing to do: {run_dir.dir} has finished {pos['step']} steps ({pos['epoch']} epochs); raise --epochs "
               "or --max-steps to train on, or pass --overwrite to start afresh")
         return unwrap(model), 0
     with locked(run_dir, env):
         if env.is_main:
-            trim_log(run_dir.log, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
-            atomic_save(run_dir.config, json.dumps(cfg, indent=2))
+            atomic_save(run_dir.config, json.dumps(cfg, indent=2))  # first: a folder with our log has our config
+            trim_log(run_dir.log, records, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
             what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
             print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, {cfg['img_size']} px), "
                   f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
                   f"lr {cfg['lr']:.3g}: {what} in {run_dir.dir}")
-            notes = [paper_note(cfg), before["epochs"] != cfg["epochs"] and
+            notes = [paper_note(cfg), schedule_note(cfg), before["epochs"] != cfg["epochs"] and
                      f"note: --epochs is {cfg['epochs']}, the checkpoint's run planned {before['epochs']}: "
                      f"the lr schedule from step {pos['step']} on is the {cfg['epochs']}-epoch one"]
             print("".join(f"{note}\n" for note in notes if note), end="")
@@ -536,13 +672,26 @@ def run(cfg, args, env):
               f"evaluate it with:  python eval_linear.py --checkpoint {run_dir.ckpt} --data {cfg['data']}{data_dir}")
     return unwrap(model), 128 + signum if signum else 0
 
+def assumed_world_size(args):
+    """torchrun's process count, or --assume-world-size's, which only --print-config may take: a run computes
+    its batch and lr from the processes that really run it."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.assume_world_size is None:
+        return world
+    if args.assume_world_size < 1:
+        raise ConfigError(f"--assume-world-size must be at least 1, got {args.assume_world_size}")
+    if not args.print_config and args.assume_world_size != world:
+        raise ConfigError(f"--assume-world-size only goes with --print-config; this run has {world} process(es) "
+                          f"(start {args.assume_world_size} with `torchrun --nproc_per_node={args.assume_world_size}`)")
+    return args.assume_world_size
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        cfg = resolve_config(args, args.assume_world_size or int(os.environ.get("WORLD_SIZE", 1)))
+        cfg = resolve_config(args, assumed_world_size(args))
         if args.print_config:
             rows = [f"{k:<20} {json.dumps(v):<16} {cfg['source'].get(k, '')}" for k, v in cfg.items() if k != "source"]
-            print("\n".join([*rows, paper_note(cfg) or ""]).rstrip())
+            print("\n".join([*rows, *(note for note in (paper_note(cfg), schedule_note(cfg)) if note)]))
             return 0
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
