@@ -337,7 +337,7 @@ def test_device_loader_is_the_same_for_the_same_seed_and_epoch_and_differs_for_a
         data.set_epoch(loader, e)  # the DataLoader helper works for this loader too
         return [torch.cat(parts) for parts in zip(*loader)]
 
-    (img0, lab0), (img0b, lab0b), (img1, lab1) = epoch(0), epoch(0), epoch(1)
+    (img0, lab0), (img0b, lab0b), (img1, _) = epoch(0), epoch(0), epoch(1)
     assert torch.equal(img0, img0b) and torch.equal(lab0, lab0b)
     assert not torch.equal(img0, img1)
     assert not torch.equal(epoch(0, seed=1)[0], img0)

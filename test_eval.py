@@ -1,6 +1,5 @@
 """Invariants of eval_linear.py: what a probe may and may not touch, the optimiser's layer-wise
 lrs, the low-label subset, torchvision export, accuracy on learnable data, one-sentence errors."""
-import errno
 import functools
 import json
 import os
@@ -582,38 +581,6 @@ def test_interactions_measure_j_of_the_trained_classifier_on_k_val_images_per_cl
 
 # ------------------------------------------------------------------------------------------
 # Careless settings and damaged files: refused before training, nothing on disk lost.
-
-
-class HalfWrite:
-    """A file whose first write puts half its bytes on disk, then fails as a full disk does."""
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        self.f.write(data[: len(data) // 2])
-        self.f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
-@pytest.fixture
-def fill_disk(monkeypatch):
-    """fill_disk(): from then on, every file runtime.py writes (atomic_save, append_line) hits a full disk half-way."""
-    def half_writing_open(path, mode="r", *args, **kwargs):
-        f = open(path, mode, *args, **kwargs)
-        return HalfWrite(f) if "w" in mode or "a" in mode else f
-
-    def fill():
-        monkeypatch.setattr(runtime, "open", half_writing_open, raising=False)  # shadows the builtin in runtime only
-    return fill
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """What happens when a run is killed, its loss explodes, or it is fed garbage (README table
 "What happens when…"). Every case: one sentence, a non-zero exit, nothing on disk lost."""
 import errno
+import multiprocessing
 import os
 import shutil
 import signal
@@ -161,6 +162,50 @@ def test_truncated_jpeg_is_a_clear_error_naming_the_file_even_from_a_worker(tmp_
                        "--workers", "1", "--out-dir", str(out), "--epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and str(bad) in err and "Traceback" not in err
+
+
+def test_a_worker_error_leaves_no_dataloader_worker_behind_and_the_process_exits(tmp_path, capsys):
+    """A worker ignores the stop signals; one left alive by an error (its pass held by the traceback) would make the
+    interpreter's exit wait for it for ever (multiprocessing SIGTERMs it, then joins it)."""
+    root = _image_folder(tmp_path / "data")
+    bad = root / "train" / "cat" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])
+    argv = ["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4", "--workers", "2",
+            "--vis-every", "0", "--out-dir", str(tmp_path / "out"), "--epochs", "1"]
+    before = set(multiprocessing.active_children())
+    assert train.main(argv) == 2 and str(bad) in capsys.readouterr().err
+    left = [p for p in multiprocessing.active_children() if p not in before]
+    try:
+        for p in left:
+            p.join(timeout=10)  # a worker told to end is gone well within this
+        assert not [p for p in left if p.is_alive()]
+    finally:
+        for p in left:  # the test's own processes: SIGKILL, which a worker cannot ignore, so pytest can exit
+            p.kill()
+    code = f"import sys, train; sys.exit(train.main({argv!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # a hang guard, not a speed limit
+    assert out.returncode == 2 and str(bad) in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+
+
+def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    """The run's recon_*.png would be read as training images by the next run."""
+    root = _image_folder(tmp_path / "data")
+    for out in (root / "out", root / "train" / "cat" / "runs", root):
+        before = snapshot(tmp_path)
+        code = train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
+                           "--workers", "0", "--max-steps", "1", "--out-dir", str(out)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and err == (f"error: --out-dir {out} lies inside --data-dir {root}, where the next run would "
+                                     "read this run's reconstruction PNGs as training images; choose an --out-dir "
+                                     "outside it")
+        assert snapshot(tmp_path) == before
+    link = tmp_path / "link"  # the same folder through a symlink is still inside
+    link.symlink_to(root)
+    assert train.main(["--data", "folder", "--data-dir", str(link), "--out-dir", str(root / "out")]) == 2
+    assert "lies inside --data-dir" in capsys.readouterr().err
+    assert train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
+                       "--workers", "0", "--max-steps", "1", "--vis-every", "0", "--out-dir", str(tmp_path / "out")]) == 0
 
 
 @pytest.mark.parametrize("argv, expect", [

@@ -8,7 +8,6 @@ import types
 import pytest
 
 import reproduce
-from test_eval import fill_disk  # noqa: F401 (a fixture: runtime's writes fail half-way)
 
 ARGS = ["--budget", "smoke", "--only", "main", "--archs", "resnet18", "--data", "fake"]
 

@@ -55,7 +55,7 @@ def print_config(*argv, env=None):
     out = subprocess.run([sys.executable, "train.py", *argv, "--print-config"], cwd=HERE, capture_output=True,
                          text=True, env={**os.environ, **(env or {})})
     assert out.returncode == 0, out.stderr
-    rows = [line.split(None, 2) for line in out.stdout.splitlines() if not line.startswith("note:")]
+    rows = [line.split(None, 2) for line in out.stdout.splitlines() if not line.startswith(("note:", "recipe:"))]
     return {r[0]: json.loads(r[1]) for r in rows}, {r[0]: (r[2] if len(r) > 2 else "") for r in rows}, out.stdout
 
 
@@ -104,18 +104,90 @@ def test_simmim_on_imagenet_gets_the_released_simmim_lr_and_no_token_lr_multipli
 
 def test_the_laptop_comparison_gives_simmim_and_a2mim_the_same_budget_and_crops():
     a2mim, simmim = resolved(), resolved("--method", "simmim")
-    same = {k for k in a2mim if k not in ("method", "source") and a2mim[k] == simmim[k]}
-    assert same == set(a2mim) - {"method", "source"}
+    own = {"method", "source", *train.MODEL_OPTIONS}  # each method's own fill, token and loss (§3)
+    same = {k for k in a2mim if k not in own and a2mim[k] == simmim[k]}
+    assert same == set(a2mim) - own
 
 
-def test_image_folder_at_192_px_or_more_gets_the_arch_recipe_smaller_data_the_small_one():
-    assert resolved("--arch", "resnet50", "--data", "folder", "--img-size", "192")["epochs"] == 300
+def test_only_imagenet_or_preset_official_takes_the_papers_recipe_an_image_folder_the_small_data_one_at_its_size():
+    for argv in (["--data", "imagenet"], ["--data", "folder", "--preset", "official"], ["--preset", "official"]):
+        paper = resolved("--arch", "resnet50", *argv)
+        assert (paper["recipe"], paper["epochs"], paper["width"], paper["batch_size"]) == ("paper", 300, 64, 256), argv
+    for size in ([], ["--img-size", "192"]):  # a folder of 224-px (or any) images is small data
+        folder = resolved("--arch", "resnet50", "--data", "folder", *size)
+        assert (folder["recipe"], folder["epochs"], folder["width"], folder["batch_size"]) == ("small-data", 2, 16, 128)
+    assert (folder["img_size"], resolved("--data", "folder")["img_size"]) == (192, 224)  # the folder's size
     small = resolved("--arch", "resnet50", "--data", "folder", "--img-size", "160")
     # 16 px: the preferred 160 / 8 = 20 makes an 8×8 grid, which does not map onto the 10×10 token site
     assert (small["epochs"], small["width"], small["mask_patch_size"]) == (2, 16, 16)
     assert small["source"]["mask_patch_size"] == "dataset recipe (folder)"
     cifar = resolved("--arch", "resnet50", "--data", "cifar10")
     assert (cifar["epochs"], cifar["img_size"], cifar["source"]["epochs"]) == (2, 32, "small-data recipe")
+
+
+@pytest.mark.parametrize("argv, options, why", [
+    (["--arch", "resnet50", "--data", "imagenet"], dict(fill="mean", token_at="layer4", token_mode="gate",
+     spatial="focal_l1", fft_weight=0.5, fft_loss="focal_frequency", fft_unmask_weight=1e-3), "arch default"),
+    (["--arch", "vit_base"], dict(fill="mean", token_at="block0", token_mode="add", spatial="l1", fft_weight=0.1,
+     fft_loss="focal_frequency", fft_unmask_weight=0.0), "arch default"),
+    (["--arch", "convnext_tiny"], dict(token_at="stage4", token_mode="gate", fft_weight=0.0), "arch default"),
+    (["--method", "simmim"], dict(fill="none", token_at="stem", token_mode="replace", spatial="l1", fft_weight=0.0),
+     "method default (SimMIM"),
+    (["--arch", "resnet101", "--loss-recipe", "paper"], dict(fft_weight=0.5, fft_loss="focal_frequency"),
+     "--loss-recipe paper"),
+])
+def test_the_models_options_are_resolved_with_their_source_and_the_model_takes_them(argv, options, why):
+    cfg = resolved(*argv, "--img-size", "32")
+    assert {k: cfg[k] for k in options} == options
+    assert all(cfg["source"][k].startswith(why) for k in options), cfg["source"]
+    assert all(cfg[k] is not None for k in train.MODEL_OPTIONS)
+    model = train.build_model(cfg, runtime.Dist())
+    site = {"stem": "layer1"}.get(cfg["token_at"], cfg["token_at"])  # SimMIM's stem token: before the first stage
+    assert model.token_at == site and all(model.cfg[k] == cfg[k] for k in model.cfg if k != "token_at")
+
+
+def test_print_config_shows_the_models_resolved_options_not_null_and_which_the_command_line_set():
+    cfg, source, out = print_config("--arch", "resnet50", "--data", "imagenet", "--fill", "zero")
+    assert (cfg["fill"], source["fill"]) == ("zero", "command line")
+    assert (cfg["token_at"], cfg["token_mode"], cfg["fft_weight"], cfg["fft_loss"], cfg["fft_unmask_weight"],
+            cfg["spatial"]) == ("layer4", "gate", 0.5, "focal_frequency", 1e-3, "focal_l1")
+    assert all(source[k] == "arch default (released config)" for k in train.MODEL_OPTIONS if k not in
+               ("fill", "loss_recipe"))
+    assert "recipe: the paper's ImageNet recipe for resnet50 (ResNet, §6: 300 epochs at 224 px" in out
+
+
+def test_the_start_line_names_the_recipe_and_the_flag_that_gives_the_other(tmp_path, capsys):
+    small = [*TINY, "--width", "8", "--max-steps", "1", "--out-dir", str(tmp_path)]
+    assert train.main(small) == 0
+    out = capsys.readouterr().out
+    assert ("recipe: small-data (2 epochs at 32 px, width 16, batch 128 per process, blr 0.004; from the command "
+            "line: --batch-size, --width); --preset official for the paper's ImageNet recipe for resnet18") in out
+    paper = [*small, "--preset", "official", "--img-size", "32", "--run-name", "paper"]
+    assert train.main(paper) == 0
+    out = capsys.readouterr().out
+    assert ("recipe: the paper's ImageNet recipe for resnet18 (ResNet, §6: 300 epochs at 224 px, batch 256 × 1 per "
+            "process, blr 0.0003; from the command line: --batch-size, --img-size, --width); --preset small for the "
+            "small-data one") in out
+
+
+def test_a_folder_with_fewer_images_than_the_recipes_batch_trains_with_the_folder_as_its_batch_and_says_so(tmp_path,
+                                                                                                          capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(6):  # a flat folder of unlabelled images
+        Image.new("RGB", (40, 40), (40 * i, 90, 30)).save(photos / f"{i}.jpg")
+    argv = ["--data", "folder", "--data-dir", str(photos), "--img-size", "32", "--width", "8", "--workers", "0",
+            "--vis-every", "0", "--out-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert ("note: folder has 6 training images, fewer than the recipe's batch of 128 per process: batch 6 per process, "
+            "global batch 6, lr 4.69e-05 (--batch-size sets another)") in out
+    ckpt = train.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt")
+    assert (ckpt["config"]["batch_size"], ckpt["config"]["global_batch"], ckpt["step"]) == (6, 6, 1)
+    assert train.main([*argv[:-1], "2"]) == 0  # the same command resumes: the lowered batch is the same run
+    assert "resuming at epoch 1, step 1" in capsys.readouterr().out
+    assert train.main([*argv, "--batch-size", "8", "--run-name", "b"]) == 2  # a batch asked for is not changed
+    assert "folder has 6 training images (6 per process): batch_size 8" in capsys.readouterr().err
 
 
 def test_a_recipes_schedule_that_does_not_fit_a_shorter_or_smaller_run_is_a_note_the_command_lines_is_refused():
@@ -425,3 +497,116 @@ def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
     assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
     assert_same_weights(weights(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt"),
                         weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# --init-from: a new run from existing weights (ours, or a released OpenMixup file)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def at_step_0(monkeypatch):
+    """What train.train is handed: the model's weights, the optimiser's state and the position at step 0."""
+    seen = {}
+    real = train.train
+
+    def spy(model, optimizer, scaler, loader, cfg, env, run, pos):
+        seen.update(model={k: v.clone() for k, v in runtime.unwrap(model).state_dict().items()},
+                    optimizer=optimizer.state_dict()["state"], step=pos["step"])
+        return real(model, optimizer, scaler, loader, cfg, env, run, pos)
+
+    monkeypatch.setattr(train, "train", spy)
+    return seen
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes (sub-folders as None): what a refused command leaves as it was."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """A train.py checkpoint after 2 steps: the file the new runs start from."""
+    out = tmp_path_factory.mktemp("ours")
+    assert train.main([*TINY, "--max-steps", "2", "--out-dir", str(out)]) == 0
+    return out / "a2mim_resnet18_fake" / "checkpoint.pt"
+
+
+def test_init_from_our_checkpoint_is_a_new_run_from_its_weights_with_a_fresh_optimiser_and_the_rerun_resumes(
+        tmp_path, ours, at_step_0, capsys):
+    file = tmp_path / "start.pt"
+    file.write_bytes(ours.read_bytes())
+    argv = [*TINY, "--log-every", "1", "--out-dir", str(tmp_path / "out"), "--init-from", str(file)]
+    assert train.main([*argv, "--max-steps", "1"]) == 0
+    assert f"starting from {file} (encoder, mask token, decoder) in" in capsys.readouterr().out
+    assert_same_weights(at_step_0["model"], weights(file))  # encoder, mask token and decoder: the file's
+    assert at_step_0["optimizer"] == {} and at_step_0["step"] == 0  # a fresh optimiser, at step 0
+    run = tmp_path / "out" / "a2mim_resnet18_fake"
+    ckpt = train.load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["step"] == 1 and {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {1.0}
+    first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    assert (first["step"], first["lr"]) == (0, 0.0)  # the schedule from its start: warm-up from 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["init_from"], config["init_parts"]) == (str(file), ["encoder", "mask_token", "decoder"])
+
+    file.write_bytes(b"gone")  # the rerun resumes its own checkpoint: the file is not read again
+    assert train.main([*argv, "--max-steps", "2"]) == 0
+    assert "resuming at epoch 0, step 1" in capsys.readouterr().out
+    assert train.load_checkpoint(run / "checkpoint.pt")["step"] == 2
+    assert json.loads((run / "config.json").read_text())["init_parts"] == ["encoder", "mask_token", "decoder"]
+
+    before = snapshot(tmp_path / "out")  # another file into this folder is another run
+    assert train.main([*argv[:-1], str(ours), "--max-steps", "3"]) == 2
+    assert "holds a different run (differs in init_from)" in capsys.readouterr().err
+    assert snapshot(tmp_path / "out") == before
+
+
+def released_resnet50(path):
+    """A released-layout (publish_model.py's) ResNet-50 A²MIM file, from the official key names and shapes of
+    openmixup_keys.json (test_weights.py's helpers), with small random weights a step can train."""
+    from test_weights import released_keys, save_released
+    g = torch.Generator().manual_seed(0)
+    parts = []
+    for part in ("backbone", "neck"):
+        state = {}
+        for key, (shape, dtype) in released_keys("resnet50", part).items():
+            if dtype != torch.float32:  # num_batches_tracked
+                state[key] = torch.zeros(shape, dtype=dtype)
+            elif key.endswith("running_var"):
+                state[key] = torch.ones(shape)
+            else:
+                state[key] = 0.02 * torch.randn(shape, generator=g)
+        parts.append(state)
+    return save_released(path, *parts, layout="full")
+
+
+def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_and_decoder(tmp_path, at_step_0, capsys):
+    file = released_resnet50(tmp_path / "full_a2mim_r50_l3_sz224_init_8xb256_cos_ep300.pth")
+    threads = torch.get_num_threads()
+    try:
+        code = train.main(["--arch", "resnet50", "--width", "64", "--img-size", "96", "--data", "fake", "--batch-size",
+                           "2", "--max-steps", "1", "--workers", "0", "--vis-every", "0", "--threads", "1",
+                           "--out-dir", str(tmp_path / "out"), "--init-from", str(file)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert f"starting from {file} (encoder, mask token, decoder)" in capsys.readouterr().out
+    found = train.weights.load_pretrained(str(file))
+    for part in ("encoder", "mask_token", "decoder"):
+        got = {k.removeprefix(part + "."): v for k, v in at_step_0["model"].items() if k.startswith(part + ".")}
+        assert_same_weights(got, found[part])
+    assert at_step_0["optimizer"] == {}
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--arch", "vit_tiny"], "holds a resnet18 model, but --arch is vit_tiny"),
+    (["--width", "8"], "does not fit this resnet18 encoder (size mismatch for conv1.weight: copying a param with shape "
+     "torch.Size([16, 3, 3, 3]) from checkpoint, the shape in current model is torch.Size([8, 3, 3, 3]).); it holds a "
+     "resnet18 of width 16: pass --width 16 and an --img-size at most 64 (the small stem)"),
+    (["--init-from", "nope.pt"], "checkpoint nope.pt does not exist"),
+])
+def test_init_from_a_file_that_does_not_fit_is_one_sentence_and_nothing_is_written(tmp_path, ours, capsys, argv, expect):
+    code = train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path / "out"), "--init-from", str(ours), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: ") and expect in err[-1], err
+    assert not (tmp_path / "out").exists()

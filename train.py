@@ -3,9 +3,11 @@
     python train.py                                        # default job: Fashion-MNIST, ResNet-18/16, CPU
     torchrun --nproc_per_node=8 train.py --arch resnet50 --data imagenet --data-dir /data/imagenet
 
-ImageNet, or an image folder at ≥ 192 px, gets the paper's recipe for --arch (§6); the small datasets
-the small-data recipe (SETTINGS' defaults); flags win over both; --print-config shows each value and
-its source. SIGTERM / SIGUSR1 / Ctrl-C finish the step, checkpoint, exit 128 + signal; rerun resumes.
+--data imagenet (or --preset official) gets the paper's recipe for --arch (§6); every other dataset, an
+image folder included, the small-data recipe (SETTINGS' defaults) at its image size; flags win over both;
+the start line names the recipe, --print-config shows each value and its source. --init-from FILE starts
+a new run from FILE's weights. SIGTERM / SIGUSR1 / Ctrl-C finish the step, checkpoint, exit 128 + signal;
+rerun resumes.
 """
 import argparse
 import collections
@@ -29,8 +31,9 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
-from a2mim import A2MIM, mask_patch_size_for
-from models import ARCHS, ConfigError, arch_family, build_encoder
+import weights
+from a2mim import A2MIM, mask_patch_size_for, method_defaults
+from models import ARCHS, CONVNEXT_DEPTHS, SMALL_INPUT, ConfigError, arch_family, build_encoder, token_site
 from reconstruct import RECON_COLUMNS, save_reconstructions
 from runtime import (PRECISIONS, CheckpointError, RunError, append_line, atomic_save, autocast, broadcast_buffers,
                      channels_last, cleanup_distributed, load_checkpoint, one_line, param_groups, read_jsonl,
@@ -63,6 +66,8 @@ SETTINGS = (
     S("fft_weight", None, "ablation: λ of the Fourier loss (0 = off)", "[0,", dict(type=float)),
     S("fft_loss", None, "ablation: the Fourier loss", ("focal_frequency", "spectral_focal_l1")),
     S("fft_unmask_weight", None, "ablation: w of the 'mixed' image", "[0,1]", dict(type=float)),
+    S("init_from", None, "a new run's encoder (mask token, decoder where they fit) from this file: a train.py "
+      "checkpoint or a released OpenMixup one", kw=dict(type=str)),
     # §6, optimisation: lr = blr × global batch / 512.
     S("epochs", 2, "epochs of the lr schedule", "[1,"),
     S("batch_size", 128, "per process (per GPU); global = this × processes × accum", "[1,"),
@@ -151,7 +156,10 @@ def resolve_config(args, world_size=1):
         layer(dict(data="imagenet"), "--preset official")
     name, arch = cli.get("data", cfg["data"]), cli.get("arch", cfg["arch"])
     size = cli.get("img_size", data.dataset_info(name)["img_size"])  # DataError for an unknown dataset
-    if preset == "official" or (preset == "auto" and name in ("imagenet", "folder") and size >= 192):
+    # Only ImageNet takes the paper's recipe by itself: a folder of one's own images, at any size, is small data
+    # (300 epochs at batch 256 per process would be a surprise); the start line says how to get the other one.
+    recipe = "paper" if preset == "official" or (preset == "auto" and name == "imagenet") else "small-data"
+    if recipe == "paper":
         layer(RECIPES[RECIPE_OF[arch]], f"arch recipe ({RECIPE_OF[arch]}, §6)")
         if arch == "resnet50" and cli.get("epochs") == 100:
             layer(R50_100_EPOCHS, "arch recipe (ResNet-50, 100 epochs, §6)")
@@ -169,7 +177,9 @@ def resolve_config(args, world_size=1):
         layer(dict(mask_patch_size=mask_patch_size_for(cfg["arch"], cfg["img_size"], method=cfg["method"],
                                                        token_at=cfg["token_at"], mask_ratio=cfg["mask_ratio"])),
               f"dataset recipe ({name})")
+    resolve_model_options(cfg, source)
     check_run_name(cfg["run_name"])
+    check_out_dir(cfg)
     if cfg["schedule"] == "step" and not cfg["step_epoch"]:
         raise ConfigError("--schedule step needs --step-epoch (the epoch of the ×0.1 step)")
     check_epochs(cfg, source)
@@ -180,8 +190,53 @@ def resolve_config(args, world_size=1):
                           f"{cfg['min_lr']:g}; lower --min-lr or raise --blr")
     source.update(world_size="processes", global_batch="batch_size × processes × accum_steps",
                   lr="blr × global_batch / 512")
-    cfg["preset"], cfg["source"] = preset, source
+    cfg["preset"], cfg["recipe"], cfg["source"] = preset, recipe, source
     return cfg
+
+def resolve_model_options(cfg, source):
+    """§3–§5: the options the model will take where the command line leaves them out, each with its source
+    (a2mim.method_defaults: the arch's released config, SimMIM's, or --loss-recipe paper's Fourier term)."""
+    defaults = method_defaults(cfg["arch"], cfg["method"], cfg["loss_recipe"])
+    released = method_defaults(cfg["arch"], cfg["method"])
+    for k, value in defaults.items():
+        if source[k] == "command line":
+            continue
+        cfg[k] = value
+        if k == "token_at" and value is None:  # the encoder's own A²MIM site, read off its class (no weights made)
+            with torch.device("meta"):
+                cfg[k] = token_site(build_encoder(**encoder_kwargs(cfg)))[0]
+        if cfg["method"] == "simmim":
+            source[k] = "method default (SimMIM as released, §3)"
+        elif value != released[k]:
+            source[k] = "--loss-recipe paper (§5)"
+        else:
+            source[k] = "arch default (released config)"
+
+def check_out_dir(cfg):
+    """A run folder inside the image folder would be walked as training images (its recon_*.png) by the next run."""
+    if cfg["data"] != "folder" or cfg["data_dir"] is None:
+        return
+    out, images = os.path.realpath(cfg["out_dir"]), os.path.realpath(cfg["data_dir"])
+    if os.path.commonpath([out, images]) == images:
+        raise ConfigError(f"--out-dir {cfg['out_dir']} lies inside --data-dir {cfg['data_dir']}, where the next "
+                          "run would read this run's reconstruction PNGs as training images; choose an --out-dir "
+                          "outside it")
+
+def recipe_line(cfg):
+    """The recipe this run took, in one line, and the flag that gives the other one."""
+    arch, family = cfg["arch"], RECIPE_OF[cfg["arch"]]
+    given = [flag(k) for k in RECIPE_KEYS if cfg["source"][k] == "command line"]
+    on_top = f"; from the command line: {', '.join(given)}" if given else ""
+    if cfg["recipe"] == "paper":
+        r = RECIPES[family]
+        return (f"recipe: the paper's ImageNet recipe for {arch} ({family}, §6: {r['epochs']} epochs at "
+                f"{r['img_size']} px, batch {r['batch_size']} × {r['accum_steps']} per process, blr {r['blr']:g}"
+                f"{on_top}); --preset small for the small-data one")
+    small = {s.name: s.default for s in SETTINGS}
+    width = f", width {small['width']}" if arch_family(arch) == "cnn" else ""
+    return (f"recipe: small-data ({small['epochs']} epochs at {cfg['img_size']} px{width}, batch "
+            f"{small['batch_size']} per process, blr {small['blr']:g}{on_top}); --preset official for the paper's "
+            f"ImageNet recipe for {arch}")
 
 def check_range(s, value):
     """ConfigError unless value lies in s.valid ("[1," at least 1, "(0,1)" strictly between); NaN and ±inf never do
@@ -269,8 +324,10 @@ def mask_generator(cfg, env, step):
     return torch.Generator(device=env.device).manual_seed(cfg["seed"] * 1_000_003 + step * env.world_size + env.rank)
 
 def build_train_loader(cfg, env):
-    """(batches, number of images, folder read from). Small datasets on a GPU live on the device and
-    are augmented there (data.device_loader); everything else goes through a DataLoader."""
+    """(batches, number of images, folder read from, note or None). Small datasets on a GPU live on the device
+    and are augmented there (data.device_loader); everything else goes through a DataLoader. A recipe's batch
+    larger than the images of each process is lowered to them (cfg changed, the note says so): a few images of
+    one's own must pre-train; a --batch-size too large for the data is refused."""
     c, family = cfg, cfg["crop"] or arch_family(cfg["arch"])  # `family` picks data.CROP_SCALE
     on_device = c["device_data"] == "on" or (
         c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.IN_MEMORY)
@@ -283,6 +340,7 @@ def build_train_loader(cfg, env):
         dataset = data.build_dataset(c["data"], "train", data_dir=c["data_dir"], img_size=c["img_size"],
                                      transform="pretrain", family=family, download=c["download"])
         n, where = len(dataset), dataset.source
+    note = fit_batch(cfg, n)
     data.check_enough(n, c["batch_size"], c["accum_steps"], env.world_size, c["data"])
     if not on_device:
         # On a CPU the in-memory datasets load faster in the main process than in workers that
@@ -291,14 +349,28 @@ def build_train_loader(cfg, env):
         loader = data.build_loader(dataset, c["batch_size"], train=True, distributed=env.enabled,
                                    workers=0 if cpu else c["workers"], seed=c["seed"])
         loader.worker_init_fn = leave_stop_signals_to_the_trainer
-    return loader, n, where
+    return loader, n, where, note
+
+def fit_batch(cfg, n_images):
+    """Lower a recipe's batch to the images each process gets (batch × accum of them) → the note that says so."""
+    per_step = n_images // cfg["world_size"] // cfg["accum_steps"]
+    if cfg["source"]["batch_size"] == "command line" or not 1 <= per_step < cfg["batch_size"]:
+        return None
+    recipe_batch, cfg["batch_size"] = cfg["batch_size"], per_step
+    cfg["global_batch"] = per_step * cfg["world_size"] * cfg["accum_steps"]
+    cfg["lr"] = cfg["blr"] * cfg["global_batch"] / 512
+    cfg["source"]["batch_size"] = f"the dataset's size (the recipe's {recipe_batch} is more than it holds)"
+    return (f"note: {cfg['data']} has {n_images} training images, fewer than the recipe's batch of {recipe_batch} "
+            f"per process: batch {per_step} per process, global batch {cfg['global_batch']}, lr {cfg['lr']:.3g} "
+            "(--batch-size sets another)")
 
 
 # --- The run folder: out/<run-name>/{config.json, checkpoint.pt, log.jsonl, recon_*.png, .lock}
 # Settings that may change between the runs of one folder without making it "another run".
 NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save_every_steps", "save_every_minutes",
                 "vis_every", "compile", "max_steps", "on_nonfinite", "run_name", "out_dir", "data_dir", "precision",
-                "preset", "download", "device_data", "source"}
+                "preset", "download", "device_data", "source",
+                "recipe", "init_parts"}  # derived: the values the recipe set, the parts --init-from copied
 Run = collections.namedtuple("Run", "dir ckpt log config")
 
 def differs(previous, cfg):
@@ -536,6 +608,25 @@ class Stop(contextlib.AbstractContextManager):
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: stopping after this step", file=sys.stderr)
 
+class Batches(contextlib.AbstractContextManager):
+    """The loader's batches, one pass per epoch(), whose DataLoader workers end when the loop is left however
+    it is left. A worker ignores the stop signals (leave_stop_signals_to_the_trainer): one left running by an
+    error, its pass kept alive by the traceback, would outlive train.py, whose exit (multiprocessing's) sends
+    it a SIGTERM and waits for it for ever."""
+
+    def __init__(self, loader):
+        self.loader, self.batches = loader, None
+
+    def epoch(self):
+        self.batches = iter(self.loader)
+        return self.batches
+
+    def __exit__(self, *exc):
+        # torch's own ending of a pass's workers (what the pass runs when it is collected); none without workers
+        shutdown = getattr(self.batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
 def leave_stop_signals_to_the_trainer(worker_id):
     """A DataLoader worker's init: torchrun, a scheduler or a terminal signal the whole process group, and
     a worker killed by that would fail the step that the training process finishes before it checkpoints
@@ -563,7 +654,8 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
     precision = resolve_precision(cfg["precision"], env.device)
     max_steps = min(cfg["max_steps"] or math.inf, cfg["epochs"] * steps_per_epoch)
     step, epoch, log, saved_at = pos["step"], pos["epoch"], LossLog(run, env.is_main), time.monotonic()
-    with Stop() as stop, tqdm(total=max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True) as bar:
+    with Stop() as stop, Batches(loader) as batches, tqdm(total=max_steps, initial=step, disable=not env.is_main,
+                                                          dynamic_ncols=True) as bar:
         while True:
             # The epoch's order and augmentation are functions of (seed, epoch): resumed mid-epoch,
             # the loader starts at the next batch without reading the earlier ones, and this rank's
@@ -574,7 +666,7 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
             if rng is not None and pos["batch"]:
                 set_rng_state(rng)
             optimizer.zero_grad(set_to_none=True)
-            for i, (img, _) in enumerate(loader, start=pos["batch"]):
+            for i, (img, _) in enumerate(batches.epoch(), start=pos["batch"]):
                 if i >= steps_per_epoch * accum:
                     break  # an incomplete accumulation group at the end of the epoch is dropped
                 micro = i % accum
@@ -631,15 +723,18 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
 
 def run(cfg, args, env):
     """Every check first (nothing written), then lock the folder and train. → (model, exit code)."""
+    loader, n_images, where, batch_note = build_train_loader(cfg, env)  # first: it may lower the recipe's batch
     run_dir, resume_from, records = prepare_run_dir(cfg, args)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = build_model(cfg, env)  # ConfigError when mask grid, token site and decoder do not fit
-    loader, n_images, where = build_train_loader(cfg, env)
     optimizer = build_optimizer(model, cfg, env)
     scaler = torch.amp.GradScaler(env.device.type, enabled=resolve_precision(cfg["precision"], env.device) == "fp16")
     pos, before = dict(step=0, epoch=0, batch=0, images=n_images), cfg
-    if resume_from:
+    if resume_from:  # the same run, exactly: --init-from's file is not read again (its parts are in the checkpoint)
         pos, before = restore(resume_from, model, optimizer, scaler, cfg, env, n_images)
+        cfg["init_parts"] = before.get("init_parts")
+    else:
+        cfg["init_parts"] = init_from(model, cfg)
     if resume_from and not args.overwrite:
         check_not_older(run_dir, resume_from, pos["step"])
     if pos["step"] >= min(cfg["max_steps"] or math.inf, cfg["epochs"] * (len(loader) // cfg["accum_steps"])):
@@ -651,10 +746,13 @@ def run(cfg, args, env):
             atomic_save(run_dir.config, json.dumps(cfg, indent=2))  # first: a folder with our log has our config
             trim_log(run_dir.log, records, pos["step"])  # fresh start: empty; resume: drop steps after the checkpoint
             what = f"resuming at epoch {pos['epoch']}, step {pos['step']}" if resume_from else "starting"
+            if cfg["init_parts"] and not resume_from:
+                what += f" from {cfg['init_from']} ({', '.join(p.replace('_', ' ') for p in cfg['init_parts'])})"
             print(f"{cfg['method']} {cfg['arch']} on {cfg['data']} ({n_images} images from {where}, {cfg['img_size']} px), "
                   f"{env.world_size} process(es) on {env.device.type}, global batch {cfg['global_batch']}, "
                   f"lr {cfg['lr']:.3g}: {what} in {run_dir.dir}")
-            notes = [paper_note(cfg), schedule_note(cfg), before["epochs"] != cfg["epochs"] and
+            notes = [recipe_line(cfg), batch_note, paper_note(cfg), schedule_note(cfg),
+                     before["epochs"] != cfg["epochs"] and
                      f"note: --epochs is {cfg['epochs']}, the checkpoint's run planned {before['epochs']}: "
                      f"the lr schedule from step {pos['step']} on is the {cfg['epochs']}-epoch one"]
             print("".join(f"{note}\n" for note in notes if note), end="")
@@ -671,6 +769,30 @@ def run(cfg, args, env):
         print(f"done: {pos['step']} steps, checkpoint {run_dir.ckpt}\n"
               f"evaluate it with:  python eval_linear.py --checkpoint {run_dir.ckpt} --data {cfg['data']}{data_dir}")
     return unwrap(model), 128 + signum if signum else 0
+
+def init_from(model, cfg):
+    """--init-from FILE: its encoder into the new run's model (strictly), its mask token and decoder where they
+    fit (weights.load_into) → the parts copied, or None without --init-from. CheckpointError, one sentence
+    naming the flags that build FILE's encoder, when it does not fit this one."""
+    if cfg["init_from"] is None:
+        return None
+    found = weights.load_pretrained(cfg["init_from"], arch=cfg["arch"])
+    try:
+        return weights.load_into(unwrap(model), found)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {encoder_flags(found['encoder_kwargs'])}") from None
+
+def encoder_flags(kw):
+    """What builds the encoder of these encoder_kwargs (a train.py checkpoint's, or a released file's: standard
+    width and stem), in flags: a CNN's width and stem (set by the image size), a ViT's image size."""
+    arch = kw["arch"]
+    if arch_family(arch) == "vit":
+        return f"it holds a {arch} for {kw['img_size']}-px images: pass --img-size {kw['img_size']}"
+    standard = CONVNEXT_DEPTHS[arch][1] if arch in CONVNEXT_DEPTHS else 64
+    width = kw.get("width") or standard
+    small = kw.get("small_stem", kw["img_size"] <= SMALL_INPUT)
+    stem = f"at most {SMALL_INPUT} (the small stem)" if small else f"above {SMALL_INPUT} (the standard stem)"
+    return f"it holds a {arch} of width {width}: pass --width {width} and an --img-size {stem}"
 
 def assumed_world_size(args):
     """torchrun's process count, or --assume-world-size's, which only --print-config may take: a run computes
@@ -691,7 +813,8 @@ def main(argv=None):
         cfg = resolve_config(args, assumed_world_size(args))
         if args.print_config:
             rows = [f"{k:<20} {json.dumps(v):<16} {cfg['source'].get(k, '')}" for k, v in cfg.items() if k != "source"]
-            print("\n".join([*rows, *(note for note in (paper_note(cfg), schedule_note(cfg)) if note)]))
+            notes = (recipe_line(cfg), paper_note(cfg), schedule_note(cfg))
+            print("\n".join([*rows, *(note for note in notes if note)]))
             return 0
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
