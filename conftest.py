@@ -2,8 +2,20 @@
 import errno
 
 import pytest
+import torch
 
 import runtime
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test on one CPU thread, the count put back afterwards (a script's --threads sets it for the
+    whole process). These models are tiny: on a 2-core machine shared with other jobs, OpenMP's second
+    thread makes them many times slower, not faster (README, CPU notes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class HalfWrite:

@@ -38,16 +38,6 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Small CPU boxes often run several test files at once; OpenMP's spinning worker threads then
-    make these tiny ops ~40× slower. One thread keeps the whole file well under a minute."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # Tiny, CPU-sized members of each family (32 px: CIFAR stem, 4-px ViT patches).
 TINY = {"resnet18": dict(width=8), "vit_tiny": {}, "convnext_tiny": dict(width=8)}
 

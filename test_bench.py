@@ -66,13 +66,6 @@ TINY = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size"
         "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def keep_thread_count():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)  # bench --threads sets it for the whole process
-
-
 def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(capsys):
     assert bench.main(TINY + ["--no-memory"]) == 0
     out = capsys.readouterr().out

@@ -21,13 +21,8 @@ SMALL = ["--data", "fake", "--workers", "0", "--precision", "fp32"]
 
 @pytest.fixture(autouse=True)
 def small_and_fast(monkeypatch):
-    """200 fake images per split (20 a class) instead of 512, and one thread: these models are so
-    small that a second thread costs more than it gives (3× slower on a busy 2-core machine)."""
+    """200 fake images per split (20 a class) instead of 512 (and one thread: conftest.py)."""
     monkeypatch.setattr(data, "build_dataset", functools.partial(data.build_dataset, fake_size=200))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_checkpoint(path, arch="resnet18", img_size=32, width=8, data_name="fake"):
@@ -512,7 +507,7 @@ def test_out_of_range_settings_are_refused_with_the_valid_range(tmp_path, capsys
 
 def test_threads_sets_torch_cpu_threads():
     assert E.main(["--init", "random", "--threads", "2", "--print-config", *SMALL]) == 0
-    assert torch.get_num_threads() == 2  # the autouse fixture puts it back
+    assert torch.get_num_threads() == 2  # conftest's one_thread puts it back
 
 
 def test_a_bug_keeps_its_traceback_while_user_errors_exit_2(monkeypatch, capsys):

@@ -28,14 +28,6 @@ from test_reliability import snapshot
 from test_weights import perturb_, released_resnet50, save_released
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def photos(tmp_path):
     """A folder of real colour images of different sizes and modes: matplotlib's photograph (512 × 600 JPEG), a

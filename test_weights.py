@@ -29,14 +29,6 @@ FACTS = json.loads((Path(__file__).parent / "openmixup_keys.json").read_text())
 RELEASED = [a for a in FACTS if not a.startswith("_")]  # the 10 released A²MIM encoders
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expand(rows):
     """The fixture's compact rows → one row per key: consecutive rows that share "prefix{a..b}." stand for
     blocks a..b of that prefix, block after block (e.g. "layer3.{1..22}.conv1.weight")."""
