@@ -19,6 +19,7 @@ import runtime
 import train
 from a2mim import A2MIM, mask_blocks
 from models import build_encoder
+from test_reliability import snapshot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--data", "fake", "--batch-size", "16", "--workers", "0", "--vis-every", "0", "--log-every", "4"]
@@ -59,6 +60,7 @@ def print_config(*argv, env=None):
     return {r[0]: json.loads(r[1]) for r in rows}, {r[0]: (r[2] if len(r) > 2 else "") for r in rows}, out.stdout
 
 
+@pytest.mark.slow
 def test_design_card_command_is_the_papers_resnet50_recipe_and_2048_at_8_processes():
     for how in (dict(env={"WORLD_SIZE": "8"}), dict(argv=["--assume-world-size", "8"])):
         cfg, source, _ = print_config("--arch", "resnet50", "--data", "imagenet", *how.get("argv", []), env=how.get("env"))
@@ -71,6 +73,7 @@ def test_design_card_command_is_the_papers_resnet50_recipe_and_2048_at_8_process
         assert source["arch"] == source["data"] == "command line"
 
 
+@pytest.mark.slow
 def test_paper_recipe_on_fewer_processes_says_batch_and_lr_against_the_papers():
     _, _, out = print_config("--arch", "vit_base", "--data", "imagenet")
     assert "note: the paper's vit_base recipe is global batch 2048, lr 0.0004" in out
@@ -146,6 +149,7 @@ def test_the_models_options_are_resolved_with_their_source_and_the_model_takes_t
     assert model.token_at == site and all(model.cfg[k] == cfg[k] for k in model.cfg if k != "token_at")
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_models_resolved_options_not_null_and_which_the_command_line_set():
     cfg, source, out = print_config("--arch", "resnet50", "--data", "imagenet", "--fill", "zero")
     assert (cfg["fill"], source["fill"]) == ("zero", "command line")
@@ -190,6 +194,7 @@ def test_a_folder_with_fewer_images_than_the_recipes_batch_trains_with_the_folde
     assert "folder has 6 training images (6 per process): batch_size 8" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_recipes_schedule_that_does_not_fit_a_shorter_or_smaller_run_is_a_note_the_command_lines_is_refused():
     cfg, _, out = print_config("--arch", "vit_base", "--data", "imagenet", "--epochs", "5", "--batch-size", "4")
     assert (cfg["warmup_epochs"], cfg["step_epoch"], cfg["min_lr"]) == (10, 700, 1e-5)
@@ -330,6 +335,7 @@ def _ddp_grad_worker(rank, port, out_dir):
     runtime.cleanup_distributed()
 
 
+@pytest.mark.slow
 def test_two_rank_vit_gradient_equals_single_process_batch(tmp_path):
     mp.spawn(_ddp_grad_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     model, (img, mask) = _tiny_vit_model(), _batch()
@@ -376,6 +382,7 @@ def torchrun(tmp_path, *argv):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_ranks(tmp_path):
     torchrun(tmp_path, "--max-steps", "3", "--out-dir", str(tmp_path / "out"))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -385,6 +392,7 @@ def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_r
     assert_same_weights(ckpt["model"], r0)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_resumed_mid_epoch_matches_the_uninterrupted_run(tmp_path):
     """Each rank's own RNG state is saved and restored; the loaders start at the batch after the
     checkpoint without reading the earlier ones (16 steps per epoch here; stopped at step 5)."""
@@ -411,6 +419,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [10, 32])  # mid-epoch, and exactly at the epoch boundary
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, uninterrupted, stop_after):
     common = [*TINY, "--epochs", "2", "--arch", "resnet18", "--width", "8"]
@@ -489,6 +498,7 @@ def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
     assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == ("focal_l1", 1e-3)  # untouched CNN defaults
 
 
+@pytest.mark.slow
 def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
     """--device-data on (the GPU default for small datasets) keeps the resume guarantee."""
     common = [*TINY, "--epochs", "2", "--width", "8", "--device-data", "on"]
@@ -517,11 +527,6 @@ def at_step_0(monkeypatch):
 
     monkeypatch.setattr(train, "train", spy)
     return seen
-
-
-def snapshot(folder):
-    """Every file under `folder` with its bytes (sub-folders as None): what a refused command leaves as it was."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -561,35 +566,12 @@ def test_init_from_our_checkpoint_is_a_new_run_from_its_weights_with_a_fresh_opt
     assert snapshot(tmp_path / "out") == before
 
 
-def released_resnet50(path):
-    """A released-layout (publish_model.py's) ResNet-50 A²MIM file, from the official key names and shapes of
-    openmixup_keys.json (test_weights.py's helpers), with small random weights a step can train."""
-    from test_weights import released_keys, save_released
-    g = torch.Generator().manual_seed(0)
-    parts = []
-    for part in ("backbone", "neck"):
-        state = {}
-        for key, (shape, dtype) in released_keys("resnet50", part).items():
-            if dtype != torch.float32:  # num_batches_tracked
-                state[key] = torch.zeros(shape, dtype=dtype)
-            elif key.endswith("running_var"):
-                state[key] = torch.ones(shape)
-            else:
-                state[key] = 0.02 * torch.randn(shape, generator=g)
-        parts.append(state)
-    return save_released(path, *parts, layout="full")
-
-
 def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_and_decoder(tmp_path, at_step_0, capsys):
-    file = released_resnet50(tmp_path / "full_a2mim_r50_l3_sz224_init_8xb256_cos_ep300.pth")
-    threads = torch.get_num_threads()
-    try:
-        code = train.main(["--arch", "resnet50", "--width", "64", "--img-size", "96", "--data", "fake", "--batch-size",
-                           "2", "--max-steps", "1", "--workers", "0", "--vis-every", "0", "--threads", "1",
-                           "--out-dir", str(tmp_path / "out"), "--init-from", str(file)])
-    finally:
-        torch.set_num_threads(threads)
-    assert code == 0
+    from test_weights import released_resnet50  # publish_model.py's layout, from openmixup_keys.json's names and shapes
+    file, _ = released_resnet50(tmp_path)
+    assert train.main(["--arch", "resnet50", "--width", "64", "--img-size", "96", "--data", "fake", "--batch-size", "2",
+                       "--max-steps", "1", "--workers", "0", "--vis-every", "0", "--threads", "1",
+                       "--out-dir", str(tmp_path / "out"), "--init-from", str(file)]) == 0
     assert f"starting from {file} (encoder, mask token, decoder)" in capsys.readouterr().out
     found = train.weights.load_pretrained(str(file))
     for part in ("encoder", "mask_token", "decoder"):

@@ -325,9 +325,9 @@ def mask_generator(cfg, env, step):
 
 def build_train_loader(cfg, env):
     """(batches, number of images, folder read from, note or None). Small datasets on a GPU live on the device
-    and are augmented there (data.device_loader); everything else goes through a DataLoader. A recipe's batch
-    larger than the images of each process is lowered to them (cfg changed, the note says so): a few images of
-    one's own must pre-train; a --batch-size too large for the data is refused."""
+    and are augmented there (data.device_loader); everything else goes through a DataLoader, whose recipe batch
+    is lowered to the images of each process where it is larger (cfg changed, the note says so): a few images
+    of one's own must pre-train. A --batch-size too large for the data is refused."""
     c, family = cfg, cfg["crop"] or arch_family(cfg["arch"])  # `family` picks data.CROP_SCALE
     on_device = c["device_data"] == "on" or (
         c["device_data"] == "auto" and env.device.type == "cuda" and c["data"] in data.IN_MEMORY)
@@ -335,12 +335,12 @@ def build_train_loader(cfg, env):
         loader = data.device_loader(c["data"], "train", c["batch_size"], env.device, img_size=c["img_size"],
                                     family=family, seed=c["seed"], data_dir=c["data_dir"],
                                     world_size=env.world_size, rank=env.rank, download=c["download"])
-        n, where = len(loader.images_nchw), loader.source
+        n, where, note = len(loader.images_nchw), loader.source, None
     else:
         dataset = data.build_dataset(c["data"], "train", data_dir=c["data_dir"], img_size=c["img_size"],
                                      transform="pretrain", family=family, download=c["download"])
         n, where = len(dataset), dataset.source
-    note = fit_batch(cfg, n)
+        note = fit_batch(cfg, n)  # before the loader takes the batch size
     data.check_enough(n, c["batch_size"], c["accum_steps"], env.world_size, c["data"])
     if not on_device:
         # On a CPU the in-memory datasets load faster in the main process than in workers that
@@ -654,8 +654,8 @@ def train(model, optimizer, scaler, loader, cfg, env, run, pos):
     precision = resolve_precision(cfg["precision"], env.device)
     max_steps = min(cfg["max_steps"] or math.inf, cfg["epochs"] * steps_per_epoch)
     step, epoch, log, saved_at = pos["step"], pos["epoch"], LossLog(run, env.is_main), time.monotonic()
-    with Stop() as stop, Batches(loader) as batches, tqdm(total=max_steps, initial=step, disable=not env.is_main,
-                                                          dynamic_ncols=True) as bar:
+    bar = tqdm(total=max_steps, initial=step, disable=not env.is_main, dynamic_ncols=True)
+    with Stop() as stop, Batches(loader) as batches, bar:
         while True:
             # The epoch's order and augmentation are functions of (seed, epoch): resumed mid-epoch,
             # the loader starts at the next batch without reading the earlier ones, and this rank's
