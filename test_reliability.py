@@ -2,6 +2,7 @@
 "What happens when…"). Every case: one sentence, a non-zero exit, nothing on disk lost."""
 import errno
 import gc
+import json
 import multiprocessing
 import os
 import shutil
@@ -780,3 +781,26 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{out / CKPT} was written by 2 process(es) and resumes only on 2" in err
     assert "--overwrite" not in err and train.load_checkpoint(out / CKPT)["step"] == state["step"]
+
+
+def test_a_run_started_before_newer_settings_resumes_with_the_same_command(tmp_path, capsys):
+    """Its config.json and checkpoint lack the settings added since (warmup_ratio, init_from) and hold its model
+    options unresolved (null = the arch's default): the same command resumes it; a changed option is still refused."""
+    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    run = tmp_path / "a2mim_resnet18_fake"
+
+    def as_older_code_wrote_it(config):
+        for k in ("warmup_ratio", "init_from", "init_parts", "recipe"):
+            config.pop(k, None)
+        return config | dict.fromkeys(train.MODEL_OPTIONS[1:], None)
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(as_older_code_wrote_it(config)))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["config"] = as_older_code_wrote_it(state["config"])
+    torch.save(state, run / "checkpoint.pt")
+    capsys.readouterr()
+    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    assert "resuming at epoch 0, step 2" in capsys.readouterr().out
+    assert train.main([*RUN, "--max-steps", "6", "--fill", "zero", "--out-dir", str(tmp_path)]) == 2
+    assert "differs in fill" in capsys.readouterr().err

@@ -374,7 +374,14 @@ NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save
 Run = collections.namedtuple("Run", "dir ckpt log config")
 
 def differs(previous, cfg):
-    return sorted(k for k in cfg if k not in NOT_IDENTITY and previous.get(k) != cfg[k])
+    """The settings in which a stored config (config.json, a checkpoint's) and cfg make two different runs. A
+    setting the stored run predates, or a model option it stored unresolved (null: the arch's default), is
+    the same unless this command line sets it: a run started on older code resumes with the same command."""
+    def same(k):
+        if k not in previous or (previous[k] is None and k in MODEL_OPTIONS):
+            return cfg["source"].get(k) != "command line"
+        return previous[k] == cfg[k]
+    return sorted(k for k in cfg if k not in NOT_IDENTITY and not same(k))
 
 def check_processes(previous, cfg, what):
     """A run resumes only on the number of processes that wrote it: its global batch, its lr and each
