@@ -7,15 +7,20 @@ import torch
 import runtime
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread_from_the_start():
+    """Every test on one CPU thread, module-scoped fixtures included (they run before function-scoped ones):
+    a run compared with another must use the same thread count, or float sums differ. These models are tiny:
+    on a 2-core machine shared with other jobs, a second OpenMP thread makes them many times slower."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Every test on one CPU thread, the count put back afterwards (a script's --threads sets it for the
-    whole process). These models are tiny: on a 2-core machine shared with other jobs, OpenMP's second
-    thread makes them many times slower, not faster (README, CPU notes)."""
-    threads = torch.get_num_threads()
+def one_thread(one_thread_from_the_start):
+    """Back to one thread after each test (a script's --threads sets it for the whole process)."""
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
 
 
 class HalfWrite:
