@@ -1,4 +1,4 @@
-"""Is an A²MIM step as cheap as a supervised step of the same encoder? (issue 6)
+"""Is an A²MIM step as cheap as a supervised step of the same encoder?
     python bench.py      # ResNet-18 w16, 32 px, CPU, ~20 s; on a GPU: --arch resnet50 --img-size 224 --batch-size 128
 Two training steps of one encoder, same batch and precision, train.py's optimiser (AdamW over runtime.param_groups,
 fused on CUDA), CNNs in channels_last on CUDA: (a) supervised: encoder → global average pool → linear head,

@@ -1,4 +1,4 @@
-"""Tests for issue 6 (performance): the one-FFT Fourier loss, bench.py, and data.device_loader."""
+"""Performance: the one-FFT Fourier loss, bench.py, and data.device_loader."""
 
 import ast
 import inspect
@@ -430,7 +430,7 @@ def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
 
 
 # ----------------------------------------------------------------------------------------------
-# gpu_check.sh (issue 18): it cannot run without a GPU, but it must parse and call only real flags
+# gpu_check.sh: it cannot run without a GPU, but it must parse and call only real flags
 
 
 TORCHRUN_FLAGS = {"--standalone", "--nproc_per_node"}

@@ -2,8 +2,8 @@
 encoders export to torchvision and timm, whose models load them strictly and give our features.
 
 No network, no OpenMixup code: the released files are made here from openmixup_keys.json, the key names and
-shapes of the models built from the released configs (facts; /work/om_proof compared their features with
-ours, README "Weights in and out"). timm models are created with pretrained=False."""
+shapes of the models built from the released configs (facts; a side-by-side run outside this repository
+compared their features with ours, README "Weights in and out"). timm models are created with pretrained=False."""
 import json
 import math
 import re
