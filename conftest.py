@@ -1,5 +1,6 @@
 """Fixtures shared by several test files."""
 import errno
+import os
 
 import pytest
 import torch
@@ -52,4 +53,19 @@ def fill_disk(monkeypatch):
 
     def fill():
         monkeypatch.setattr(runtime, "open", half_writing_open, raising=False)  # shadows the builtin in runtime only
+    return fill
+
+
+@pytest.fixture
+def fill_disk_for_pngs(monkeypatch):
+    """fill_disk_for_pngs(): from then on, a PNG's write fails as a full disk does (other files are written)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if ".png" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    def fill():
+        monkeypatch.setattr(runtime.os, "fsync", fsync)
     return fill

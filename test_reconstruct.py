@@ -2,7 +2,6 @@
 any size; the same bytes for the same seed; train.py's checkpoints and the released files; one-sentence refusals
 that leave the folder as it was. CPU, tiny models (a released-layout ResNet-50 at 224 px where the layout matters)."""
 import ast
-import errno
 import os
 import shutil
 import subprocess
@@ -17,7 +16,6 @@ from PIL import Image
 
 import data
 import reconstruct as R
-import runtime
 import train
 import weights
 from a2mim import mask_blocks, mean_fill
@@ -264,16 +262,9 @@ def test_a_refused_command_is_one_sentence_exit_2_and_leaves_the_folder_unchange
     assert snapshot(tmp_path) == before
 
 
-def test_a_full_disk_while_writing_the_picture_is_one_sentence_and_leaves_nothing(tmp_path, photos, ckpt,
-                                                                                   monkeypatch, capsys):
-    real_fsync = os.fsync
-
-    def full_disk_for_pngs(fd):
-        if ".png" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(runtime.os, "fsync", full_disk_for_pngs)
+def test_a_full_disk_while_writing_the_picture_is_one_sentence_and_leaves_nothing(tmp_path, photos, ckpt, capsys,
+                                                                                   fill_disk_for_pngs):
+    fill_disk_for_pngs()
     before = snapshot(tmp_path)
     out = tmp_path / "r.png"
     assert R.main(["--checkpoint", str(ckpt), str(photos), "--out", str(out)]) == 2

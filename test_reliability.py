@@ -624,15 +624,9 @@ def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, mo
     assert len(writes) == 2 and log.read_bytes() == good and not list(log.parent.glob("*.tmp"))
 
 
-def test_disk_full_while_writing_a_reconstruction_png_is_one_sentence_and_leaves_no_tmp(tmp_path, monkeypatch, capsys):
-    real_fsync = os.fsync
-
-    def full_disk_for_pngs(fd):
-        if ".png" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_fsync(fd)
-
-    monkeypatch.setattr(runtime.os, "fsync", full_disk_for_pngs)
+def test_disk_full_while_writing_a_reconstruction_png_is_one_sentence_and_leaves_no_tmp(tmp_path, capsys,
+                                                                                          fill_disk_for_pngs):
+    fill_disk_for_pngs()
     assert train.main([*RUN, "--max-steps", "3", "--vis-every", "2", "--out-dir", str(tmp_path)]) == 2
     png = tmp_path / "a2mim_resnet18_fake" / f"recon_step000002_{train.COLUMNS}.png"
     err = capsys.readouterr().err.strip().splitlines()[-1]
