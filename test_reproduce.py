@@ -36,6 +36,7 @@ def one_pretraining_seed(monkeypatch):
     monkeypatch.setitem(reproduce.BUDGETS["smoke"], "pretrain_seeds", {})
 
 
+@pytest.mark.slow
 def test_probe_and_finetune_line_for_a2mim_simmim_and_random_init(smoke):
     records = lines(smoke / "fashion_mnist.jsonl")
     probes = {(r["init"], r["config"]["pretrain_method"]) for r in records if r["mode"] == "probe"}
@@ -44,6 +45,7 @@ def test_probe_and_finetune_line_for_a2mim_simmim_and_random_init(smoke):
     assert len(finetunes) == 3 and all(r["config"]["seed"] == r["config"]["subset_seed"] == 1 for r in finetunes)
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_finished_step(smoke, capsys):
     before = [len(lines(smoke / name)) for name in ("fashion_mnist.jsonl", "runs.jsonl")]
     assert before[1] == SMOKE_JOBS  # every job ran once and was timed
@@ -52,6 +54,7 @@ def test_rerun_skips_every_finished_step(smoke, capsys):
     assert capsys.readouterr().out.count("skip (done)") == SMOKE_JOBS
 
 
+@pytest.mark.slow
 def test_table_has_one_row_per_arch_and_method(smoke, capsys):
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--table"]) == 0
     out = capsys.readouterr().out
@@ -70,12 +73,14 @@ def test_table_has_one_row_per_arch_and_method(smoke, capsys):
         assert re.search(rf"^\| \d+ \| {part}: {n} jobs \|$", out, re.M), out
 
 
+@pytest.mark.slow
 def test_plot_writes_a_small_png_of_the_loss_parts(smoke):
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--plot"]) == 0
     png = smoke / "loss_curves.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size <= 150 * 1024
 
 
+@pytest.mark.slow
 def test_failing_step_stops_with_exit_2_naming_the_command(tmp_path, capsys):
     assert reproduce.main([*ARGS[:-1], "no-such-data", "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -91,6 +96,7 @@ def test_smoke_budget_never_writes_into_the_full_results():
     assert full["pretrain_seeds"]["resnet18"] == [0, 1, 2] and reproduce.BUDGETS["long"]["pretrain_seeds"] == full["pretrain_seeds"]
 
 
+@pytest.mark.slow
 def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
     """--only sweep --jobs 2: both pre-trainings, then every (batch, blr) fine-tune of the grid."""
     args = ["--budget", "smoke", "--only", "sweep", "--archs", "resnet18", "--data", "fake", "--results-dir", str(tmp_path)]
@@ -118,6 +124,7 @@ def test_jobs_must_be_positive(tmp_path, capsys):
     assert "--jobs must be a positive number" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_changed_fine_tune_recipe_is_not_taken_for_done(smoke, capsys, monkeypatch):
     monkeypatch.setitem(reproduce.BUDGETS["smoke"], "finetune", ["--epochs", "1", "--batch-size", "25", "--blr", "1e-3"])
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
@@ -125,6 +132,7 @@ def test_a_changed_fine_tune_recipe_is_not_taken_for_done(smoke, capsys, monkeyp
     assert len(todo) == 3 and all("--finetune" in line and "--batch-size 25" in line for line in todo)
 
 
+@pytest.mark.slow
 def test_a_fresh_clone_with_the_results_but_no_checkpoints_redoes_no_pre_training_whose_evaluations_are_done(
         smoke, capsys, monkeypatch):
     """Checkpoints are not committed, the JSONL results are: a pre-training is redone only for an evaluation
@@ -145,6 +153,7 @@ def test_a_fresh_clone_with_the_results_but_no_checkpoints_redoes_no_pre_trainin
             ckpt.with_suffix(".away").rename(ckpt)
 
 
+@pytest.mark.slow
 def test_a_budget_pre_training_lr_gets_its_own_run_folder_and_table_label(smoke, capsys, monkeypatch):
     """A budget that sets --blr pre-trains into '<name>_blr<value>' (never taking the default-lr run
     for done), passes the lr to train.py, and labels the table row with it."""
@@ -191,6 +200,7 @@ def test_the_resnet_rows_pre_train_once_per_seed_of_the_budget_into_their_own_fo
         [f"{m}_resnet18_seed{s}" for s in (1, 2) for m in ("a2mim", "simmim")]
 
 
+@pytest.mark.slow
 def test_interactions_fine_tune_the_three_resnets_on_the_same_images_and_table_j_with_bootstrap_intervals(smoke, capsys):
     args = ["--budget", "smoke", "--only", "interactions", "--data", "fake", "--results-dir", str(smoke)]
     assert reproduce.main(args) == 0
@@ -208,6 +218,7 @@ def test_interactions_fine_tune_the_three_resnets_on_the_same_images_and_table_j
     assert 0 < (smoke / "interactions.png").stat().st_size < 200_000
 
 
+@pytest.mark.slow
 def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_both(smoke, capsys, monkeypatch):
     """The finished run's JSONL is kept: only the new seed's pre-training, probe and fine-tune run; the
     row becomes mean ± std over pre-training × fine-tuning seeds, and the paired row too. (Last test:
