@@ -132,10 +132,8 @@ def load_model(path, *, img_size=None, mask_ratio=None, method=None):
     CheckpointError, one sentence, for a file without a decoder or whose token fits neither method."""
     try:
         found = weights.load_pretrained(path)
-    except CheckpointError as e:  # a plain (torchvision) state dict: an encoder alone, whatever its arch
-        if "plain state dict" in str(e):
-            raise CheckpointError(NO_DECODER.format(path)) from None
-        raise
+    except weights.PlainStateDictError:  # a plain (torchvision) state dict: an encoder alone, whatever its arch
+        raise CheckpointError(NO_DECODER.format(path)) from None
     if not found["decoder"]:
         raise CheckpointError(NO_DECODER.format(path))
     kw, config = dict(found["encoder_kwargs"]), found["config"]

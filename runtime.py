@@ -188,14 +188,20 @@ def load_tensors(path, what="checkpoint"):
 def save_checkpoint(path, state):
     atomic_save(path, {"format": CHECKPOINT_FORMAT, **state})  # the marker that load_checkpoint checks
 
-def load_checkpoint(path, *, arch=None):
-    """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
-    state = load_tensors(path)
+def not_our_checkpoint(path):
+    return CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
+
+def check_checkpoint(state, path, arch=None):
+    """`state` (loaded from `path`) if it is one of our checkpoints, of `arch` when given; else CheckpointError."""
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
+        raise not_our_checkpoint(path)
     if arch is not None and state["encoder_kwargs"]["arch"] != arch:
         raise CheckpointError(f"{path} holds a {state['encoder_kwargs']['arch']} model, but --arch is {arch}")
     return state
+
+def load_checkpoint(path, *, arch=None):
+    """Load one of our checkpoints to CPU; CheckpointError (one sentence) for anything else."""
+    return check_checkpoint(load_tensors(path), path, arch)
 
 def rng_state():
     cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}

@@ -23,7 +23,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import models
-from runtime import CHECKPOINT_FORMAT, CheckpointError, atomic_save, load_tensors
+from runtime import CHECKPOINT_FORMAT, CheckpointError, atomic_save, check_checkpoint, load_tensors, not_our_checkpoint
 
 # --- In: the released OpenMixup checkpoints (openmixup/models/backbones/{mim_resnet,convnext,mim_vit}.py)
 # Module paths there → ours, whole dotted components; the leaf (.weight, .bias, ...) follows unchanged.
@@ -173,6 +173,9 @@ def from_torchvision(state, arch, *, path="the file"):
 def _is_tensor_dict(obj):
     return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
+class PlainStateDictError(CheckpointError):
+    """A plain state dict without --arch: an encoder alone, of an arch the file cannot tell."""
+
 def load_pretrained(path, *, arch=None):
     """Any file we take as pre-trained weights → dict(kind, path, arch, encoder_kwargs, encoder, mask_token,
     decoder, config, unused), every state dict in our names, for models.build_encoder(**encoder_kwargs),
@@ -182,9 +185,7 @@ def load_pretrained(path, *, arch=None):
     encoder_kwargs say the released 224. `arch` given: checked against the file (CheckpointError, one sentence)."""
     obj = load_tensors(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        kw = obj["encoder_kwargs"]
-        if arch is not None and kw["arch"] != arch:
-            raise CheckpointError(f"{path} holds a {kw['arch']} model, but --arch is {arch}")
+        kw = check_checkpoint(obj, path, arch)["encoder_kwargs"]
         parts = {p: {k.removeprefix(p + "."): v for k, v in obj["model"].items() if k.startswith(p + ".")}
                  for p in ("encoder", "mask_token", "decoder")}
         found = dict(arch=kw["arch"], encoder_kwargs=kw, **parts, unused=[])
@@ -196,9 +197,9 @@ def load_pretrained(path, *, arch=None):
         return dict(kind="openmixup", path=path, config={}, **from_openmixup(state, arch=arch, path=path))
     if _is_tensor_dict(state):
         if arch is None:
-            raise CheckpointError(f"{path} is a plain state dict; pass --arch to name its torchvision model")
+            raise PlainStateDictError(f"{path} is a plain state dict; pass --arch to name its torchvision model")
         return dict(kind="torchvision", path=path, config={}, **from_torchvision(state, arch, path=path))
-    raise CheckpointError(f"{path} is not an A²MIM checkpoint written by train.py (no '{CHECKPOINT_FORMAT}' marker)")
+    raise not_our_checkpoint(path)
 
 def load_into(model, found):
     """Copy a `load_pretrained` result into an a2mim.A2MIM (train.py --init-from): the encoder strictly
