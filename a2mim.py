@@ -13,6 +13,7 @@ Section numbers refer to METHOD.md, which describes the paper *and* the released
 where the two differ we follow the code and say so. Tensor names carry their layout:
 `img_bchw`, `mask_bgg` (block grid), `mask_b1hw` (pixel or feature resolution).
 """
+
 import math
 import numbers
 
@@ -21,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from models import ARCHS, ConfigError, arch_family, token_site, token_site_stride
+from models import ARCHS, arch_family, token_site, token_site_stride
+from runtime import ConfigError
+
 
 def _check_choice(what, value, choices):
     if value not in choices:
@@ -34,9 +37,13 @@ def mask_count(input_size, mask_patch_size, mask_ratio):
     ConfigError unless the blocks tile the image and 1 ≤ k ≤ g² − 1: an image with every block
     masked has nothing left to reconstruct from, one with none has nothing to learn."""
     if not isinstance(mask_patch_size, numbers.Integral):
-        raise ConfigError(f"the mask block size must be a whole number of pixels, got {mask_patch_size!r}")
+        raise ConfigError(
+            f"the mask block size must be a whole number of pixels, got {mask_patch_size!r}"
+        )
     if mask_patch_size < 1 or input_size % mask_patch_size:
-        raise ConfigError(f"image size {input_size} must be a multiple of the mask block size {mask_patch_size}")
+        raise ConfigError(
+            f"image size {input_size} must be a multiple of the mask block size {mask_patch_size}"
+        )
     if not 0 < mask_ratio < 1:
         raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
     g = input_size // mask_patch_size
@@ -44,19 +51,28 @@ def mask_count(input_size, mask_patch_size, mask_ratio):
     k = math.ceil(round(mask_ratio * n, 6))  # round first: 0.56·100 is 56.000000000000007 in floats
     grid = f"the {g}×{g} grid of {mask_patch_size}-px blocks of a {input_size}-px image"
     if n == 1:
-        raise ConfigError(f"a {mask_patch_size}-px mask block covers the whole {input_size}-px image, so no mask "
-                          "ratio leaves one block masked and another visible; use a smaller block that divides "
-                          f"{input_size}")
+        raise ConfigError(
+            f"a {mask_patch_size}-px mask block covers the whole {input_size}-px image, so no mask "
+            "ratio leaves one block masked and another visible; use a smaller block that divides "
+            f"{input_size}"
+        )
     if k == n:
-        raise ConfigError(f"mask ratio {mask_ratio} masks all {n} blocks of {grid} (ceil(ratio · {n}) = {n}), but at "
-                          f"least one must stay visible; use a ratio of at most {n - 1}/{n} "
-                          f"({math.floor((n - 1) / n * 1e4) / 1e4:g})")
+        raise ConfigError(
+            f"mask ratio {mask_ratio} masks all {n} blocks of {grid} (ceil(ratio · {n}) = {n}), but at "
+            f"least one must stay visible; use a ratio of at most {n - 1}/{n} "
+            f"({math.floor((n - 1) / n * 1e4) / 1e4:g})"
+        )
     if k == 0:
-        raise ConfigError(f"mask ratio {mask_ratio} masks none of the {n} blocks of {grid}, but at least one must be "
-                          f"masked; use a ratio of at least 1/{n} ({math.ceil(1 / n * 1e4) / 1e4:g})")
+        raise ConfigError(
+            f"mask ratio {mask_ratio} masks none of the {n} blocks of {grid}, but at least one must be "
+            f"masked; use a ratio of at least 1/{n} ({math.ceil(1 / n * 1e4) / 1e4:g})"
+        )
     return g, k
 
-def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, device=None, generator=None):
+
+def mask_blocks(
+    batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, device=None, generator=None
+):
     """Random block masks, `ceil(ratio · g²)` masked blocks per image (§2, `mask_count`).
     Returns mask_bgg: float [B, g, g] of 0/1 with g = input_size // mask_patch_size; 1 = masked.
     At 224 px with 32-px blocks: g = 7, exactly 30 of 49 blocks masked (61.2 %), as released.
@@ -66,6 +82,7 @@ def mask_blocks(batch_size, input_size, mask_patch_size=32, mask_ratio=0.6, *, d
     noise_bl = torch.rand(batch_size, g * g, device=device, generator=generator)
     rank_bl = noise_bl.argsort(dim=1).argsort(dim=1)  # rank of each block's noise in its row
     return (rank_bl < k).float().view(batch_size, g, g)
+
 
 def resize_mask(mask, size):
     """Mask at any grid → [B, 1, size, size] float.
@@ -78,9 +95,12 @@ def resize_mask(mask, size):
         return mask_b1gg
     if size > g:
         if size % g:
-            raise ConfigError(f"a {g}×{g} mask cannot be upsampled to {size}×{size} (not a multiple)")
+            raise ConfigError(
+                f"a {g}×{g} mask cannot be upsampled to {size}×{size} (not a multiple)"
+            )
         return repeat(mask_b1gg, "b 1 h w -> b 1 (h r1) (w r2)", r1=size // g, r2=size // g)
     return (F.adaptive_avg_pool2d(mask_b1gg, size) >= 0.5).to(mask_b1gg.dtype)
+
 
 def mean_fill(img_bchw, mask):
     """Replace masked blocks by the image's own per-channel mean colour (§2, A²MIM).
@@ -91,11 +111,13 @@ def mean_fill(img_bchw, mask):
     mean_bc11 = img_bchw.mean(dim=(2, 3), keepdim=True)
     return torch.lerp(img_bchw, mean_bc11.expand_as(img_bchw), mask_b1hw)
 
+
 def zero_fill(img_bchw, mask):
     """Masked blocks set to 0 (the dataset mean after normalisation): an ablation only. Released
     SimMIM leaves the input untouched and masks in feature space (fill "none", §2)."""
     mask_b1hw = resize_mask(mask, img_bchw.shape[-1]).to(img_bchw.dtype)
     return img_bchw * (1 - mask_b1hw)
+
 
 FILLS = {"mean": mean_fill, "zero": zero_fill, "none": lambda img_bchw, mask: img_bchw}
 
@@ -115,9 +137,13 @@ class MaskToken(nn.Module):
         _check_choice("mask token mode", mode, ("gate", "add", "replace"))
         self.mode = mode
         self.token = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        if init_std > 0:  # 0: T starts at zero (the released ConvNeXt, see models.ConvNeXt.mask_token_std)
+        if (
+            init_std > 0
+        ):  # 0: T starts at zero (the released ConvNeXt, see models.ConvNeXt.mask_token_std)
             nn.init.trunc_normal_(self.token, std=init_std)
-        self.gamma = nn.Parameter(torch.full((1, channels, 1, 1), gamma_init)) if mode == "gate" else None
+        self.gamma = (
+            nn.Parameter(torch.full((1, channels, 1, 1), gamma_init)) if mode == "gate" else None
+        )
 
     def forward(self, feat_bchw, mask):
         """feat_bchw [B, C, h, w]; mask at any grid (resized to h×w). Returns [B, C, h, w]."""
@@ -159,6 +185,7 @@ def focal_l1_loss(pred, target, alpha=0.2, gamma=1.0):
     err = (pred - target).abs()
     return err * (2 * torch.sigmoid(alpha * err) - 1) ** gamma
 
+
 def focal_weight(dist_chw):
     """Focal frequency weight W = log(1 + √D) / its single global maximum, NaN → 0, clamped to
     [0, 1], without gradient (§5 step 4): frequencies that are badly reconstructed count more."""
@@ -166,6 +193,7 @@ def focal_weight(dist_chw):
         weight_chw = torch.log1p(dist_chw.sqrt())
         weight_chw = weight_chw / weight_chw.max()  # one global maximum, as released
         return torch.nan_to_num(weight_chw, nan=0.0).clamp(0, 1)  # 0/0 when pred == target
+
 
 def frequency_loss(pred_bchw, target_bchw):
     """Focal frequency loss on batch-averaged spectra (§5, `fft_focal=True`; Jiang et al., ICCV
@@ -180,6 +208,7 @@ def frequency_loss(pred_bchw, target_bchw):
         # 3. Weight each frequency by how badly it is reconstructed (no gradient), then average.
         return (focal_weight(dist_chw) * dist_chw).mean()
 
+
 def spectral_focal_l1_loss(pred_bchw, target_bchw):
     """The other released Fourier form (§5, `fft_focal=False`, ResNet-101): focal-L1 on |ΔF|
     between per-image orthonormal spectra, averaged over images, channels and frequencies.
@@ -190,7 +219,9 @@ def spectral_focal_l1_loss(pred_bchw, target_bchw):
         # 2. Focal-L1 on the modulus of the complex difference, mean-reduced.
         return focal_l1_loss(spec_bchw, torch.zeros_like(spec_bchw)).mean()
 
+
 FOURIER_LOSSES = {"focal_frequency": frequency_loss, "spectral_focal_l1": spectral_focal_l1_loss}
+
 
 def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     """The Fourier term's input (§5 step 1): x̃ = M·x̂ + (1−M)·[w·x̂ + (1−w)·(½·sg(x̂) + ½·x)].
@@ -200,8 +231,17 @@ def mixed_image(pred_bchw, target_bchw, mask_b1hw, fft_unmask_weight):
     outside_bchw = w * pred_bchw + (1 - w) * (0.5 * pred_bchw.detach() + 0.5 * target_bchw)
     return torch.lerp(outside_bchw, pred_bchw, mask_b1hw)
 
-def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0.5, fft_loss="focal_frequency",
-               fft_unmask_weight=1e-3):
+
+def a2mim_loss(
+    pred_bchw,
+    target_bchw,
+    mask,
+    *,
+    spatial="focal_l1",
+    fft_weight=0.5,
+    fft_loss="focal_frequency",
+    fft_unmask_weight=1e-3,
+):
     """L = L_spa + λ·L_freq (§5). Returns {"loss", "loss_spatial", "loss_freq"} (scalars).
     `spatial` ℓ: "focal_l1" (CNNs) or "l1" (ViT, SimMIM); `fft_weight` λ; `fft_loss` one of
     FOURIER_LOSSES; `fft_unmask_weight` w of `mixed_image`. `mask` at any grid."""
@@ -212,7 +252,11 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
     mask_b1hw = resize_mask(mask, pred_bchw.shape[-1]).float()
 
     # 1. L_spa: the pixel loss on masked pixels only, averaged over them and the channels.
-    elem_bchw = focal_l1_loss(pred_bchw, target_bchw) if spatial == "focal_l1" else (pred_bchw - target_bchw).abs()
+    elem_bchw = (
+        focal_l1_loss(pred_bchw, target_bchw)
+        if spatial == "focal_l1"
+        else (pred_bchw - target_bchw).abs()
+    )
     loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / pred_bchw.shape[1]
 
     # 2. L_freq on the "mixed" image (skipped entirely at λ = 0: SimMIM, R-152/200, ConvNeXt).
@@ -223,7 +267,11 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
         loss_freq = torch.zeros((), device=pred_bchw.device)
 
     # 3. The total, L = L_spa + λ·L_freq.
-    return {"loss": loss_spatial + fft_weight * loss_freq, "loss_spatial": loss_spatial, "loss_freq": loss_freq}
+    return {
+        "loss": loss_spatial + fft_weight * loss_freq,
+        "loss_spatial": loss_spatial,
+        "loss_freq": loss_freq,
+    }
 
 
 # --- The model: encoder + mask token + decoder + loss, with each arch's released options
@@ -232,14 +280,17 @@ def a2mim_loss(pred_bchw, target_bchw, mask, *, spatial="focal_l1", fft_weight=0
 # ViTs'; every ConvNeXt, whatever its width, has no Fourier term, as all released ConvNeXt configs.
 _FOCAL_FREQ_CNN = dict(fft_weight=0.5, fft_loss="focal_frequency", fft_unmask_weight=1e-3)
 _NO_FOURIER = dict(fft_weight=0.0, fft_loss="focal_frequency", fft_unmask_weight=0.0)
+# fmt: off
 RELEASED_FOURIER = {
     "resnet18": _FOCAL_FREQ_CNN, "resnet34": _FOCAL_FREQ_CNN, "resnet50": _FOCAL_FREQ_CNN,
     "resnet101": dict(fft_weight=0.1, fft_loss="spectral_focal_l1", fft_unmask_weight=1e-3),
     "resnet152": _NO_FOURIER, "resnet200": _NO_FOURIER,
     "convnext_tiny": _NO_FOURIER, "convnext_small": _NO_FOURIER, "convnext_base": _NO_FOURIER,
 }
+# fmt: on
 _VIT_FOURIER = dict(fft_weight=0.1, fft_loss="focal_frequency", fft_unmask_weight=0.0)
 LOSS_RECIPES = ("released", "paper")
+
 
 def method_defaults(arch, method="a2mim", loss_recipe="released"):
     """The options A2MIM uses for `arch` unless told otherwise (§2, §3, §5).
@@ -256,6 +307,7 @@ def method_defaults(arch, method="a2mim", loss_recipe="released"):
     fourier = RELEASED_FOURIER[arch] if loss_recipe == "released" else _FOCAL_FREQ_CNN
     return dict(fill="mean", token_at=None, token_mode="gate", spatial="focal_l1", **fourier)
 
+
 def check_grids(img_size, mask_patch_size, site_stride, mask_ratio):
     """The grid arithmetic of §2–§4, before anything runs: the image tiles into mask blocks of which
     some but not all are masked (`mask_count`), and the block grid maps onto the token site's grid
@@ -263,8 +315,11 @@ def check_grids(img_size, mask_patch_size, site_stride, mask_ratio):
     g, _ = mask_count(img_size, mask_patch_size, mask_ratio)
     h = img_size // site_stride
     if h % g and g % h:
-        raise ConfigError(f"the {g}×{g} mask grid ({mask_patch_size}-px blocks of {img_size} px) does not map onto "
-                          f"the {h}×{h} token site; use a mask block size whose grid divides or is a multiple of {h}")
+        raise ConfigError(
+            f"the {g}×{g} mask grid ({mask_patch_size}-px blocks of {img_size} px) does not map onto "
+            f"the {h}×{h} token site; use a mask block size whose grid divides or is a multiple of {h}"
+        )
+
 
 def default_mask_patch_size(img_size, site_stride, mask_ratio=0.6):
     """The mask block (px) used unless one is given (§2), for an image size the encoder takes and
@@ -280,16 +335,22 @@ def default_mask_patch_size(img_size, site_stride, mask_ratio=0.6):
         except ConfigError:
             continue
         fits.append(block)
-    if not fits:  # only a ratio no grid of this image can honour: the preferred block's sentence says why
+    if (
+        not fits
+    ):  # only a ratio no grid of this image can honour: the preferred block's sentence says why
         check_grids(img_size, preferred, site_stride, mask_ratio)
     return min(fits, key=lambda block: (abs(math.log(block / preferred)), -block))
+
 
 def mask_patch_size_for(arch, img_size, *, method="a2mim", token_at=None, mask_ratio=0.6):
     """`default_mask_patch_size` for build_encoder(arch, img_size) and the method's token site,
     without building anything (train.py settles its settings before the model exists). ConfigError
     for a size the encoder refuses (naming the sizes it takes) or an unknown site."""
     token_at = method_defaults(arch, method)["token_at"] if token_at is None else token_at
-    return default_mask_patch_size(img_size, token_site_stride(arch, img_size, token_at), mask_ratio)
+    return default_mask_patch_size(
+        img_size, token_site_stride(arch, img_size, token_at), mask_ratio
+    )
+
 
 class A2MIM(nn.Module):
     """Masked image modeling for any encoder of `models.py` (§2–§5).
@@ -300,12 +361,32 @@ class A2MIM(nn.Module):
     options are in `self.cfg`. `mask_patch_size` / `mask_ratio` as in `mask_blocks`; mask_patch_size
     None = `default_mask_patch_size` for the encoder's size and token site (32 px at 224)."""
 
-    def __init__(self, encoder, *, method="a2mim", mask_patch_size=None, mask_ratio=0.6, loss_recipe="released",
-                 fill=None, token_at=None, token_mode=None, spatial=None, fft_weight=None, fft_loss=None,
-                 fft_unmask_weight=None):
+    def __init__(
+        self,
+        encoder,
+        *,
+        method="a2mim",
+        mask_patch_size=None,
+        mask_ratio=0.6,
+        loss_recipe="released",
+        fill=None,
+        token_at=None,
+        token_mode=None,
+        spatial=None,
+        fft_weight=None,
+        fft_loss=None,
+        fft_unmask_weight=None,
+    ):
         super().__init__()
-        given = dict(fill=fill, token_at=token_at, token_mode=token_mode, spatial=spatial, fft_weight=fft_weight,
-                     fft_loss=fft_loss, fft_unmask_weight=fft_unmask_weight)
+        given = dict(
+            fill=fill,
+            token_at=token_at,
+            token_mode=token_mode,
+            spatial=spatial,
+            fft_weight=fft_weight,
+            fft_loss=fft_loss,
+            fft_unmask_weight=fft_unmask_weight,
+        )
         defaults = method_defaults(encoder.arch, method, loss_recipe)
         cfg = defaults | {k: v for k, v in given.items() if v is not None}
         _check_choice("fill", cfg["fill"], FILLS)
@@ -313,14 +394,26 @@ class A2MIM(nn.Module):
         _check_choice("Fourier loss", cfg["fft_loss"], FOURIER_LOSSES)
         # Written so that NaN fails too; an infinite λ would make every loss infinite.
         if not (0 <= cfg["fft_weight"] < math.inf and 0 <= cfg["fft_unmask_weight"] <= 1):
-            raise ConfigError(f"need a finite fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got "
-                              f"{cfg['fft_weight']} and {cfg['fft_unmask_weight']}")
+            raise ConfigError(
+                f"need a finite fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got "
+                f"{cfg['fft_weight']} and {cfg['fft_unmask_weight']}"
+            )
         # A Fourier option given while λ = 0 (SimMIM, ConvNeXt, R-152/200, or fft_weight=0) would change nothing.
-        inert = [k for k in ("fft_loss", "fft_unmask_weight") if given[k] is not None and given[k] != defaults[k]]
+        inert = [
+            k
+            for k in ("fft_loss", "fft_unmask_weight")
+            if given[k] is not None and given[k] != defaults[k]
+        ]
         if cfg["fft_weight"] == 0 and inert:
-            off = "off" if given["fft_weight"] is not None else f"off by default for {method} {encoder.arch}"
-            raise ConfigError(f"{inert[0]}={given[inert[0]]!r} has no effect: the Fourier term is {off} "
-                              f"(fft_weight 0); give fft_weight > 0 as well, or leave {inert[0]} out")
+            off = (
+                "off"
+                if given["fft_weight"] is not None
+                else f"off by default for {method} {encoder.arch}"
+            )
+            raise ConfigError(
+                f"{inert[0]}={given[inert[0]]!r} has no effect: the Fourier term is {off} "
+                f"(fft_weight 0); give fft_weight > 0 as well, or leave {inert[0]} out"
+            )
         self.method, self.cfg = method, cfg
 
         self.encoder = encoder
@@ -329,7 +422,9 @@ class A2MIM(nn.Module):
             mask_patch_size = default_mask_patch_size(encoder.img_size, stride, mask_ratio)
         check_grids(encoder.img_size, mask_patch_size, stride, mask_ratio)
         self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
-        self.mask_token = MaskToken(channels, mode=cfg["token_mode"], init_std=encoder.mask_token_std)
+        self.mask_token = MaskToken(
+            channels, mode=cfg["token_mode"], init_std=encoder.mask_token_std
+        )
         self.decoder = Decoder(encoder.out_channels, encoder.out_stride)
 
     def forward(self, img_bchw, mask=None, *, generator=None):
@@ -342,18 +437,28 @@ class A2MIM(nn.Module):
 
         # 1. Random blocks, drawn on the images' device (§2).
         if mask is None:
-            mask = mask_blocks(B, H, self.mask_patch_size, self.mask_ratio, device=img_bchw.device, generator=generator)
+            mask = mask_blocks(
+                B,
+                H,
+                self.mask_patch_size,
+                self.mask_ratio,
+                device=img_bchw.device,
+                generator=generator,
+            )
 
         # 2. Fill the masked blocks of the input: mean colour (A²MIM); SimMIM leaves it untouched.
         input_bchw = FILLS[self.cfg["fill"]](img_bchw, mask)
 
         # 3. Encode; the encoder hands us its feature map at the token site (§3).
-        feat_bchw = self.encoder(input_bchw, token_fn=lambda f: self.mask_token(f, mask), token_at=self.token_at)
+        feat_bchw = self.encoder(
+            input_bchw, token_fn=lambda f: self.mask_token(f, mask), token_at=self.token_at
+        )
 
         # 4. Decode back to pixels (§4) and 5. compare with the original, unmasked image (§5).
         pred_bchw = self.decoder(feat_bchw)
         losses = a2mim_loss(pred_bchw, img_bchw, mask, **{k: self.cfg[k] for k in LOSS_KEYS})
         return {**losses, "pred": pred_bchw, "mask": mask, "input": input_bchw}
+
 
 LOSS_KEYS = ("spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
 
@@ -362,27 +467,37 @@ LOSS_KEYS = ("spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
 # The released tool's 13 context ratios r; the order is m = floor((n − 2)·r).
 RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
+
 def log_odds(logits_bk, labels_b):
     """log p_y − log(1 − p_y) of the true class y, from logits [B, K] → [B]."""
     true_b = logits_bk.gather(1, labels_b[:, None])[:, 0]
     others_bk = logits_bk.scatter(1, labels_b[:, None], float("-inf"))
     return true_b - torch.logsumexp(others_bk, dim=1)
 
+
 def default_grid(img_size):
     """14 cells a side where it tiles the image (224 px → 16-px cells, the released tool), else the
     largest grid ≤ 14 that does (32 px → 8, i.e. 4-px cells, the size of our small ViT patches)."""
     return next(g for g in range(14, 0, -1) if img_size % g == 0)
 
+
 def sample_pairs(grid, count, *, radius=2, generator=None):
     """(i, j) player pairs as the released tool draws them → LongTensor [count, 2] (row-major cells):
     i uniform; j = i + one of the (2r+1)² − 1 offsets within Chebyshev distance r, clamped to the
     border; pairs with j = i or already drawn (in either order) are rejected and redrawn."""
-    offsets = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1) if dy or dx]
+    offsets = [
+        (dy, dx)
+        for dy in range(-radius, radius + 1)
+        for dx in range(-radius, radius + 1)
+        if dy or dx
+    ]
     # Every pair this draws is within distance r; without enough of them the loop below would never end.
     possible = sum(max(0, grid - abs(dy)) * max(0, grid - abs(dx)) for dy, dx in offsets) // 2
     if count > possible:
-        raise ConfigError(f"a {grid}×{grid} grid has only {possible} distinct pairs of cells within distance "
-                          f"{radius}, but {count} were asked for; use fewer pairs or a finer grid")
+        raise ConfigError(
+            f"a {grid}×{grid} grid has only {possible} distinct pairs of cells within distance "
+            f"{radius}, but {count} were asked for; use fewer pairs or a finer grid"
+        )
     chosen = []
     while len(chosen) < count:
         y, x = torch.randint(grid, (2,), generator=generator).tolist()
@@ -392,9 +507,21 @@ def sample_pairs(grid, count, *, radius=2, generator=None):
             chosen.append((i, j))
     return torch.tensor(chosen, dtype=torch.long).view(-1, 2)
 
+
 @torch.no_grad()
-def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATIOS, pairs=50, contexts=50,
-                         baseline=None, generator=None, chunk=1024):
+def interaction_strength(
+    model,
+    images_bchw,
+    labels_b,
+    *,
+    grid=None,
+    orders=RATIOS,
+    pairs=50,
+    contexts=50,
+    baseline=None,
+    generator=None,
+    chunk=1024,
+):
     """Multi-order interaction strength J^(m) of a classifier (§9; Deng et al., ICLR 2022).
     The image is cut into n = grid² patches (the players; default `default_grid`). v(S) = log-odds
     of the true class when only the patches in S are kept and the rest set to `baseline` (the
@@ -418,24 +545,52 @@ def interaction_strength(model, images_bchw, labels_b, *, grid=None, orders=RATI
     try:
         I_abs_bm = torch.zeros(B, len(orders))
         for b in range(B):
-            chosen = pairs if torch.is_tensor(pairs) else sample_pairs(grid, pairs, generator=generator)
+            chosen = (
+                pairs if torch.is_tensor(pairs) else sample_pairs(grid, pairs, generator=generator)
+            )
             for o, ratio in enumerate(orders):
-                S_pcn = _contexts(chosen, n, math.floor(round((n - 2) * ratio, 6)), contexts, generator)
+                S_pcn = _contexts(
+                    chosen, n, math.floor(round((n - 2) * ratio, 6)), contexts, generator
+                )
                 with_i_pn = F.one_hot(chosen[:, 0], n).bool()
                 with_j_pn = F.one_hot(chosen[:, 1], n).bool()
                 # The four coalitions of Δv, as keep-masks [P, C, 4, n].
-                coalitions = torch.stack([S_pcn, S_pcn | with_i_pn[:, None], S_pcn | with_j_pn[:, None],
-                                          S_pcn | (with_i_pn | with_j_pn)[:, None]], dim=2)
-                v = _coalition_values(model, images_bchw[b], labels_b[b], coalitions.flatten(0, 2), grid,
-                                      baseline.to(images_bchw.device), chunk)
-                v_S, v_Si, v_Sj, v_Sij = rearrange(v, "(p c four) -> four p c", p=len(chosen), four=4)
+                coalitions = torch.stack(
+                    [
+                        S_pcn,
+                        S_pcn | with_i_pn[:, None],
+                        S_pcn | with_j_pn[:, None],
+                        S_pcn | (with_i_pn | with_j_pn)[:, None],
+                    ],
+                    dim=2,
+                )
+                v = _coalition_values(
+                    model,
+                    images_bchw[b],
+                    labels_b[b],
+                    coalitions.flatten(0, 2),
+                    grid,
+                    baseline.to(images_bchw.device),
+                    chunk,
+                )
+                v_S, v_Si, v_Sj, v_Sij = rearrange(
+                    v, "(p c four) -> four p c", p=len(chosen), four=4
+                )
                 delta_pc = v_Sij - v_Si - v_Sj + v_S
-                I_abs_bm[b, o] = delta_pc.mean(dim=1).abs().mean()   # E_S inside |.|, E_pairs outside
+                I_abs_bm[b, o] = (
+                    delta_pc.mean(dim=1).abs().mean()
+                )  # E_S inside |.|, E_pairs outside
     finally:
         for m, training in modes:  # every submodule back in the mode it came in
             m.train(training)
     I_abs = I_abs_bm.mean(dim=0)  # E_x
-    return {"orders": torch.tensor(orders), "J": I_abs / I_abs.mean(), "I_abs": I_abs, "I_abs_bm": I_abs_bm}
+    return {
+        "orders": torch.tensor(orders),
+        "J": I_abs / I_abs.mean(),
+        "I_abs": I_abs,
+        "I_abs_bm": I_abs_bm,
+    }
+
 
 def _contexts(pairs_p2, n, m, contexts, generator):
     """`contexts` random subsets S of size m of the n players minus {i, j}, per pair → bool [P, C, n]."""
@@ -446,13 +601,18 @@ def _contexts(pairs_p2, n, m, contexts, generator):
     rank_pcn = noise_pcn.argsort(dim=-1).argsort(dim=-1)
     return rank_pcn < m
 
+
 def _coalition_values(model, img_chw, label, keep_kn, grid, baseline, chunk):
     """v(S) for K coalitions: patches outside S set to the baseline, log-odds of `label` → [K]."""
     cell = img_chw.shape[-1] // grid
     out = []
     for keep in keep_kn.split(chunk):
-        keep_k1hw = repeat(keep.to(img_chw.dtype), "k (h w) -> k 1 (h c1) (w c2)", h=grid, c1=cell, c2=cell)
-        x_kchw = torch.lerp(baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw.to(img_chw.device))
+        keep_k1hw = repeat(
+            keep.to(img_chw.dtype), "k (h w) -> k 1 (h c1) (w c2)", h=grid, c1=cell, c2=cell
+        )
+        x_kchw = torch.lerp(
+            baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw.to(img_chw.device)
+        )
         labels = torch.full((len(keep),), int(label), device=img_chw.device)
         out.append(log_odds(model(x_kchw).float(), labels).cpu())
     return torch.cat(out)

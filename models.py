@@ -20,10 +20,8 @@ from torchvision.models.convnext import CNBlockConfig, LayerNorm2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import stochastic_depth
 
-class ConfigError(ValueError):
-    """A setting the user can fix (unknown arch or option, a size that does not tile). The
-    scripts print its one sentence and exit with code 2; any other exception is a bug and keeps
-    its traceback. A ValueError, so library callers may catch either."""
+from runtime import ConfigError
+
 
 # Inputs this small (Fashion-MNIST, CIFAR) get a CIFAR-style stem: a 3×3 stride-1 conv and no
 # max-pool for ResNets, 4-px patches for ViTs. Otherwise a 32-px image would leave a 1×1 map.
@@ -31,10 +29,15 @@ SMALL_INPUT = 64
 
 
 # --- ResNet (§4): torchvision's ResNet, so that the weights load straight back into torchvision
-RESNET_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet34": (BasicBlock, [3, 4, 6, 3]),
-                 "resnet50": (Bottleneck, [3, 4, 6, 3]), "resnet101": (Bottleneck, [3, 4, 23, 3]),
-                 "resnet152": (Bottleneck, [3, 8, 36, 3]),
-                 "resnet200": (Bottleneck, [3, 24, 36, 3])}  # not in torchvision; same blocks, deeper stages 2-3
+RESNET_LAYERS = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (Bottleneck, [3, 4, 23, 3]),
+    "resnet152": (Bottleneck, [3, 8, 36, 3]),
+    "resnet200": (Bottleneck, [3, 24, 36, 3]),
+}  # not in torchvision; same blocks, deeper stages 2-3
+
 
 class ResNet(torchvision.models.ResNet):
     """torchvision's ResNet without `avgpool`/`fc`, plus a token hook before any stage.
@@ -44,7 +47,9 @@ class ResNet(torchvision.models.ResNet):
 
     family = "cnn"
     default_token_site = "layer4"
-    mask_token_std = 0.02  # T ~ trunc-normal, as released (mim_resnet.py: trunc_normal_ on the tensor)
+    mask_token_std = (
+        0.02  # T ~ trunc-normal, as released (mim_resnet.py: trunc_normal_ on the tensor)
+    )
 
     def __init__(self, arch, *, width=64, small_stem=False):
         block, layers = RESNET_LAYERS[arch]
@@ -62,10 +67,14 @@ class ResNet(torchvision.models.ResNet):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-        chans = [width] + [width * block.expansion * 2**k for k in range(4)]  # the stem's, then each stage's output
+        chans = [width] + [
+            width * block.expansion * 2**k for k in range(4)
+        ]  # the stem's, then each stage's output
         # The input of layer{k+1} is the output of layer{k} (layer1's: the stem's).
         strides, self.out_stride = _site_strides(arch, small_stem=small_stem)
-        self.token_sites = {name: (chans[k], stride) for k, (name, stride) in enumerate(strides.items())}
+        self.token_sites = {
+            name: (chans[k], stride) for k, (name, stride) in enumerate(strides.items())
+        }
         self.out_channels = chans[4]
 
     def _rebuild(self, block, layers, width, small_stem):
@@ -93,9 +102,14 @@ class ResNet(torchvision.models.ResNet):
             x = getattr(self, name)(x)
         return x
 
+
 # --- ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling
-CONVNEXT_DEPTHS = {"convnext_tiny": ((3, 3, 9, 3), 96), "convnext_small": ((3, 3, 27, 3), 96),  # depths, width
-                   "convnext_base": ((3, 3, 27, 3), 128)}
+CONVNEXT_DEPTHS = {
+    "convnext_tiny": ((3, 3, 9, 3), 96),
+    "convnext_small": ((3, 3, 27, 3), 96),  # depths, width
+    "convnext_base": ((3, 3, 27, 3), 128),
+}
+
 
 class ConvNeXt(torchvision.models.ConvNeXt):
     """torchvision's ConvNeXt `features` (keys unchanged) without the classifier.
@@ -113,10 +127,14 @@ class ConvNeXt(torchvision.models.ConvNeXt):
     def __init__(self, arch, *, width=None, small_stem=False, drop_path=0.0):
         depths, base = CONVNEXT_DEPTHS[arch]
         dims = [(width or base) * 2**k for k in range(4)]
-        setting = [CNBlockConfig(dims[k], dims[k + 1] if k < 3 else None, depths[k]) for k in range(4)]
+        setting = [
+            CNBlockConfig(dims[k], dims[k + 1] if k < 3 else None, depths[k]) for k in range(4)
+        ]
         super().__init__(setting, stochastic_depth_prob=drop_path)
         if small_stem:  # 32-px inputs: a stride-1 3×3 stem instead of the 4×4 patchify stem
-            self.features[0] = nn.Sequential(nn.Conv2d(3, dims[0], 3, padding=1), LayerNorm2d(dims[0], eps=1e-6))
+            self.features[0] = nn.Sequential(
+                nn.Conv2d(3, dims[0], 3, padding=1), LayerNorm2d(dims[0], eps=1e-6)
+            )
         del self.avgpool, self.classifier
         # §4: the released encoder ends with a LayerNorm on the last-stage map (`norm3`,
         # gap_before_final_norm=False); the decoder reads that normalised map.
@@ -124,7 +142,9 @@ class ConvNeXt(torchvision.models.ConvNeXt):
         self.arch = arch
 
         strides, self.out_stride = _site_strides(arch, small_stem=small_stem)
-        self.token_sites = {name: (dims[k], stride) for k, (name, stride) in enumerate(strides.items())}
+        self.token_sites = {
+            name: (dims[k], stride) for k, (name, stride) in enumerate(strides.items())
+        }
         self.out_channels = dims[3]
 
     def forward(self, x_bchw, token_fn=None, token_at=None):
@@ -142,11 +162,12 @@ class ConvNeXt(torchvision.models.ConvNeXt):
 # --- ViT (§4, "as in SimMIM's ViT"): patch 16, absolute position embedding + relative position bias,
 # LayerScale 0.1, drop path, qkv bias, final LayerNorm; cls token dropped at the output.
 VIT_CONFIGS = {  # depth, dim, heads, mlp hidden
-    "vit_tiny": (6, 192, 3, 768),     # ours, for 32-px CPU runs (not in the paper)
-    "vit_small": (8, 768, 8, 2304),   # the paper's "ViT-S": 8 layers, 768 wide (48.8 M), not DeiT-S
+    "vit_tiny": (6, 192, 3, 768),  # ours, for 32-px CPU runs (not in the paper)
+    "vit_small": (8, 768, 8, 2304),  # the paper's "ViT-S": 8 layers, 768 wide (48.8 M), not DeiT-S
     "vit_base": (12, 768, 12, 3072),
     "vit_large": (24, 1024, 16, 4096),
 }
+
 
 class RelativePositionBias(nn.Module):
     """BEiT-style learned bias per head for every (query, key) offset, plus 3 cls entries.
@@ -159,14 +180,15 @@ class RelativePositionBias(nn.Module):
         self.table = nn.Parameter(torch.zeros(n_rel + 3, heads))
 
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-        coords = torch.stack([ys.flatten(), xs.flatten()])              # [2, N]
-        rel = (coords[:, :, None] - coords[:, None, :]) + (grid - 1)    # [2, N, N], in [0, 2g-2]
+        coords = torch.stack([ys.flatten(), xs.flatten()])  # [2, N]
+        rel = (coords[:, :, None] - coords[:, None, :]) + (grid - 1)  # [2, N, N], in [0, 2g-2]
         idx = F.pad(rel[0] * (2 * grid - 1) + rel[1], (1, 0, 1, 0), value=n_rel)  # row 0: cls→tok
         idx[1:, 0], idx[0, 0] = n_rel + 1, n_rel + 2
         self.register_buffer("index", idx, persistent=False)
 
     def forward(self):
         return self.table[self.index].permute(2, 0, 1)  # [heads, 1+N, 1+N]
+
 
 class Block(nn.Module):
     """Pre-norm Transformer block with LayerScale (init 0.1, §4) and drop path.
@@ -194,9 +216,13 @@ class Block(nn.Module):
 
     def forward(self, x_bnd):
         # Stochastic depth ("row": the whole residual branch of a random subset of samples is dropped).
-        x_bnd = x_bnd + stochastic_depth(self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, "row",
-                                         self.training)
-        return x_bnd + stochastic_depth(self.gamma_2 * self.mlp(self.norm2(x_bnd)), self.drop_path, "row", self.training)
+        x_bnd = x_bnd + stochastic_depth(
+            self.gamma_1 * self.attention(self.norm1(x_bnd)), self.drop_path, "row", self.training
+        )
+        return x_bnd + stochastic_depth(
+            self.gamma_2 * self.mlp(self.norm2(x_bnd)), self.drop_path, "row", self.training
+        )
+
 
 class ViT(nn.Module):
     """Vision Transformer returning its patch tokens as a map [B, D, H/p, W/p].
@@ -244,10 +270,14 @@ class ViT(nn.Module):
         feat_bdhw = self.patch_embed(x_bchw)
         B, D, h, w = feat_bdhw.shape
         if (h, w) != (self.grid, self.grid):
-            raise ConfigError(f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}")
+            raise ConfigError(
+                f"this ViT was built for a {self.grid}×{self.grid} patch grid, got {h}×{w}"
+            )
         if token_fn is not None and token_at == "block0":
             feat_bdhw = token_fn(feat_bdhw)
-        x_bnd = torch.cat([self.cls_token.expand(B, -1, -1), rearrange(feat_bdhw, "b d h w -> b (h w) d")], dim=1)
+        x_bnd = torch.cat(
+            [self.cls_token.expand(B, -1, -1), rearrange(feat_bdhw, "b d h w -> b (h w) d")], dim=1
+        )
         x_bnd = x_bnd + self.pos_embed
 
         for k, block in enumerate(self.blocks):
@@ -257,8 +287,10 @@ class ViT(nn.Module):
             x_bnd = block(x_bnd)
         return _tokens_to_map(self.norm(x_bnd)[:, 1:], h, w)  # cls token dropped (§4)
 
+
 def _tokens_to_map(x_bnd, h, w):
     return rearrange(x_bnd, "b (h w) d -> b d h w", h=h, w=w)
+
 
 def _resolve_site(sites, default, token_at):
     """`None` → `default` (the encoder's A²MIM site); "stem" → the first of `sites` (SimMIM's); else must exist."""
@@ -269,6 +301,7 @@ def _resolve_site(sites, default, token_at):
         raise ConfigError(f"unknown token site {token_at!r}; choose 'stem' or one of {list(sites)}")
     return token_at
 
+
 def token_site(encoder, token_at=None):
     """(name, channels, stride) of the site where the mask token goes."""
     name = _resolve_site(encoder.token_sites, encoder.default_token_site, token_at)
@@ -278,24 +311,29 @@ def token_site(encoder, token_at=None):
 # --- Strides and image sizes, known without building an encoder (train.py settles its mask block first)
 ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
 
+
 def arch_family(arch):
-    """"vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
+    """ "vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
     return "vit" if arch in VIT_CONFIGS else "cnn"
 
+
 def arch_kind(arch):
-    """"resnet", "convnext" or "vit": the family whose recipes and foreign key names (weights.py) an arch follows."""
+    """ "resnet", "convnext" or "vit": the family whose recipes and foreign key names (weights.py) an arch follows."""
     if arch in RESNET_LAYERS:
         return "resnet"
     return "convnext" if arch in CONVNEXT_DEPTHS else "vit"
+
 
 def _check_arch(arch):
     if arch not in ARCHS:
         raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
 
+
 def _encoder_class(arch):
     if arch in RESNET_LAYERS:
         return ResNet
     return ConvNeXt if arch in CONVNEXT_DEPTHS else ViT
+
 
 def _site_strides(arch, *, small_stem=False, patch_size=16):
     """({token site: stride} in network order, output stride): the encoder classes' own geometry.
@@ -310,16 +348,19 @@ def _site_strides(arch, *, small_stem=False, patch_size=16):
         return {f"stage{k + 1}": s * 2**k for k in range(4)}, s * 8
     return {f"block{k}": patch_size for k in range(VIT_CONFIGS[arch][0])}, patch_size
 
+
 def _stem_and_patch(img_size, small_stem, patch_size):
     """build_encoder's defaults: a CIFAR-style stem and 4-px ViT patches up to SMALL_INPUT px."""
     small = img_size <= SMALL_INPUT
     return (small if small_stem is None else small_stem), (patch_size or (4 if small else 16))
+
 
 def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
     """ConfigError unless build_encoder(arch, img_size, …) takes img_size: a multiple of the encoder's
     output stride (the ViT patch), so that the decoder gives back the input size (§4). With the
     default stem and patch that stride is smaller up to SMALL_INPUT px; the sentence says so and
     names the accepted sizes nearest to img_size."""
+
     def stride_at(size):
         stem, patch = _stem_and_patch(size, small_stem, patch_size)
         return _site_strides(arch, small_stem=stem, patch_size=patch)[1]
@@ -337,13 +378,19 @@ def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
     # The accepted sizes either side of img_size lie within two of the larger stride.
     window = range(max(1, img_size - 2 * max(small, large)), img_size + 2 * max(small, large) + 1)
     accepted = [n for n in window if n % stride_at(n) == 0]
-    below, above = [n for n in accepted if n < img_size][-2:], [n for n in accepted if n > img_size][:2]
+    below, above = (
+        [n for n in accepted if n < img_size][-2:],
+        [n for n in accepted if n > img_size][:2],
+    )
     near = below + above + ["…"]
     if below and below[0] > stride_at(1):  # the smallest size taken is one stride
         near.insert(0, "…")
     what = "patch size" if arch_family(arch) == "vit" else "output stride"
-    raise ConfigError(f"image size {img_size} is not divisible by the {arch} {what} {stride}: {arch} takes {rule} "
-                      f"({', '.join(map(str, near))})")
+    raise ConfigError(
+        f"image size {img_size} is not divisible by the {arch} {what} {stride}: {arch} takes {rule} "
+        f"({', '.join(map(str, near))})"
+    )
+
 
 def token_site_stride(arch, img_size, token_at=None, *, small_stem=None, patch_size=None):
     """The stride of `token_site(build_encoder(arch, img_size, …), token_at)`, without building the
@@ -356,7 +403,9 @@ def token_site_stride(arch, img_size, token_at=None, *, small_stem=None, patch_s
 
 
 # --- The one entry point
-def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None):
+def build_encoder(
+    arch, img_size=224, *, width=None, small_stem=None, patch_size=None, drop_path=None
+):
     """Build an encoder by name (see `ARCHS`).
     * `width`       ResNet base width (64 = standard; e.g. 16 for CPU runs) or ConvNeXt first-stage
                     width (96/128 standard).
@@ -365,7 +414,9 @@ def build_encoder(arch, img_size=224, *, width=None, small_stem=None, patch_size
     * `drop_path`   ViT default 0.1 (§4), ConvNeXt default 0.
     Raises ConfigError naming the choices for an unknown arch, and naming the sizes it takes for an
     image size the encoder cannot tile exactly (`check_img_size`: the decoder must give back the input size)."""
-    check_img_size(arch, img_size, small_stem=small_stem, patch_size=patch_size)  # first: an unknown arch
+    check_img_size(
+        arch, img_size, small_stem=small_stem, patch_size=patch_size
+    )  # first: an unknown arch
     small_stem, patch_size = _stem_and_patch(img_size, small_stem, patch_size)
     if arch in RESNET_LAYERS:
         encoder = ResNet(arch, width=width or 64, small_stem=small_stem)

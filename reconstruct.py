@@ -9,6 +9,7 @@ skipped). Each image is resized and centre-cropped to the model's size; the mask
 on every machine), so the same command writes the same bytes. The model needs its decoder: a train.py checkpoint or a released *_full.pth
 (weights.load_pretrained reads both), not a backbone-only or torchvision file. Runs on the CPU, in eval mode.
 """
+
 import argparse
 import io
 import math
@@ -31,13 +32,25 @@ import weights
 from a2mim import A2MIM, mask_blocks, resize_mask
 from runtime import CheckpointError, RunError
 
-NO_DECODER = ("{} has no decoder: the picture needs a pre-trained A²MIM/SimMIM model (train.py checkpoint or a "
-              "released *_full.pth)")
-PICTURE_OPTIONS = ("fill", "token_at", "token_mode")  # of a train.py run's settings, those that change the picture
+NO_DECODER = (
+    "{} has no decoder: the picture needs a pre-trained A²MIM/SimMIM model (train.py checkpoint or a "
+    "released *_full.pth)"
+)
+PICTURE_OPTIONS = (
+    "fill",
+    "token_at",
+    "token_mode",
+)  # of a train.py run's settings, those that change the picture
 
 
 # --- The picture: the one that train.py writes during training, and this script for any model.
-RECON_COLUMNS = ("original", "input", "prediction", "pasted")  # left to right; train.py names its files by them
+RECON_COLUMNS = (
+    "original",
+    "input",
+    "prediction",
+    "pasted",
+)  # left to right; train.py names its files by them
+
 
 def save_reconstructions(path, img_bchw, out, n=8):
     """Rows of original | model input | prediction | prediction pasted into the visible pixels, for the first
@@ -51,7 +64,9 @@ def save_reconstructions(path, img_bchw, out, n=8):
     seen = out.get("input", img_bchw)[:n].detach().float().cpu()
     m = resize_mask(mask, pred.shape[-1]).float()
     rows = torch.stack([img_bchw[:n].float().cpu(), seen, pred, seen * (1 - m) + pred * m], dim=1)
-    rows = rows * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    rows = rows * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(
+        data.IMAGENET_MEAN
+    ).view(3, 1, 1)
 
     # 2. Tiles of 96 to 256 px, 2-px black lines between them, 4 to a row: uint8 [H, W, 3] as save_image rounds.
     size = pred.shape[-1]
@@ -76,8 +91,11 @@ def save_reconstructions(path, img_bchw, out, n=8):
     picture.save(png, format="png")
     runtime.atomic_save(path, png.getvalue())
 
+
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     a = p.add_argument
     a("images", nargs="*", metavar="IMAGES_OR_FOLDER", help="image files and folders of images")
     a("--checkpoint", help="train.py's checkpoint.pt, or a released OpenMixup *_full.pth")
@@ -85,18 +103,32 @@ def get_parser():
     a("--overwrite", action="store_true", help="replace --out if it exists")
     a("--seed", type=int, default=0, help="seed of the masks (default 0)")
     a("--n", type=int, default=8, help="rows: the first N images (default 8)")
-    a("--img-size", type=int, help="the model's input size (default: the checkpoint's; a CNN takes others)")
-    a("--mask-ratio", type=float, help="fraction of the mask blocks masked (default: the checkpoint's, else 0.6)")
-    a("--method", choices=("a2mim", "simmim"),
-      help="default: the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits")
+    a(
+        "--img-size",
+        type=int,
+        help="the model's input size (default: the checkpoint's; a CNN takes others)",
+    )
+    a(
+        "--mask-ratio",
+        type=float,
+        help="fraction of the mask blocks masked (default: the checkpoint's, else 0.6)",
+    )
+    a(
+        "--method",
+        choices=("a2mim", "simmim"),
+        help="default: the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits",
+    )
     a("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     return p
+
 
 def check_args(args):
     """Everything that needs no file read: ConfigError / RunError, one sentence, before anything runs."""
     if args.checkpoint is None or not args.images:
-        raise models.ConfigError("name a checkpoint and the images: python reconstruct.py --checkpoint FILE "
-                                 "IMAGES_OR_FOLDER... (train.py's checkpoint.pt or a released *_full.pth)")
+        raise models.ConfigError(
+            "name a checkpoint and the images: python reconstruct.py --checkpoint FILE "
+            "IMAGES_OR_FOLDER... (train.py's checkpoint.pt or a released *_full.pth)"
+        )
     if args.n < 1:
         raise models.ConfigError(f"--n must be at least 1, got {args.n}")
     if args.threads is not None and args.threads < 1:
@@ -106,7 +138,10 @@ def check_args(args):
     if os.path.isdir(args.out):
         raise RunError(f"--out {args.out} is a folder; name the .png file to write")
     if os.path.lexists(args.out) and not args.overwrite:
-        raise RunError(f"--out {args.out} exists; pass --overwrite to replace it, or name another file")
+        raise RunError(
+            f"--out {args.out} exists; pass --overwrite to replace it, or name another file"
+        )
+
 
 def image_paths(names):
     """Every image path: files as given, folders walked by data.py's image-folder rules; either way an image is a
@@ -117,7 +152,9 @@ def image_paths(names):
         if os.path.isdir(name):
             found = data._images_under(name, {})
             if not found:
-                raise data.DataError(f"{name} holds no images (files named {named}; hidden files are skipped)")
+                raise data.DataError(
+                    f"{name} holds no images (files named {named}; hidden files are skipped)"
+                )
             paths += found
         elif not os.path.isfile(name):
             raise data.DataError(f"{name} does not exist")
@@ -127,12 +164,15 @@ def image_paths(names):
             paths.append(name)
     return paths
 
+
 def load_model(path, *, img_size=None, mask_ratio=None, method=None):
     """(a2mim.A2MIM in eval mode holding the file's encoder, mask token and decoder, the file's kind).
     CheckpointError, one sentence, for a file without a decoder or whose token fits neither method."""
     try:
         found = weights.load_pretrained(path)
-    except weights.PlainStateDictError:  # a plain (torchvision) state dict: an encoder alone, whatever its arch
+    except (
+        weights.PlainStateDictError
+    ):  # a plain (torchvision) state dict: an encoder alone, whatever its arch
         raise CheckpointError(NO_DECODER.format(path)) from None
     if not found["decoder"]:
         raise CheckpointError(NO_DECODER.format(path))
@@ -140,10 +180,15 @@ def load_model(path, *, img_size=None, mask_ratio=None, method=None):
     trained_size = kw["img_size"]
     if img_size is not None and img_size != trained_size:
         if models.arch_family(kw["arch"]) == "vit":  # its position embedding fixes the size
-            raise models.ConfigError(f"{path} holds a {kw['arch']} for {trained_size}-px images; pass --img-size "
-                                     f"{trained_size} or leave it out")
+            raise models.ConfigError(
+                f"{path} holds a {kw['arch']} for {trained_size}-px images; pass --img-size "
+                f"{trained_size} or leave it out"
+            )
         # A CNN takes any size, with the stem its weights were trained with.
-        kw |= dict(img_size=img_size, small_stem=models._stem_and_patch(trained_size, kw.get("small_stem"), None)[0])
+        kw |= dict(
+            img_size=img_size,
+            small_stem=models._stem_and_patch(trained_size, kw.get("small_stem"), None)[0],
+        )
     encoder = models.build_encoder(**kw)
 
     # The run's own options; its mask block only at its own size (else the default block of this size).
@@ -160,8 +205,11 @@ def load_model(path, *, img_size=None, mask_ratio=None, method=None):
         model = A2MIM(encoder, method=m, **options)
         if weights.load_into(model, found) == ["encoder", "mask_token", "decoder"]:
             return model.eval(), found["kind"]
-    raise CheckpointError(f"{path}: its mask token or decoder does not fit a {' or '.join(methods)} {kw['arch']} "
-                          "model (another token site, mode or stride); pass --method")
+    raise CheckpointError(
+        f"{path}: its mask token or decoder does not fit a {' or '.join(methods)} {kw['arch']} "
+        "model (another token site, mode or stride); pass --method"
+    )
+
 
 def reconstruct(args):
     """Check, read, run, write: → the line saying what was written."""
@@ -171,23 +219,36 @@ def reconstruct(args):
     found = image_paths(args.images)
     if os.path.realpath(args.out) in {os.path.realpath(p) for p in [args.checkpoint, *found]}:
         raise RunError(f"--out {args.out} is one of the files read; name another file")
-    paths = found[:args.n]
-    images = [data._load_rgb(p) for p in paths]  # uint8 [3, H, W]; before the checkpoint: a bad image fails fast
-    model, kind = load_model(args.checkpoint, img_size=args.img_size, mask_ratio=args.mask_ratio, method=args.method)
+    paths = found[: args.n]
+    images = [
+        data._load_rgb(p) for p in paths
+    ]  # uint8 [3, H, W]; before the checkpoint: a bad image fails fast
+    model, kind = load_model(
+        args.checkpoint, img_size=args.img_size, mask_ratio=args.mask_ratio, method=args.method
+    )
     size = model.encoder.img_size
     transform = data.build_transform("none", size)  # resize the short side, centre-crop, normalise
     img_bchw = torch.stack([transform(image) for image in images])
 
     # The masks from the seed alone, drawn on the CPU's generator: the same masks on any machine.
     generator = torch.Generator().manual_seed(args.seed)
-    mask = mask_blocks(len(paths), size, model.mask_patch_size, model.mask_ratio, generator=generator)
+    mask = mask_blocks(
+        len(paths), size, model.mask_patch_size, model.mask_ratio, generator=generator
+    )
     with torch.no_grad():
         out = model(img_bchw, mask)
     save_reconstructions(args.out, img_bchw, out, n=len(paths))
-    shown = f"{len(paths)} of {len(found)} images" if len(found) > len(paths) else f"{len(paths)} images"
-    return (f"wrote {args.out}: {shown} at {size} px ({' | '.join(RECON_COLUMNS)}), {model.method} "
-            f"{model.encoder.arch} from {args.checkpoint} ({kind}), masks of seed {args.seed}: "
-            f"{model.mask_patch_size}-px blocks, ratio {model.mask_ratio}")
+    shown = (
+        f"{len(paths)} of {len(found)} images"
+        if len(found) > len(paths)
+        else f"{len(paths)} images"
+    )
+    return (
+        f"wrote {args.out}: {shown} at {size} px ({' | '.join(RECON_COLUMNS)}), {model.method} "
+        f"{model.encoder.arch} from {args.checkpoint} ({kind}), masks of seed {args.seed}: "
+        f"{model.mask_patch_size}-px blocks, ratio {model.mask_ratio}"
+    )
+
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
@@ -197,6 +258,7 @@ def main(argv=None):
         print(f"error: {runtime.one_line(e)}", file=sys.stderr)
         return 2
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ Each test name states one invariant of the method; the test fails if that invari
 Everything runs on CPU in well under a minute: tiny encoders at 32 px (4-px mask blocks → 8×8
 grid), batch 1 wherever a 224-px shape is checked.
 """
+
 import math
 import re
 
@@ -29,8 +30,16 @@ from a2mim import (
     resize_mask,
     zero_fill,
 )
-from models import (ARCHS, CONVNEXT_DEPTHS, RESNET_LAYERS, ConfigError, build_encoder, check_img_size, token_site,
-                    token_site_stride)
+from models import (
+    ARCHS,
+    CONVNEXT_DEPTHS,
+    RESNET_LAYERS,
+    ConfigError,
+    build_encoder,
+    check_img_size,
+    token_site,
+    token_site_stride,
+)
 from weights import torchvision_state_dict
 
 
@@ -84,21 +93,27 @@ def test_exactly_30_of_49_blocks_masked_for_every_image_at_224():
 @pytest.mark.parametrize(
     "input_size, block, ratio, grid, n_masked",
     [
-        (32, 4, 0.6, 8, 39),      # ceil(0.6 · 64) = ceil(38.4)
-        (192, 32, 0.75, 6, 27),   # 0.75 · 36 = 27 exactly
+        (32, 4, 0.6, 8, 39),  # ceil(0.6 · 64) = ceil(38.4)
+        (192, 32, 0.75, 6, 27),  # 0.75 · 36 = 27 exactly
         (224, 16, 0.6, 14, 118),  # ceil(0.6 · 196) = ceil(117.6)
         (64, 8, 0.5, 8, 32),
-        (96, 32, 0.1, 3, 1),      # ceil(0.9)
+        (96, 32, 0.1, 3, 1),  # ceil(0.9)
     ],
 )
-def test_masked_block_count_is_ceil_ratio_times_grid_squared(input_size, block, ratio, grid, n_masked):
+def test_masked_block_count_is_ceil_ratio_times_grid_squared(
+    input_size, block, ratio, grid, n_masked
+):
     mask = mask_blocks(16, input_size, block, ratio, generator=gen(1))
     assert mask.shape == (16, grid, grid)
     assert (mask.sum(dim=(1, 2)) == n_masked).all()
 
 
-@pytest.mark.parametrize("input_size, block, ratio, n_masked", [(160, 16, 0.56, 56), (320, 32, 0.07, 7)])
-def test_masked_block_count_is_exact_when_ratio_times_grid_squared_is_an_integer(input_size, block, ratio, n_masked):
+@pytest.mark.parametrize(
+    "input_size, block, ratio, n_masked", [(160, 16, 0.56, 56), (320, 32, 0.07, 7)]
+)
+def test_masked_block_count_is_exact_when_ratio_times_grid_squared_is_an_integer(
+    input_size, block, ratio, n_masked
+):
     # 0.56 · 100 is 56.00000000000001 in floating point; ceil of it must still be 56, not 57.
     mask = mask_blocks(4, input_size, block, ratio, generator=gen(1))
     assert (mask.sum(dim=(1, 2)) == n_masked).all()
@@ -132,7 +147,9 @@ def test_every_block_is_masked_with_frequency_near_30_of_49():
 
 
 def test_mask_blocks_rejects_input_size_not_divisible_by_block_size():
-    with pytest.raises(ValueError, match="image size 224 must be a multiple of the mask block size 30"):
+    with pytest.raises(
+        ValueError, match="image size 224 must be a multiple of the mask block size 30"
+    ):
         mask_blocks(2, 224, 30, 0.6)
 
 
@@ -142,18 +159,26 @@ def test_mask_blocks_rejects_ratio_outside_open_unit_interval(ratio):
         mask_blocks(2, 224, 32, ratio)
 
 
-@pytest.mark.parametrize("input_size, block, ratio, expect", [
-    (224, 32, 0.999, "masks all 49 blocks of the 7×7 grid of 32-px blocks of a 224-px image"),
-    (32, 4, 0.99, "masks all 64 blocks of the 8×8 grid"),
-    (32, 4, 1e-9, "masks none of the 64 blocks of the 8×8 grid"),
-    (32, 32, 0.5, "a 32-px mask block covers the whole 32-px image"),
-])
-def test_a_ratio_or_block_that_masks_every_block_or_none_is_refused_naming_grid_and_count(input_size, block, ratio,
-                                                                                         expect):
+@pytest.mark.parametrize(
+    "input_size, block, ratio, expect",
+    [
+        (224, 32, 0.999, "masks all 49 blocks of the 7×7 grid of 32-px blocks of a 224-px image"),
+        (32, 4, 0.99, "masks all 64 blocks of the 8×8 grid"),
+        (32, 4, 1e-9, "masks none of the 64 blocks of the 8×8 grid"),
+        (32, 32, 0.5, "a 32-px mask block covers the whole 32-px image"),
+    ],
+)
+def test_a_ratio_or_block_that_masks_every_block_or_none_is_refused_naming_grid_and_count(
+    input_size, block, ratio, expect
+):
     with pytest.raises(ConfigError, match=expect):
         mask_blocks(2, input_size, block, ratio)
-    with pytest.raises(ConfigError, match=expect):  # and when the model is built, before any step runs
-        A2MIM(build_encoder("resnet18", input_size, width=4), mask_patch_size=block, mask_ratio=ratio)
+    with pytest.raises(
+        ConfigError, match=expect
+    ):  # and when the model is built, before any step runs
+        A2MIM(
+            build_encoder("resnet18", input_size, width=4), mask_patch_size=block, mask_ratio=ratio
+        )
 
 
 def test_the_refusal_names_the_largest_ratio_that_works_and_it_leaves_exactly_one_block_visible():
@@ -161,7 +186,9 @@ def test_the_refusal_names_the_largest_ratio_that_works_and_it_leaves_exactly_on
         mask_blocks(2, 224, 32, 0.999)
     for ratio in (48 / 49, 0.9795):
         assert (mask_blocks(8, 224, 32, ratio, generator=gen(0)).sum(dim=(1, 2)) == 48).all()
-    assert (mask_blocks(8, 224, 32, 1e-3, generator=gen(0)).sum(dim=(1, 2)) == 1).all()  # ceil(0.049): one
+    assert (
+        mask_blocks(8, 224, 32, 1e-3, generator=gen(0)).sum(dim=(1, 2)) == 1
+    ).all()  # ceil(0.049): one
 
 
 def test_fractional_mask_block_size_is_refused_not_a_float_grid():
@@ -169,18 +196,41 @@ def test_fractional_mask_block_size_is_refused_not_a_float_grid():
         A2MIM(tiny("resnet18"), mask_patch_size=4.0)
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["--mask-ratio", "0.999"], "masks all 64 blocks of the 8×8 grid"),
-    (["--mask-patch-size", "32"], "a 32-px mask block covers the whole 32-px image"),
-])
-def test_train_py_refuses_a_mask_that_hides_every_block_before_writing_anything(tmp_path, capsys, argv, expect):
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--mask-ratio", "0.999"], "masks all 64 blocks of the 8×8 grid"),
+        (["--mask-patch-size", "32"], "a 32-px mask block covers the whole 32-px image"),
+    ],
+)
+def test_train_py_refuses_a_mask_that_hides_every_block_before_writing_anything(
+    tmp_path, capsys, argv, expect
+):
     import train
+
     out = tmp_path / "out"
     (out / "earlier_run").mkdir(parents=True)
     (out / "earlier_run" / "log.jsonl").write_text('{"step": 0}\n')
     before = {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
-    argv = ["--data", "fake", "--arch", "resnet18", "--width", "4", "--img-size", "32", "--mask-patch-size", "4",
-            "--workers", "0", "--max-steps", "1", "--out-dir", str(out), *argv]
+    argv = [
+        "--data",
+        "fake",
+        "--arch",
+        "resnet18",
+        "--width",
+        "4",
+        "--img-size",
+        "32",
+        "--mask-patch-size",
+        "4",
+        "--workers",
+        "0",
+        "--max-steps",
+        "1",
+        "--out-dir",
+        str(out),
+        *argv,
+    ]
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
@@ -237,12 +287,16 @@ def test_resize_mask_nearest_upsampling_preserves_blocks():
     expected = mask.repeat_interleave(32, 1).repeat_interleave(32, 2).unsqueeze(1)
     assert torch.equal(up, expected)
     # 7×7 → 14×14 (a ResNet's layer4 input at 224): every block covers exactly 2×2 cells
-    assert torch.equal(resize_mask(mask, 14), mask.repeat_interleave(2, 1).repeat_interleave(2, 2).unsqueeze(1))
+    assert torch.equal(
+        resize_mask(mask, 14), mask.repeat_interleave(2, 1).repeat_interleave(2, 2).unsqueeze(1)
+    )
 
 
 def test_resize_mask_downsampling_masks_a_cell_when_at_least_half_of_it_is_masked():
     # 4×4 → 2×2: the four 2×2 quadrants are masked in 1, 2, 3 and 4 of their 4 cells.
-    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float32)[None]
+    mask = torch.tensor(
+        [[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 1, 1]], dtype=torch.float32
+    )[None]
     down = resize_mask(mask, 2)
     assert torch.equal(down, torch.tensor([[[[0.0, 1.0], [1.0, 1.0]]]]))
 
@@ -266,7 +320,9 @@ def test_mask_token_changes_only_masked_positions_of_the_token_site_features(arc
     token = MaskToken(channels, mode=mode)
     mask = mask_blocks(2, 32, 4, 0.6, generator=gen(4))
     with torch.no_grad():
-        feat_in, feat_out, calls = capture_token_site(encoder, randn(2, 3, 32, 32), lambda f: token(f, mask), site)
+        feat_in, feat_out, calls = capture_token_site(
+            encoder, randn(2, 3, 32, 32), lambda f: token(f, mask), site
+        )
     assert calls == 1
     m_b1hw = resize_mask(mask, feat_in.shape[-1]).bool()
     changed_bchw = feat_out != feat_in
@@ -282,7 +338,9 @@ def test_gate_mode_with_gamma_1e6_turns_masked_features_into_the_token(arch):
     assert torch.equal(token.gamma, torch.full((1, channels, 1, 1), 1e-6))
     mask = mask_blocks(2, 32, 4, 0.6, generator=gen(5))
     with torch.no_grad():
-        feat_in, feat_out, _ = capture_token_site(encoder, randn(2, 3, 32, 32) * 3, lambda f: token(f, mask))
+        feat_in, feat_out, _ = capture_token_site(
+            encoder, randn(2, 3, 32, 32) * 3, lambda f: token(f, mask)
+        )
     m = resize_mask(mask, feat_in.shape[-1]).bool().expand_as(feat_in)
     scale = feat_in.abs().max()
     assert scale > 0.1
@@ -333,10 +391,13 @@ def test_a_zero_token_in_gate_mode_leaves_masked_convnext_features_near_zero_at_
     model = A2MIM(tiny("convnext_tiny"), mask_patch_size=4).eval()
     mask = mask_blocks(2, 32, 4, 0.6, generator=gen(5))
     with torch.no_grad():
-        feat_in, feat_out, _ = capture_token_site(model.encoder, randn(2, 3, 32, 32) * 3,
-                                                  lambda f: model.mask_token(f, mask))
+        feat_in, feat_out, _ = capture_token_site(
+            model.encoder, randn(2, 3, 32, 32) * 3, lambda f: model.mask_token(f, mask)
+        )
     m = resize_mask(mask, feat_in.shape[-1]).bool().expand_as(feat_in)
-    assert feat_out[m].abs().max() <= 1e-6 * feat_in.abs().max()  # γ·x + 0: the masked cells are ≈ 0
+    assert (
+        feat_out[m].abs().max() <= 1e-6 * feat_in.abs().max()
+    )  # γ·x + 0: the masked cells are ≈ 0
     assert torch.equal(feat_out[~m], feat_in[~m])
 
 
@@ -372,7 +433,9 @@ def test_vit_default_token_site_is_block0_the_patch_embedding_before_cls_and_pos
     assert token_site(encoder) == ("block0", 192, 16)
     x = randn(1, 3, 224, 224)
     received = {}
-    encoder.blocks[0].register_forward_pre_hook(lambda mod, args: received.update(x=args[0].clone()))
+    encoder.blocks[0].register_forward_pre_hook(
+        lambda mod, args: received.update(x=args[0].clone())
+    )
     with torch.no_grad():
         feat_in, feat_out, _ = capture_token_site(encoder, x, lambda f: f + 1.0)
         patches = encoder.patch_embed(x)
@@ -387,7 +450,9 @@ def test_convnext_default_token_site_is_stage4_input_at_stride_32():
     encoder = tiny("convnext_tiny", 224).eval()
     assert token_site(encoder) == ("stage4", 64, 32)
     received = {}
-    encoder.features[7].register_forward_pre_hook(lambda mod, args: received.update(x=args[0].clone()))
+    encoder.features[7].register_forward_pre_hook(
+        lambda mod, args: received.update(x=args[0].clone())
+    )
     with torch.no_grad():
         feat_in, feat_out, _ = capture_token_site(encoder, randn(1, 3, 224, 224), lambda f: f + 1.0)
     assert feat_in.shape == (1, 64, 7, 7)
@@ -420,7 +485,14 @@ def zero_init(monkeypatch):
         with torch.no_grad():
             return tensor.zero_()
 
-    for name in ("trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "uniform_", "normal_"):
+    for name in (
+        "trunc_normal_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "uniform_",
+        "normal_",
+    ):
         monkeypatch.setattr(torch.nn.init, name, zeros_)
 
 
@@ -475,7 +547,9 @@ def test_focal_l1_equals_its_formula_elementwise():
 
 def test_focal_l1_is_below_plain_l1_for_every_nonzero_error():
     # up to |e| = 50: beyond ~90, 2·sigmoid(0.2|e|) − 1 rounds to exactly 1 in float32
-    err = torch.cat([torch.logspace(-4, math.log10(50), 200), -torch.logspace(-4, math.log10(50), 200)])
+    err = torch.cat(
+        [torch.logspace(-4, math.log10(50), 200), -torch.logspace(-4, math.log10(50), 200)]
+    )
     focal = focal_l1_loss(err, torch.zeros_like(err))
     assert (focal < err.abs()).all()
     assert (focal > 0).all()
@@ -485,8 +559,18 @@ def test_focal_l1_is_below_plain_l1_for_every_nonzero_error():
 def _tiny_spatial_example():
     """B=1, 3×2×2; mask on the diagonal. Errors e = pred − target at the two masked pixels:
     ch0: 1, −2; ch1: 3, 0.5; ch2: −1, 4. Unmasked errors are 100 (must not count)."""
-    target = torch.tensor([[[[0.5, 1.0], [2.0, -1.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [3.0, 4.0]]]])
-    err = torch.tensor([[[[1.0, 100.0], [100.0, -2.0]], [[3.0, 100.0], [100.0, 0.5]], [[-1.0, 100.0], [100.0, 4.0]]]])
+    target = torch.tensor(
+        [[[[0.5, 1.0], [2.0, -1.0]], [[0.0, 0.0], [0.0, 0.0]], [[1.0, 2.0], [3.0, 4.0]]]]
+    )
+    err = torch.tensor(
+        [
+            [
+                [[1.0, 100.0], [100.0, -2.0]],
+                [[3.0, 100.0], [100.0, 0.5]],
+                [[-1.0, 100.0], [100.0, 4.0]],
+            ]
+        ]
+    )
     mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
     return target + err, target, mask
 
@@ -534,7 +618,9 @@ def test_a2mim_loss_total_is_spatial_plus_lambda_times_fourier():
 
 def test_a2mim_loss_rejects_unknown_spatial_loss():
     with pytest.raises(ValueError, match="spatial"):
-        a2mim_loss(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), torch.ones(1, 1, 1), spatial="l2")
+        a2mim_loss(
+            torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), torch.ones(1, 1, 1), spatial="l2"
+        )
 
 
 def reference_frequency_loss(pred_bchw, target_bchw):
@@ -587,7 +673,9 @@ def test_frequency_loss_compares_batch_averaged_spectra_like_per_image_fft_then_
     expected = reference_frequency_loss(pred, target).item()
     assert frequency_loss(pred, target).item() == pytest.approx(expected, rel=1e-5)
     # not the mean of per-image losses: averaging spectra first is the released behaviour
-    per_image = sum(reference_frequency_loss(pred[i : i + 1], target[i : i + 1]) for i in range(4)) / 4
+    per_image = (
+        sum(reference_frequency_loss(pred[i : i + 1], target[i : i + 1]) for i in range(4)) / 4
+    )
     assert abs(per_image.item() - expected) > 1e-3 * expected
 
 
@@ -677,7 +765,7 @@ def test_a2mim_forward_returns_losses_pred_of_input_shape_and_block_mask(arch):
 
 # (arch, METHOD.md §3/§5, released configs): spatial loss, λ, Fourier form, w, token mode, token site
 RELEASED_DEFAULTS = {
-    "resnet18": ("focal_l1", 0.5, "focal_frequency", 1e-3, "gate", "layer4"),   # ours: as ResNet-50
+    "resnet18": ("focal_l1", 0.5, "focal_frequency", 1e-3, "gate", "layer4"),  # ours: as ResNet-50
     "convnext_tiny": ("focal_l1", 0.0, "focal_frequency", 0.0, "gate", "stage4"),  # no Fourier term
     "vit_tiny": ("l1", 0.1, "focal_frequency", 0.0, "add", "block0"),
 }
@@ -688,30 +776,51 @@ def test_per_arch_defaults_equal_the_released_configs_and_are_what_forward_uses(
     spatial, lam, form, w, mode, site = RELEASED_DEFAULTS[arch]
     model = A2MIM(tiny(arch), mask_patch_size=4)
     assert model.cfg["fill"] == "mean"
-    assert (model.cfg["spatial"], model.cfg["fft_weight"], model.cfg["fft_loss"], model.cfg["fft_unmask_weight"]) == \
-        (spatial, lam, form, w)
+    assert (
+        model.cfg["spatial"],
+        model.cfg["fft_weight"],
+        model.cfg["fft_loss"],
+        model.cfg["fft_unmask_weight"],
+    ) == (spatial, lam, form, w)
     assert (model.mask_token.mode, model.token_at) == (mode, site)
     # ... and the forward really uses them: recompute the loss from pred with the released values
     img = randn(2, 3, 32, 32)
     out = model(img, generator=gen(0))
-    expected = a2mim_loss(out["pred"], img, out["mask"], spatial=spatial, fft_weight=lam, fft_loss=form,
-                          fft_unmask_weight=w)
+    expected = a2mim_loss(
+        out["pred"],
+        img,
+        out["mask"],
+        spatial=spatial,
+        fft_weight=lam,
+        fft_loss=form,
+        fft_unmask_weight=w,
+    )
     torch.testing.assert_close(out["loss"], expected["loss"])
 
 
-@pytest.mark.parametrize("arch, lam, form, w", [
-    ("resnet50", 0.5, "focal_frequency", 1e-3), ("resnet101", 0.1, "spectral_focal_l1", 1e-3),
-    ("vit_small", 0.1, "focal_frequency", 0.0), ("vit_base", 0.1, "focal_frequency", 0.0),
-    ("vit_large", 0.1, "focal_frequency", 0.0)])
+@pytest.mark.parametrize(
+    "arch, lam, form, w",
+    [
+        ("resnet50", 0.5, "focal_frequency", 1e-3),
+        ("resnet101", 0.1, "spectral_focal_l1", 1e-3),
+        ("vit_small", 0.1, "focal_frequency", 0.0),
+        ("vit_base", 0.1, "focal_frequency", 0.0),
+        ("vit_large", 0.1, "focal_frequency", 0.0),
+    ],
+)
 def test_fourier_term_per_arch_follows_the_released_table(arch, lam, form, w):
     d = method_defaults(arch)
     assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (lam, form, w)
 
 
-@pytest.mark.parametrize("arch", ["resnet152", "resnet200", "convnext_tiny", "convnext_small", "convnext_base"])
+@pytest.mark.parametrize(
+    "arch", ["resnet152", "resnet200", "convnext_tiny", "convnext_small", "convnext_base"]
+)
 def test_resnet152_200_and_every_convnext_have_no_fourier_term_by_default(arch):
     assert method_defaults(arch)["fft_weight"] == 0.0
-    assert method_defaults(arch, loss_recipe="paper")["fft_weight"] > 0  # the paper-text variant has one
+    assert (
+        method_defaults(arch, loss_recipe="paper")["fft_weight"] > 0
+    )  # the paper-text variant has one
 
 
 def test_resnet152_loss_has_no_fourier_part():
@@ -724,7 +833,11 @@ def test_resnet152_loss_has_no_fourier_part():
 def test_paper_loss_recipe_puts_the_focal_frequency_term_on_every_cnn():
     for arch in ("resnet18", "resnet101", "resnet200", "convnext_base"):
         d = method_defaults(arch, loss_recipe="paper")
-        assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (0.5, "focal_frequency", 1e-3), arch
+        assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (
+            0.5,
+            "focal_frequency",
+            1e-3,
+        ), arch
 
 
 def test_resnet101_model_uses_the_spectral_focal_l1_form_on_the_mixed_image():
@@ -745,8 +858,10 @@ def test_spectral_focal_l1_is_the_per_image_focal_l1_of_the_spectrum_modulus_wit
         per_image.append(d * (2 * torch.sigmoid(0.2 * d) - 1))
     torch.testing.assert_close(spectral_focal_l1_loss(pred, target), torch.stack(per_image).mean())
     # batch-averaging first (the focal-frequency form) would give a different number
-    assert not torch.allclose(spectral_focal_l1_loss(pred, target),
-                              spectral_focal_l1_loss(pred.mean(0, keepdim=True), target.mean(0, keepdim=True)))
+    assert not torch.allclose(
+        spectral_focal_l1_loss(pred, target),
+        spectral_focal_l1_loss(pred.mean(0, keepdim=True), target.mean(0, keepdim=True)),
+    )
 
 
 @pytest.mark.parametrize("method, fill", [("a2mim", mean_fill), ("simmim", lambda img, mask: img)])
@@ -758,7 +873,9 @@ def test_encoder_input_is_mean_filled_for_a2mim_and_equals_the_image_for_simmim(
     img = randn(2, 3, 32, 32) + 1.0
     out = model(img, generator=gen(0))
     assert torch.equal(seen["x"], fill(img, out["mask"]))
-    assert torch.equal(out["input"], seen["x"])  # what forward returns as `input` is what the encoder saw
+    assert torch.equal(
+        out["input"], seen["x"]
+    )  # what forward returns as `input` is what the encoder saw
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
@@ -766,7 +883,9 @@ def test_simmim_token_replaces_the_stem_output_in_masked_cells(arch):
     model = A2MIM(tiny(arch), method="simmim", mask_patch_size=4)
     img = randn(2, 3, 32, 32)
     mask = mask_blocks(2, 32, 4, 0.6, generator=gen(1))
-    before, after, calls = capture_token_site(model.encoder, img, lambda f: model.mask_token(f, mask), "stem")
+    before, after, calls = capture_token_site(
+        model.encoder, img, lambda f: model.mask_token(f, mask), "stem"
+    )
     m = resize_mask(mask, after.shape[-1]).bool().expand_as(after)
     token = model.mask_token.token.expand_as(after)
     assert calls == 1 and torch.equal(after[m], token[m]) and torch.equal(after[~m], before[~m])
@@ -778,7 +897,9 @@ def test_reconstruction_target_is_the_original_image_not_the_filled_one():
     out = model(img, generator=gen(0))
     pred = out["pred"].detach()
     on_original = a2mim_loss(pred, img, out["mask"], fft_weight=0.5, fft_unmask_weight=1e-3)
-    on_filled = a2mim_loss(pred, mean_fill(img, out["mask"]), out["mask"], fft_weight=0.5, fft_unmask_weight=1e-3)
+    on_filled = a2mim_loss(
+        pred, mean_fill(img, out["mask"]), out["mask"], fft_weight=0.5, fft_unmask_weight=1e-3
+    )
     torch.testing.assert_close(out["loss"].detach(), on_original["loss"])
     assert not torch.allclose(out["loss"].detach(), on_filled["loss"])
 
@@ -838,28 +959,54 @@ def test_unknown_method_or_option_raises_value_error(kwargs, match):
         A2MIM(tiny("resnet18"), mask_patch_size=4, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(fft_weight=float("nan")), dict(fft_weight=float("inf")),
-                                    dict(fft_unmask_weight=float("nan")), dict(fft_unmask_weight=1.5)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(fft_weight=float("nan")),
+        dict(fft_weight=float("inf")),
+        dict(fft_unmask_weight=float("nan")),
+        dict(fft_unmask_weight=1.5),
+    ],
+)
 def test_non_finite_or_out_of_range_fourier_weights_are_refused(kwargs):
     with pytest.raises(ConfigError, match="need a finite fft_weight"):
         A2MIM(tiny("resnet18"), mask_patch_size=4, **kwargs)
 
 
-@pytest.mark.parametrize("arch, kwargs, expect", [
-    ("convnext_tiny", dict(fft_unmask_weight=0.5), "fft_unmask_weight=0.5 has no effect: the Fourier term is off by "
-                                                   "default for a2mim convnext_tiny"),
-    ("resnet18", dict(fft_weight=0.0, fft_loss="spectral_focal_l1"), "fft_loss='spectral_focal_l1' has no effect"),
-    ("resnet18", dict(method="simmim", fft_unmask_weight=0.1), "fft_unmask_weight=0.1 has no effect"),
-])
+@pytest.mark.parametrize(
+    "arch, kwargs, expect",
+    [
+        (
+            "convnext_tiny",
+            dict(fft_unmask_weight=0.5),
+            "fft_unmask_weight=0.5 has no effect: the Fourier term is off by "
+            "default for a2mim convnext_tiny",
+        ),
+        (
+            "resnet18",
+            dict(fft_weight=0.0, fft_loss="spectral_focal_l1"),
+            "fft_loss='spectral_focal_l1' has no effect",
+        ),
+        (
+            "resnet18",
+            dict(method="simmim", fft_unmask_weight=0.1),
+            "fft_unmask_weight=0.1 has no effect",
+        ),
+    ],
+)
 def test_a_fourier_option_given_while_the_fourier_term_is_off_is_refused(arch, kwargs, expect):
     with pytest.raises(ConfigError, match=expect):
         A2MIM(tiny(arch), mask_patch_size=4, **kwargs)
 
 
 def test_a_fourier_option_equal_to_its_default_is_accepted_with_the_term_off():
-    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.0, fft_unmask_weight=1e-3)  # ResNet's own w
+    model = A2MIM(
+        tiny("resnet18"), mask_patch_size=4, fft_weight=0.0, fft_unmask_weight=1e-3
+    )  # ResNet's own w
     assert model.cfg["fft_weight"] == 0.0
-    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.1, fft_unmask_weight=0.5)  # λ > 0: takes effect
+    model = A2MIM(
+        tiny("resnet18"), mask_patch_size=4, fft_weight=0.1, fft_unmask_weight=0.5
+    )  # λ > 0: takes effect
     assert model.cfg["fft_unmask_weight"] == 0.5
 
 
@@ -869,7 +1016,9 @@ def test_an_empty_or_zero_token_site_is_refused_not_taken_for_the_default(site):
         A2MIM(tiny("resnet18"), mask_patch_size=4, token_at=site)
 
 
-@pytest.mark.parametrize("arch, site", [("resnet18", "layer5"), ("vit_tiny", "block6"), ("convnext_tiny", "stage5")])
+@pytest.mark.parametrize(
+    "arch, site", [("resnet18", "layer5"), ("vit_tiny", "block6"), ("convnext_tiny", "stage5")]
+)
 def test_a_token_site_after_the_last_stage_is_refused_naming_the_sites(arch, site):
     with pytest.raises(ConfigError, match=f"unknown token site '{site}'; choose 'stem' or one of"):
         A2MIM(tiny(arch), mask_patch_size=4, token_at=site)
@@ -904,14 +1053,27 @@ def test_mask_grid_that_does_not_map_onto_the_token_site_is_refused_at_build_tim
 # Every multiple of 4 from 32 to 256 px, and a few sizes off every stride.
 SWEEP = [*range(32, 257, 4), 33, 50, 99, 250]
 # The smallest member of each family with its real token sites (width changes no stride).
-FAMILIES = {"resnet18": dict(width=4), "resnet50": dict(width=4), "convnext_tiny": dict(width=8), "vit_tiny": {}}
+FAMILIES = {
+    "resnet18": dict(width=4),
+    "resnet50": dict(width=4),
+    "convnext_tiny": dict(width=8),
+    "vit_tiny": {},
+}
 # The encoder's own refusal: its stride rule and the accepted sizes around the one given.
-TAKES = re.compile(r"takes multiples of \d+( up to 64 px and of \d+ above)? \((…, )?\d+(, \d+)*, …\)$")
+TAKES = re.compile(
+    r"takes multiples of \d+( up to 64 px and of \d+ above)? \((…, )?\d+(, \d+)*, …\)$"
+)
 
 
 def site_names(arch):
     """Every token site of `arch`, from a tiny member of its family (all ViT blocks share one stride)."""
-    small = "resnet18" if arch in RESNET_LAYERS else "convnext_tiny" if arch in CONVNEXT_DEPTHS else "vit_tiny"
+    small = (
+        "resnet18"
+        if arch in RESNET_LAYERS
+        else "convnext_tiny"
+        if arch in CONVNEXT_DEPTHS
+        else "vit_tiny"
+    )
     return [None, "stem", *tiny(small).token_sites]
 
 
@@ -940,7 +1102,11 @@ def test_resnet50_vit_base_and_convnext_tiny_build_at_96_and_160_px_with_16_px_b
     for arch in ("resnet50", "vit_base", "convnext_tiny"):
         assert mask_patch_size_for(arch, img_size) == 16
     # Built narrow: width changes no stride (vit_tiny has vit_base's 16-px patches above 64 px).
-    for arch, kw in (("resnet50", dict(width=4)), ("vit_tiny", {}), ("convnext_tiny", dict(width=8))):
+    for arch, kw in (
+        ("resnet50", dict(width=4)),
+        ("vit_tiny", {}),
+        ("convnext_tiny", dict(width=8)),
+    ):
         assert A2MIM(build_encoder(arch, img_size, **kw)).mask_patch_size == 16
 
 
@@ -960,7 +1126,9 @@ def test_every_size_an_encoder_takes_gets_a_default_block_that_fits_each_of_its_
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
-def test_every_image_size_trains_a_step_with_the_default_mask_or_the_encoder_names_the_sizes_it_takes(arch):
+def test_every_image_size_trains_a_step_with_the_default_mask_or_the_encoder_names_the_sizes_it_takes(
+    arch,
+):
     trained, refused = [], []
     for img_size in SWEEP:
         try:
@@ -976,27 +1144,61 @@ def test_every_image_size_trains_a_step_with_the_default_mask_or_the_encoder_nam
         assert out["pred"].shape == (2, 3, img_size, img_size) and torch.isfinite(out["loss"])
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         trained.append(img_size)
-    assert {32, 64, 96, 128, 160, 192, 224, 256} <= set(trained) and {33, 50, 99, 250} <= set(refused)
+    assert {32, 64, 96, 128, 160, 192, 224, 256} <= set(trained) and {33, 50, 99, 250} <= set(
+        refused
+    )
 
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_token_site_stride_known_without_building_is_the_built_encoders(arch):
-    for img_size, kw in ((32, {}), (64, {}), (96, {}), (224, {}), (96, dict(small_stem=True)), (64, dict(patch_size=8))):
+    for img_size, kw in (
+        (32, {}),
+        (64, {}),
+        (96, {}),
+        (224, {}),
+        (96, dict(small_stem=True)),
+        (64, dict(patch_size=8)),
+    ):
         encoder = build_encoder(arch, img_size, **FAMILIES[arch], **kw)
         for site in [None, "stem", *encoder.token_sites]:
             assert token_site_stride(arch, img_size, site, **kw) == token_site(encoder, site)[2]
 
 
-@pytest.mark.parametrize("arch, img_size, kw, expect", [
-    ("vit_base", 100, {}, "image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
-                          "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)"),
-    ("resnet50", 70, {}, "the resnet50 output stride 32: resnet50 takes multiples of 8 up to 64 px and of 32 above "
-                         "(…, 56, 64, 96, 128, …)"),
-    ("convnext_tiny", 4, {}, "convnext_tiny takes multiples of 8 up to 64 px and of 32 above (8, 16, …)"),
-    ("vit_base", 100, dict(patch_size=12), "vit_base takes multiples of 12 (…, 84, 96, 108, 120, …)"),
-    ("resnet18", 40, dict(small_stem=False), "resnet18 takes multiples of 32 (32, 64, 96, …)"),
-])
-def test_a_size_the_encoder_refuses_is_one_sentence_naming_the_sizes_it_takes(arch, img_size, kw, expect):
+@pytest.mark.parametrize(
+    "arch, img_size, kw, expect",
+    [
+        (
+            "vit_base",
+            100,
+            {},
+            "image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
+            "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)",
+        ),
+        (
+            "resnet50",
+            70,
+            {},
+            "the resnet50 output stride 32: resnet50 takes multiples of 8 up to 64 px and of 32 above "
+            "(…, 56, 64, 96, 128, …)",
+        ),
+        (
+            "convnext_tiny",
+            4,
+            {},
+            "convnext_tiny takes multiples of 8 up to 64 px and of 32 above (8, 16, …)",
+        ),
+        (
+            "vit_base",
+            100,
+            dict(patch_size=12),
+            "vit_base takes multiples of 12 (…, 84, 96, 108, 120, …)",
+        ),
+        ("resnet18", 40, dict(small_stem=False), "resnet18 takes multiples of 32 (32, 64, 96, …)"),
+    ],
+)
+def test_a_size_the_encoder_refuses_is_one_sentence_naming_the_sizes_it_takes(
+    arch, img_size, kw, expect
+):
     with pytest.raises(ConfigError) as info:
         build_encoder(arch, img_size, **kw)
     assert expect in str(info.value) and len(str(info.value).splitlines()) == 1
@@ -1060,10 +1262,17 @@ def test_convnext_tiny_weights_load_strictly_into_torchvision_and_give_the_same_
     x = randn(1, 3, 64, 64)
     with torch.no_grad():
         ours, theirs = encoder(x), tv.features(x)
-        pooled_ours, pooled_theirs = encoder.norm(theirs.mean((2, 3), keepdim=True)), tv.classifier[0](tv.avgpool(theirs))
+        pooled_ours, pooled_theirs = (
+            encoder.norm(theirs.mean((2, 3), keepdim=True)),
+            tv.classifier[0](tv.avgpool(theirs)),
+        )
     assert theirs.shape == (1, 768, 2, 2)
-    torch.testing.assert_close(ours, encoder.norm(theirs), rtol=0, atol=0)  # same stages, then our final norm
-    torch.testing.assert_close(pooled_ours, pooled_theirs, rtol=0, atol=0)  # the final norm became classifier.0
+    torch.testing.assert_close(
+        ours, encoder.norm(theirs), rtol=0, atol=0
+    )  # same stages, then our final norm
+    torch.testing.assert_close(
+        pooled_ours, pooled_theirs, rtol=0, atol=0
+    )  # the final norm became classifier.0
 
 
 def test_resnet50_encoder_has_23_5M_parameters():
@@ -1104,7 +1313,9 @@ def test_vit_blocks_have_layerscale_0_1_and_a_zero_initialised_relative_position
 def test_vit_attention_has_q_and_v_biases_but_no_k_bias():
     block = tiny("vit_tiny").blocks[0]
     assert block.qkv.bias is None and block.q_bias.shape == block.v_bias.shape == (192,)
-    assert not any(".k_bias" in n or n.endswith("qkv.bias") for n, _ in tiny("vit_tiny").named_parameters())
+    assert not any(
+        ".k_bias" in n or n.endswith("qkv.bias") for n, _ in tiny("vit_tiny").named_parameters()
+    )
     # The q bias reaches the queries and the v bias the values: moving them changes the output.
     x = randn(1, 65, 192)
     base = block.attention(x)
@@ -1132,7 +1343,9 @@ def test_convnext_encoder_output_is_the_layer_normalised_last_stage_map():
     torch.testing.assert_close(out, ref)
     # with the LayerNorm's init (weight 1, bias 0): zero mean, unit variance over channels per cell
     torch.testing.assert_close(out.mean(1), torch.zeros_like(out.mean(1)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.var(1, unbiased=False), torch.ones_like(out.mean(1)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        out.var(1, unbiased=False), torch.ones_like(out.mean(1)), atol=1e-3, rtol=0
+    )
 
 
 def test_build_encoder_rejects_unknown_arch_listing_the_choices():
@@ -1142,7 +1355,9 @@ def test_build_encoder_rejects_unknown_arch_listing_the_choices():
         assert arch in str(info.value)
 
 
-@pytest.mark.parametrize("arch, img_size", [("resnet18", 100), ("convnext_tiny", 200), ("vit_tiny", 100)])
+@pytest.mark.parametrize(
+    "arch, img_size", [("resnet18", 100), ("convnext_tiny", 200), ("vit_tiny", 100)]
+)
 def test_build_encoder_rejects_image_size_not_divisible_by_the_stride(arch, img_size):
     with pytest.raises(ValueError, match="divisible"):
         build_encoder(arch, img_size, **TINY[arch])
@@ -1158,7 +1373,10 @@ def smooth_images(n, seed):
     g = gen(seed)
     low_bchw = torch.randn(n, 3, 4, 4, generator=g)
     colour_bc11 = torch.randn(n, 3, 1, 1, generator=g)
-    return torch.nn.functional.interpolate(low_bchw, size=32, mode="bilinear", align_corners=False) + colour_bc11
+    return (
+        torch.nn.functional.interpolate(low_bchw, size=32, mode="bilinear", align_corners=False)
+        + colour_bc11
+    )
 
 
 @pytest.mark.parametrize("arch", list(TINY))
@@ -1198,7 +1416,7 @@ def _toy_model(pair_w_nn, triple_b):
 
     def model(x_bchw):
         x_bn = _present_bn(x_bchw)
-        pairs_b = 0.5 * ((x_bn @ pair_w_nn) * x_bn).sum(1)   # w symmetric with zero diagonal
+        pairs_b = 0.5 * ((x_bn @ pair_w_nn) * x_bn).sum(1)  # w symmetric with zero diagonal
         k = x_bn.sum(1)
         v = pairs_b + triple_b * k * (k - 1) * (k - 2) / 6
         return torch.stack([v, torch.zeros_like(v)], dim=1)
@@ -1214,8 +1432,14 @@ def _symmetric_weights(n, seed):
 
 def _all_neighbour_pairs(grid, radius):
     cells = [(y, x) for y in range(grid) for x in range(grid)]
-    return torch.tensor([(a * grid + b, c * grid + d) for a, b in cells for c, d in cells
-                         if (a, b) < (c, d) and max(abs(a - c), abs(b - d)) <= radius])
+    return torch.tensor(
+        [
+            (a * grid + b, c * grid + d)
+            for a, b in cells
+            for c, d in cells
+            if (a, b) < (c, d) and max(abs(a - c), abs(b - d)) <= radius
+        ]
+    )
 
 
 def test_log_odds_of_a_two_class_model_is_the_logit_difference():
@@ -1228,8 +1452,9 @@ def test_interaction_strength_matches_analytic_values_of_a_toy_model():
     w = _symmetric_weights(n, 0)
     images, labels = torch.ones(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
     pairs = _all_neighbour_pairs(8, 2)
-    out = interaction_strength(_toy_model(w, b), images, labels, grid=8, pairs=pairs, contexts=3,
-                               generator=gen(0))
+    out = interaction_strength(
+        _toy_model(w, b), images, labels, grid=8, pairs=pairs, contexts=3, generator=gen(0)
+    )
     m = torch.floor(out["orders"] * (n - 2) + 1e-6)
     expected = torch.stack([(w[pairs[:, 0], pairs[:, 1]] + b * mi).abs().mean() for mi in m])
     torch.testing.assert_close(out["I_abs"], expected, rtol=1e-4, atol=1e-4)
@@ -1240,11 +1465,19 @@ def test_interaction_strength_matches_analytic_values_of_a_toy_model():
 
 def test_interaction_strength_is_invariant_to_the_order_in_which_players_are_listed():
     w = _symmetric_weights(64, 1)
-    model, images, labels = _toy_model(w, -0.02), torch.ones(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    model, images, labels = (
+        _toy_model(w, -0.02),
+        torch.ones(1, 3, 32, 32),
+        torch.zeros(1, dtype=torch.long),
+    )
     pairs = torch.tensor([[0, 1], [9, 18], [20, 27], [35, 44], [50, 60]])
     listed = interaction_strength(model, images, labels, pairs=pairs, contexts=4, generator=gen(0))
-    shuffled = pairs[torch.randperm(len(pairs), generator=gen(3))].flip(1)  # other order, (j, i) for (i, j)
-    relisted = interaction_strength(model, images, labels, pairs=shuffled, contexts=4, generator=gen(7))
+    shuffled = pairs[torch.randperm(len(pairs), generator=gen(3))].flip(
+        1
+    )  # other order, (j, i) for (i, j)
+    relisted = interaction_strength(
+        model, images, labels, pairs=shuffled, contexts=4, generator=gen(7)
+    )
     torch.testing.assert_close(listed["J"], relisted["J"], rtol=1e-4, atol=1e-5)
 
 
@@ -1253,15 +1486,37 @@ def test_interaction_strength_of_a_real_encoder_is_finite_and_normalised():
     head = torch.nn.Linear(encoder.out_channels, 10)
     model = lambda x: head(encoder(x).mean((2, 3)))  # noqa: E731
     encoder.eval()
-    out = interaction_strength(model, randn(2, 3, 32, 32), torch.tensor([1, 2]), orders=(0.0, 0.5, 1.0),
-                               pairs=4, contexts=4, generator=gen(0))
+    out = interaction_strength(
+        model,
+        randn(2, 3, 32, 32),
+        torch.tensor([1, 2]),
+        orders=(0.0, 0.5, 1.0),
+        pairs=4,
+        contexts=4,
+        generator=gen(0),
+    )
     assert torch.isfinite(out["J"]).all() and out["J"].mean().item() == pytest.approx(1.0)
 
 
 def test_interaction_defaults_are_the_released_protocol():
     import inspect
+
     params = inspect.signature(interaction_strength).parameters
-    assert params["orders"].default == (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+    assert params["orders"].default == (
+        0.0,
+        0.05,
+        0.1,
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        0.95,
+        1.0,
+    )
     assert (params["pairs"].default, params["contexts"].default) == (50, 50)
     assert (default_grid(224), default_grid(32), default_grid(28)) == (14, 8, 14)
 
@@ -1273,17 +1528,29 @@ def test_order_m_is_floor_of_n_minus_2_times_the_ratio():
         return torch.stack([k**3, torch.zeros_like(k)], dim=1)
 
     ratios = (0.0, 0.05, 0.3, 0.95, 1.0)
-    out = interaction_strength(cube_of_kept, torch.ones(1, 3, 32, 32), torch.zeros(1, dtype=torch.long), grid=8,
-                               orders=ratios, pairs=3, contexts=2, generator=gen(0))
+    out = interaction_strength(
+        cube_of_kept,
+        torch.ones(1, 3, 32, 32),
+        torch.zeros(1, dtype=torch.long),
+        grid=8,
+        orders=ratios,
+        pairs=3,
+        contexts=2,
+        generator=gen(0),
+    )
     m = (out["I_abs"] - 6) / 6
-    torch.testing.assert_close(m, torch.tensor([math.floor(62 * r + 1e-9) for r in ratios], dtype=m.dtype))
+    torch.testing.assert_close(
+        m, torch.tensor([math.floor(62 * r + 1e-9) for r in ratios], dtype=m.dtype)
+    )
 
 
 def test_sampled_pairs_are_distinct_neighbours_within_chebyshev_distance_2():
     pairs = sample_pairs(14, 50, generator=gen(0))
     assert pairs.shape == (50, 2)
     yi, xi, yj, xj = pairs[:, 0] // 14, pairs[:, 0] % 14, pairs[:, 1] // 14, pairs[:, 1] % 14
-    assert ((yi - yj).abs().maximum((xi - xj).abs()) <= 2).all() and (pairs[:, 0] != pairs[:, 1]).all()
+    assert ((yi - yj).abs().maximum((xi - xj).abs()) <= 2).all() and (
+        pairs[:, 0] != pairs[:, 1]
+    ).all()
     unordered = {tuple(sorted(p)) for p in pairs.tolist()}
     assert len(unordered) == 50  # no pair twice, in either order
     # corner cells clamp their neighbour to the border instead of leaving the grid
@@ -1294,7 +1561,9 @@ def test_sampled_pairs_are_distinct_neighbours_within_chebyshev_distance_2():
 def test_more_pairs_than_the_grid_holds_is_refused_instead_of_drawing_forever(grid, count):
     with pytest.raises(ConfigError, match=f"a {grid}×{grid} grid has only"):
         sample_pairs(grid, count, generator=gen(0))
-    assert len(sample_pairs(3, 36, generator=gen(0))) == 36  # all C(9, 2) pairs of a 3×3 grid are within 2
+    assert (
+        len(sample_pairs(3, 36, generator=gen(0))) == 36
+    )  # all C(9, 2) pairs of a 3×3 grid are within 2
 
 
 def test_interaction_grid_0_is_refused_not_taken_for_the_default():
@@ -1306,7 +1575,9 @@ def test_interaction_strength_is_the_same_in_train_and_eval_mode_and_restores_th
     torch.manual_seed(0)
     encoder = tiny("resnet18")
     _randomise_norms_(encoder)
-    model = torch.nn.Sequential(encoder, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model = torch.nn.Sequential(
+        encoder, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)
+    )
     model[0].layer1.train(False)  # a mixed state that must survive the call
     args = (randn(1, 3, 32, 32), torch.tensor([3]))
     kw = dict(orders=(0.0, 0.5, 1.0), pairs=3, contexts=3)
@@ -1335,8 +1606,22 @@ def test_warmup_and_schedule_equal_the_released_mmcv_hooks_at_every_printed_step
         assert runtime.lr_at(step, **r50) == pytest.approx(lr, rel=1e-4), step
     assert runtime.lr_at(0, **r50) == 0.0
     # ViT-B, 800 ep, ×0.1 at epoch 700 (mmcv's StepLrUpdaterHook, warmup_ratio 5e-7 · 2048 / 512).
-    vit = dict(lr=4e-4, total_steps=80000, warmup_steps=1000, schedule="step", step_at=[70000], warmup_ratio=2e-6)
-    for step, lr in ((0, 8e-10), (1, 4.008e-7), (500, 2.0000e-4), (1000, 4e-4), (69999, 4e-4), (70000, 4e-5)):
+    vit = dict(
+        lr=4e-4,
+        total_steps=80000,
+        warmup_steps=1000,
+        schedule="step",
+        step_at=[70000],
+        warmup_ratio=2e-6,
+    )
+    for step, lr in (
+        (0, 8e-10),
+        (1, 4.008e-7),
+        (500, 2.0000e-4),
+        (1000, 4e-4),
+        (69999, 4e-4),
+        (70000, 4e-5),
+    ):
         assert runtime.lr_at(step, **vit) == pytest.approx(lr, rel=1e-4), step
 
 
@@ -1346,5 +1631,9 @@ def test_warmup_scales_each_groups_own_cosine_value_towards_the_same_absolute_mi
     opt = torch.optim.AdamW([{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1))])
     sched = dict(lr=1.2e-3, total_steps=30000, warmup_steps=1000, min_lr=1e-5)
     runtime.set_scheduled_lr(opt, 500, **sched)
-    regular = [1e-5 + (p - 1e-5) * 0.5 * (1 + math.cos(math.pi * 500 / 29000)) for p in (1.2e-3, 1.2e-4)]
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([r * 0.5 for r in regular], rel=1e-12)
+    regular = [
+        1e-5 + (p - 1e-5) * 0.5 * (1 + math.cos(math.pi * 500 / 29000)) for p in (1.2e-3, 1.2e-4)
+    ]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [r * 0.5 for r in regular], rel=1e-12
+    )

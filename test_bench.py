@@ -62,16 +62,38 @@ def test_one_fft_of_the_batch_mean_equals_averaging_per_image_spectra_value_and_
 
 
 # One thread: on a busy 2-core machine, two threads per op can wait on each other for ages.
-TINY = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size", "4", "--warmup", "1", "--repeats", "2",
-        "--device", "cpu", "--threads", "1"]
+TINY = [
+    "--arch",
+    "resnet18",
+    "--img-size",
+    "32",
+    "--width",
+    "8",
+    "--batch-size",
+    "4",
+    "--warmup",
+    "1",
+    "--repeats",
+    "2",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 
 
 def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(capsys):
     assert bench.main(TINY + ["--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "machine:" in out and "torch" in out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(bench.VARIANTS)}
-    assert float(rows["supervised"][2]) > 0 and float(rows["a2mim"][2]) > 0  # median ms, min ms, img/s
+    rows = {
+        line.split()[0]: line.split()[1:]
+        for line in out.splitlines()
+        if line.startswith(bench.VARIANTS)
+    }
+    assert (
+        float(rows["supervised"][2]) > 0 and float(rows["a2mim"][2]) > 0
+    )  # median ms, min ms, img/s
     assert "ratio a2mim / supervised: step time" in out
     assert "| resnet18 w8 | 32 | 4 | fp32 | cpu |" in out
 
@@ -89,15 +111,21 @@ def tiny_cfg(*extra):
 
 
 def test_cpu_peak_memory_grows_with_the_batch_as_activations_do():
-    peaks = [bench.peak_memory(*bench.make_step("supervised", tiny_cfg("--batch-size", str(b))), torch.device("cpu"))
-             for b in (4, 32)]
+    peaks = [
+        bench.peak_memory(
+            *bench.make_step("supervised", tiny_cfg("--batch-size", str(b))), torch.device("cpu")
+        )
+        for b in (4, 32)
+    ]
     assert 2 * peaks[0] < peaks[1]
 
 
 def test_cpu_peak_memory_holds_weights_gradients_and_both_adamw_moments_at_least():
     step, model = bench.make_step("a2mim", tiny_cfg())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert bench.peak_memory(step, model, torch.device("cpu")) >= 4 * param_bytes  # weights, grads, exp_avg, exp_avg_sq
+    assert (
+        bench.peak_memory(step, model, torch.device("cpu")) >= 4 * param_bytes
+    )  # weights, grads, exp_avg, exp_avg_sq
 
 
 def test_cpu_peak_memory_counts_a_temporary_freed_inside_the_step_but_not_what_existed_before():
@@ -138,50 +166,97 @@ def test_both_variants_train_on_the_same_batch_from_the_same_encoder_weights():
     (sup_step, sup), (ours_step, ours) = (bench.make_step(v, tiny_cfg()) for v in bench.VARIANTS)
     sup_img, ours_img = (inspect.getclosurevars(s).nonlocals["img"] for s in (sup_step, ours_step))
     assert torch.equal(sup_img, ours_img)
-    sup_weights, ours_weights = sup[0].state_dict(), ours.encoder.state_dict()  # Sequential(encoder, pool, …)
+    sup_weights, ours_weights = (
+        sup[0].state_dict(),
+        ours.encoder.state_dict(),
+    )  # Sequential(encoder, pool, …)
     assert sup_weights.keys() == ours_weights.keys()
     assert all(torch.equal(sup_weights[k], ours_weights[k]) for k in sup_weights)
 
 
 def test_bench_loader_timing_reports_the_dataloader_and_the_device_loader(capsys):
     assert bench.main(TINY + ["--no-memory", "--loader", "fake", "--workers", "0"]) == 0
-    rates = [float(line.split("): ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
-             if line.startswith("loader fake (")]
+    rates = [
+        float(line.split("): ")[1].split()[0])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("loader fake (")
+    ]
     assert len(rates) == 2 and all(r > 0 for r in rates)
 
 
-@pytest.mark.parametrize("flag,value,want", [
-    ("--threads", "-1", "at least 1"), ("--threads", "0", "at least 1"), ("--warmup", "-3", "at least 0"),
-    ("--width", "0", "at least 1"), ("--repeats", "0", "at least 1"), ("--batch-size", "0", "at least 1"),
-    ("--img-size", "-32", "at least 1"), ("--workers", "-1", "at least 0")])
-def test_bench_number_out_of_its_range_is_one_sentence_and_exit_2_before_anything_runs(capsys, flag, value, want):
+@pytest.mark.parametrize(
+    "flag,value,want",
+    [
+        ("--threads", "-1", "at least 1"),
+        ("--threads", "0", "at least 1"),
+        ("--warmup", "-3", "at least 0"),
+        ("--width", "0", "at least 1"),
+        ("--repeats", "0", "at least 1"),
+        ("--batch-size", "0", "at least 1"),
+        ("--img-size", "-32", "at least 1"),
+        ("--workers", "-1", "at least 0"),
+    ],
+)
+def test_bench_number_out_of_its_range_is_one_sentence_and_exit_2_before_anything_runs(
+    capsys, flag, value, want
+):
     threads = torch.get_num_threads()
-    assert bench.main(TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1), flag, value]) == 2
+    assert (
+        bench.main(
+            TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1), flag, value]
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
     assert err == f"error: {flag} must be {want}, got {value}\n"
-    assert out == "" and torch.get_num_threads() == threads  # no header printed, no thread count set
+    assert (
+        out == "" and torch.get_num_threads() == threads
+    )  # no header printed, no thread count set
 
 
 def test_bench_range_boundaries_are_accepted_and_an_unset_width_is_16_up_to_64_px():
     assert tiny_cfg("--warmup", "0", "--workers", "0", "--width", "1").width == 1
-    unset = [bench.resolve(bench.get_parser().parse_args(["--device", "cpu", "--img-size", px])) for px in ("64", "96")]
+    unset = [
+        bench.resolve(bench.get_parser().parse_args(["--device", "cpu", "--img-size", px]))
+        for px in ("64", "96")
+    ]
     assert [c.width for c in unset] == [16, None]
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "vit_base", "convnext_tiny"])
 def test_bench_default_mask_block_fits_the_encoders_token_site_at_96_px(arch):
     # The earlier img_size / 8 (12 px) mapped onto none of their 6×6 or 3×3 token sites.
-    c = bench.resolve(bench.get_parser().parse_args(["--arch", arch, "--img-size", "96", "--device", "cpu"]))
+    c = bench.resolve(
+        bench.get_parser().parse_args(["--arch", arch, "--img-size", "96", "--device", "cpu"])
+    )
     assert c.mask_patch_size == 16
 
 
 def test_bench_size_the_encoder_refuses_names_the_sizes_it_takes_before_anything_runs(capsys):
     threads = torch.get_num_threads()
-    assert bench.main(TINY + ["--no-memory", "--threads", str(threads + 1), "--arch", "vit_base", "--img-size", "100"]) == 2
+    assert (
+        bench.main(
+            TINY
+            + [
+                "--no-memory",
+                "--threads",
+                str(threads + 1),
+                "--arch",
+                "vit_base",
+                "--img-size",
+                "100",
+            ]
+        )
+        == 2
+    )
     out, err = capsys.readouterr()
-    assert err == ("error: image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
-                   "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)\n")
-    assert out == "" and torch.get_num_threads() == threads  # no header printed, no thread count set
+    assert err == (
+        "error: image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
+        "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)\n"
+    )
+    assert (
+        out == "" and torch.get_num_threads() == threads
+    )  # no header printed, no thread count set
 
 
 def busy_children_of(parent):
@@ -202,7 +277,9 @@ def busy_children():
     return busy_children_of(os.getpid())
 
 
-def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends_them(monkeypatch, capsys):
+def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends_them(
+    monkeypatch, capsys
+):
     seen = []
 
     def recording_time_steps(*args, **kwargs):
@@ -210,13 +287,18 @@ def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends
         return time_steps(*args, **kwargs)
 
     monkeypatch.setattr(bench, "time_steps", recording_time_steps)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # named in the header: it decides how much the busy ones cost
+    monkeypatch.setenv(
+        "OMP_WAIT_POLICY", "PASSIVE"
+    )  # named in the header: it decides how much the busy ones cost
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     assert bench.main(TINY + ["--no-memory", "--busy", "2"]) == 0
     assert len(seen) == 1 and len(seen[0]) == 2
     assert not busy_children()  # killed and reaped
     out = capsys.readouterr().out
-    assert "OpenMP wait OMP_WAIT_POLICY=PASSIVE; busy-looping processes beside the timed steps: 2" in out
+    assert (
+        "OpenMP wait OMP_WAIT_POLICY=PASSIVE; busy-looping processes beside the timed steps: 2"
+        in out
+    )
 
 
 def test_bench_busy_processes_end_when_a_timed_step_raises(monkeypatch):
@@ -238,9 +320,13 @@ def running(pid):
 
 
 def test_a_busy_process_ends_when_bench_is_killed_without_a_chance_to_end_it():
-    step_forever = ("import time, torch, bench\nstep = {'step': lambda: time.sleep(3600)}\n"
-                    "bench.time_steps_beside_busy_processes(1, step, torch.device('cpu'), 0, 1)")
-    bench_proc = subprocess.Popen([sys.executable, "-c", step_forever], cwd=Path(bench.__file__).parent)
+    step_forever = (
+        "import time, torch, bench\nstep = {'step': lambda: time.sleep(3600)}\n"
+        "bench.time_steps_beside_busy_processes(1, step, torch.device('cpu'), 0, 1)"
+    )
+    bench_proc = subprocess.Popen(
+        [sys.executable, "-c", step_forever], cwd=Path(bench.__file__).parent
+    )
     hog = None
     while hog is None and bench_proc.poll() is None:  # until bench has started its busy process
         hog = next(iter(busy_children_of(bench_proc.pid)), None)
@@ -248,7 +334,9 @@ def test_a_busy_process_ends_when_bench_is_killed_without_a_chance_to_end_it():
     assert hog is not None, "bench ended before it started its busy process"
     bench_proc.kill()
     bench_proc.wait()
-    for _ in range(600):  # it sees its parent gone at its next turn of the loop: up to a minute of a busy machine
+    for _ in range(
+        600
+    ):  # it sees its parent gone at its next turn of the loop: up to a minute of a busy machine
         if not running(hog):
             return
         time.sleep(0.1)
@@ -271,15 +359,29 @@ print(Spy.seen)
 
 
 @pytest.mark.parametrize("script", ["bench", "train", "eval_linear"])
-@pytest.mark.parametrize("user,seen", [
-    ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "3000"}),
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
-    ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"})])
-def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(script, user, seen):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | user
+@pytest.mark.parametrize(
+    "user,seen",
+    [
+        ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "3000"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
+        ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"}),
+    ],
+)
+def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(
+    script, user, seen
+):
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    } | user
     code = OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", script)
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(bench.__file__).parent, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(bench.__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert ast.literal_eval(out.splitlines()[-1]) == seen
 
 
@@ -296,8 +398,13 @@ def test_bench_on_cuda_without_a_gpu_is_one_sentence_and_exit_code_2(capsys):
 
 def write_fashion_idx(folder, n, seed=0):
     """Fashion-MNIST's IDX files (uncompressed) with random 28×28 images, label = i % 10."""
-    images = torch.randint(0, 256, (n, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", torch.arange(n) % 10)):
+    images = torch.randint(
+        0, 256, (n, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
+    for name, array in (
+        ("train-images-idx3-ubyte", images),
+        ("train-labels-idx1-ubyte", torch.arange(n) % 10),
+    ):
         array = array.to(torch.uint8)
         header = bytes((0, 0, 0x08, array.ndim)) + struct.pack(f">{array.ndim}I", *array.shape)
         (folder / name).write_bytes(header + array.numpy().tobytes())
@@ -306,7 +413,9 @@ def write_fashion_idx(folder, n, seed=0):
 
 def numbered_loader(n, batch_size, **kw):
     """A DeviceLoader over n blank 8×8 images whose label is their index."""
-    return DeviceLoader(torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n), batch_size, img_size=8, **kw)
+    return DeviceLoader(
+        torch.zeros(n, 3, 8, 8, dtype=torch.uint8), torch.arange(n), batch_size, img_size=8, **kw
+    )
 
 
 def test_device_loader_yields_normalised_3_channel_float_batches_resized_from_28_to_32(tmp_path):
@@ -315,14 +424,18 @@ def test_device_loader_yields_normalised_3_channel_float_batches_resized_from_28
     batches = list(loader)
     assert len(loader) == len(batches) == 2  # 40 // 16, the last 8 dropped
     img, labels = batches[0]
-    assert img.shape == (16, 3, 32, 32) and img.dtype == torch.float32 and labels.dtype == torch.long
+    assert (
+        img.shape == (16, 3, 32, 32) and img.dtype == torch.float32 and labels.dtype == torch.long
+    )
     pixels = img * STD + MEAN  # back to 0..1
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     torch.testing.assert_close(pixels[:, 0], pixels[:, 2])  # grey replicated to three channels
     assert loader.num_classes == 10 and ((labels >= 0) & (labels < 10)).all()
 
 
-def test_device_loader_is_the_same_for_the_same_seed_and_epoch_and_differs_for_another_epoch(tmp_path):
+def test_device_loader_is_the_same_for_the_same_seed_and_epoch_and_differs_for_another_epoch(
+    tmp_path,
+):
     write_fashion_idx(tmp_path, 32)
 
     def epoch(e, seed=0):
@@ -353,7 +466,9 @@ def test_device_loader_shards_of_two_ranks_are_disjoint_cover_the_epoch_and_matc
         loader = numbered_loader(n, 4, seed=7, world_size=world, rank=rank)
         loader.set_epoch(2)
         shards.append(torch.cat([labels for _, labels in loader]).tolist())
-        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=7, drop_last=True)
+        sampler = DistributedSampler(
+            range(n), num_replicas=world, rank=rank, shuffle=True, seed=7, drop_last=True
+        )
         sampler.set_epoch(2)
         assert loader.indices().tolist() == list(sampler)
     assert len(shards[0]) == len(shards[1]) == 20  # 41 // 2 = 20 per rank, 5 full batches of 4
@@ -361,7 +476,9 @@ def test_device_loader_shards_of_two_ranks_are_disjoint_cover_the_epoch_and_matc
     assert len(set(shards[0]) | set(shards[1])) == 40  # all but the one sample drop_last leaves out
     # with the dataset divisible by world × batch, the two shards cover every sample
     covered = [numbered_loader(48, 4, world_size=2, rank=r) for r in range(2)]
-    assert sorted(sum((torch.cat([lab for _, lab in ld]).tolist() for ld in covered), [])) == list(range(48))
+    assert sorted(sum((torch.cat([lab for _, lab in ld]).tolist() for ld in covered), [])) == list(
+        range(48)
+    )
 
 
 def test_crop_of_the_whole_image_without_flip_is_the_plain_bilinear_resize():
@@ -378,7 +495,12 @@ def test_crop_of_the_whole_image_without_flip_is_the_plain_bilinear_resize():
 
 def test_crop_of_a_box_is_the_bilinear_resize_of_that_box_alone_not_of_its_neighbours():
     img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    top, left, h, w = torch.tensor([3, 0]), torch.tensor([5, 9]), torch.tensor([25, 32]), torch.tensor([27, 21])
+    top, left, h, w = (
+        torch.tensor([3, 0]),
+        torch.tensor([5, 9]),
+        torch.tensor([25, 32]),
+        torch.tensor([27, 21]),
+    )
     out = resized_crop(img, top, left, h, w, 32)
     for b in range(2):
         box = img[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
@@ -400,9 +522,20 @@ def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop(fa
     torch.manual_seed(0)
     tv = v2.RandomResizedCrop(32, scale=scale)
     image = torch.zeros(1, 28, 28)
-    ref = torch.tensor([list(tv.make_params([image]).values()) for _ in range(4000)])  # top, left, h, w
-    ours = torch.stack(random_resized_crop_params(20000, 28, 28, scale, generator=torch.Generator().manual_seed(1)), 1)
-    assert ours.min() >= 0 and ((ours[:, 0] + ours[:, 2]) <= 28).all() and ((ours[:, 1] + ours[:, 3]) <= 28).all()
+    ref = torch.tensor(
+        [list(tv.make_params([image]).values()) for _ in range(4000)]
+    )  # top, left, h, w
+    ours = torch.stack(
+        random_resized_crop_params(
+            20000, 28, 28, scale, generator=torch.Generator().manual_seed(1)
+        ),
+        1,
+    )
+    assert (
+        ours.min() >= 0
+        and ((ours[:, 0] + ours[:, 2]) <= 28).all()
+        and ((ours[:, 1] + ours[:, 3]) <= 28).all()
+    )
     for k in range(4):  # each coordinate's histogram within sampling noise of torchvision's
         hist_ref = torch.bincount(ref[:, k], minlength=29).float() / len(ref)
         hist_ours = torch.bincount(ours[:, k], minlength=29).float() / len(ours)
@@ -414,9 +547,13 @@ def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop(fa
 def test_device_loader_flips_half_of_the_images():
     half = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
     half[..., 14:] = 255  # right half white
-    loader = DeviceLoader(half.expand(4000, -1, -1, -1), torch.zeros(4000, dtype=torch.long), 4000, img_size=32)
+    loader = DeviceLoader(
+        half.expand(4000, -1, -1, -1), torch.zeros(4000, dtype=torch.long), 4000, img_size=32
+    )
     img = loader.augment(loader.images_nchw, torch.Generator().manual_seed(0))
-    flipped = (img[:, 0, :, :16].mean(dim=(1, 2)) > img[:, 0, :, 16:].mean(dim=(1, 2))).float().mean()
+    flipped = (
+        (img[:, 0, :, :16].mean(dim=(1, 2)) > img[:, 0, :, 16:].mean(dim=(1, 2))).float().mean()
+    )
     assert 0.46 < flipped < 0.54
 
 
@@ -442,17 +579,30 @@ def test_gpu_check_script_parses_and_every_flag_it_passes_exists_in_that_scripts
 
     script = Path(__file__).with_name("gpu_check.sh")
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    known = {name: {s for a in module.get_parser()._actions for s in a.option_strings}
-             for name, module in (("train", train), ("eval_linear", eval_linear), ("bench", bench))}
+    known = {
+        name: {s for a in module.get_parser()._actions for s in a.option_strings}
+        for name, module in (("train", train), ("eval_linear", eval_linear), ("bench", bench))
+    }
     checked = {name: 0 for name in known}
-    for line in script.read_text().replace("\\\n", " ").splitlines():  # logical lines, comments cut off
+    for line in (
+        script.read_text().replace("\\\n", " ").splitlines()
+    ):  # logical lines, comments cut off
         code = "" if line.lstrip().startswith("#") else line.split(" # ")[0]
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", code)) - TORCHRUN_FLAGS
         if not flags:
             continue
-        owner = ("eval_linear" if re.search(r"eval_linear|EVAL", code) else "bench" if "bench.py" in code else
-                 "train" if re.search(r"\btrain\b|train\.py|SMALL=|args=\(", code) else None)
+        owner = (
+            "eval_linear"
+            if re.search(r"eval_linear|EVAL", code)
+            else "bench"
+            if "bench.py" in code
+            else "train"
+            if re.search(r"\btrain\b|train\.py|SMALL=|args=\(", code)
+            else None
+        )
         assert owner, f"flags {sorted(flags)} in a line of no known script: {code.strip()}"
-        assert flags <= known[owner], f"{owner}.py has no {sorted(flags - known[owner])}: {code.strip()}"
+        assert flags <= known[owner], (
+            f"{owner}.py has no {sorted(flags - known[owner])}: {code.strip()}"
+        )
         checked[owner] += len(flags)
     assert all(checked.values()), checked  # each script's flags were found and checked

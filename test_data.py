@@ -74,7 +74,11 @@ def cifar_images(n):
 def write_cifar_batch(path, images_nchw, labels, label_key="labels", **more_keys):
     """One pickled batch as in the official archive (a Python 2 pickle, whose keys load as str):
     "data" [N, 3072] uint8 (R, G, B planes, each 32×32 row-major) and a label list."""
-    batch = {"data": images_nchw.reshape(len(images_nchw), -1), label_key: list(labels), **more_keys}
+    batch = {
+        "data": images_nchw.reshape(len(images_nchw), -1),
+        label_key: list(labels),
+        **more_keys,
+    }
     with open(path, "wb") as f:
         pickle.dump(batch, f)
 
@@ -152,8 +156,17 @@ def test_fashion_mnist_trains_at_32px_divisible_by_mask_block_and_stride():
     assert data.dataset_info("stl10")["img_size"] == 96
 
 
-@pytest.mark.parametrize("kwargs", [{"split": "test"}, {"img_size": 0}, {"img_size": 32.0},
-                                    {"img_size": True}, {"transform": "strong"}, {"family": "mlp"}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"split": "test"},
+        {"img_size": 0},
+        {"img_size": 32.0},
+        {"img_size": True},
+        {"transform": "strong"},
+        {"family": "mlp"},
+    ],
+)
 def test_bad_split_size_transform_or_family_is_a_value_error(kwargs):
     args = {"split": "train", **kwargs}
     with pytest.raises(ValueError):
@@ -170,7 +183,9 @@ def test_idx_grayscale_is_resized_to_32_and_replicated_to_three_identical_channe
     image, label = ds[3]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     pixels = unnormalise(image)
-    assert torch.allclose(pixels[0], pixels[1], atol=1e-3) and torch.allclose(pixels[1], pixels[2], atol=1e-3)
+    assert torch.allclose(pixels[0], pixels[1], atol=1e-3) and torch.allclose(
+        pixels[1], pixels[2], atol=1e-3
+    )
     assert torch.allclose(pixels, torch.full_like(pixels, 30.0), atol=1e-3)  # uniform grey 10*3
 
 
@@ -191,7 +206,9 @@ def test_idx_uncompressed_files_in_the_torchvision_raw_folder_are_found(tmp_path
 def test_malformed_idx_file_raises_data_error_naming_it(tmp_path, damage):
     image_path = write_fashion(tmp_path, n=4)
     if damage == "bad_magic":
-        write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28)), magic=b"\x00\x00\x08\x01")
+        write_idx(
+            tmp_path / "train-images-idx3-ubyte", np.zeros((4, 28, 28)), magic=b"\x00\x00\x08\x01"
+        )
     elif damage == "truncated":
         raw = gzip.decompress(image_path.read_bytes())
         image_path.write_bytes(gzip.compress(raw[:-5]))
@@ -237,9 +254,12 @@ def test_the_debian_copy_is_used_only_when_no_data_dir_is_named(tmp_path, monkey
         build_dataset("fashion-mnist", "train", data_dir=tmp_path / "mine")
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"])
+@pytest.mark.parametrize(
+    "name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"]
+)
 def test_a_data_dir_that_does_not_exist_is_a_data_error_naming_it_even_if_data_holds_the_dataset(
-        tmp_path, monkeypatch, name):
+    tmp_path, monkeypatch, name
+):
     monkeypatch.chdir(tmp_path)
     write_fashion(tmp_path / "data", n=4)  # a fall-back copy that must not be used silently
     write_cifar10(tmp_path / "data")
@@ -251,10 +271,16 @@ def test_a_data_dir_that_does_not_exist_is_a_data_error_naming_it_even_if_data_h
             data.device_loader(name, "train", 2, "cpu", data_dir=tmp_path / "typo")
 
 
-@pytest.mark.skipif(not data.SYSTEM_FASHION_MNIST.is_dir(), reason="Debian fashion-mnist files not installed")
+@pytest.mark.skipif(
+    not data.SYSTEM_FASHION_MNIST.is_dir(), reason="Debian fashion-mnist files not installed"
+)
 def test_real_debian_fashion_mnist_has_60000_train_and_10000_val_images():
-    train = build_dataset("fashion-mnist", "train", data_dir=data.SYSTEM_FASHION_MNIST, transform="none")
-    val = build_dataset("fashion-mnist", "val", data_dir=data.SYSTEM_FASHION_MNIST, transform="none")
+    train = build_dataset(
+        "fashion-mnist", "train", data_dir=data.SYSTEM_FASHION_MNIST, transform="none"
+    )
+    val = build_dataset(
+        "fashion-mnist", "val", data_dir=data.SYSTEM_FASHION_MNIST, transform="none"
+    )
     assert (len(train), len(val)) == (60000, 10000)
     assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
     assert sorted(train.labels_n.unique().tolist()) == list(range(10))
@@ -279,8 +305,13 @@ def test_cifar10_batches_load_in_order_with_labels_and_rgb_plane_order(tmp_path,
 def test_cifar100_reads_fine_labels_not_coarse_ones(tmp_path, no_md5):
     folder = tmp_path / "cifar-100-python"
     write_cifar_meta(folder, cifar100=True)
-    write_cifar_batch(folder / "train", cifar_images(3), [0, 57, 99], label_key="fine_labels",
-                      coarse_labels=[1, 2, 3])
+    write_cifar_batch(
+        folder / "train",
+        cifar_images(3),
+        [0, 57, 99],
+        label_key="fine_labels",
+        coarse_labels=[1, 2, 3],
+    )
     touch(folder, "test")
     ds = build_dataset("cifar100", "train", data_dir=tmp_path, transform="none")
     assert ds.num_classes == 100 and [ds[i][1] for i in range(3)] == [0, 57, 99]
@@ -297,7 +328,9 @@ def test_cifar_without_the_label_key_raises_data_error(tmp_path, no_md5):
 
 def test_cifar_files_that_fail_torchvisions_md5_check_raise_data_error_naming_the_folder(tmp_path):
     write_cifar10(tmp_path)  # real format, but not the official bytes
-    with pytest.raises(DataError, match=r"cifar-10-batches-py does not hold an intact cifar10.*md5.*corrupted"):
+    with pytest.raises(
+        DataError, match=r"cifar-10-batches-py does not hold an intact cifar10.*md5.*corrupted"
+    ):
         build_dataset("cifar10", "train", data_dir=tmp_path)
 
 
@@ -306,7 +339,9 @@ def test_missing_cifar_error_names_the_expected_files_and_folder(tmp_path, monke
     (tmp_path / "nowhere").mkdir()
     with pytest.raises(DataError, match=r"data_batch_1.*nowhere/cifar-10-batches-py.*download"):
         build_dataset("cifar10", "train", data_dir=tmp_path / "nowhere")
-    with pytest.raises(DataError, match=r"test_batch.* data/cifar-10-batches-py"):  # no data_dir: ./data
+    with pytest.raises(
+        DataError, match=r"test_batch.* data/cifar-10-batches-py"
+    ):  # no data_dir: ./data
         build_dataset("cifar10", "val")
 
 
@@ -323,7 +358,9 @@ def test_stl10_column_major_images_are_transposed_and_labels_shifted_to_zero(tmp
     image, label = ds[1]
     pixels = unnormalise(image)
     assert image.shape == (3, 96, 96) and label == 9 and ds[0][1] == 0
-    assert pixels[:, 0, :].min() > 250 and pixels[:, 1:, 0].max() < 5  # top row white, left column not
+    assert (
+        pixels[:, 0, :].min() > 250 and pixels[:, 1:, 0].max() < 5
+    )  # top row white, left column not
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,14 +428,22 @@ def write_classes(root, split, classes, n=1):
 
 
 @pytest.mark.parametrize("name", ["folder", "imagenet"])
-def test_val_class_folders_named_differently_from_train_are_refused_naming_each_side(tmp_path, name):
+def test_val_class_folders_named_differently_from_train_are_refused_naming_each_side(
+    tmp_path, name
+):
     write_classes(tmp_path, "train", ["c0", "c1"])
     write_classes(tmp_path, "val", ["c0", "zz"])
-    assert build_dataset(name, "train", data_dir=tmp_path).classes == ["c0", "c1"]  # train alone is fine
+    assert build_dataset(name, "train", data_dir=tmp_path).classes == [
+        "c0",
+        "c1",
+    ]  # train alone is fine
     with pytest.raises(DataError) as err:
         build_dataset(name, "val", data_dir=tmp_path)
     message = str(err.value)
-    assert f"only in {tmp_path / 'train'}: c1;" in message and f"only in {tmp_path / 'val'}: zz" in message
+    assert (
+        f"only in {tmp_path / 'train'}: c1;" in message
+        and f"only in {tmp_path / 'val'}: zz" in message
+    )
     assert "\n" not in message
 
 
@@ -409,15 +454,33 @@ def test_a_val_split_missing_one_of_trains_classes_is_refused_too(tmp_path):
         build_dataset("folder", "val", data_dir=tmp_path)
 
 
-def test_eval_linear_refuses_differing_val_classes_before_writing_anything(tmp_path, capsys, monkeypatch):
+def test_eval_linear_refuses_differing_val_classes_before_writing_anything(
+    tmp_path, capsys, monkeypatch
+):
     import eval_linear
     from test_eval import folder_state
+
     monkeypatch.chdir(tmp_path)
     write_classes(tmp_path / "d", "train", ["c0", "c1"], n=4)
     write_classes(tmp_path / "d", "val", ["c0", "zz"], n=4)
     before = folder_state(tmp_path)
-    assert eval_linear.main(["--init", "random", "--data", "folder", "--data-dir", str(tmp_path / "d"),
-                             "--img-size", "32", "--workers", "0"]) == 2
+    assert (
+        eval_linear.main(
+            [
+                "--init",
+                "random",
+                "--data",
+                "folder",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--img-size",
+                "32",
+                "--workers",
+                "0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and ": zz" in err and ": c1;" in err
     assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
@@ -435,8 +498,12 @@ def test_val_class_folders_that_are_links_to_trains_are_refused(tmp_path):
 def test_a_val_split_of_one_class_is_refused_while_pretraining_takes_one_class(tmp_path):
     write_classes(tmp_path, "train", ["all"], n=3)
     write_classes(tmp_path, "val", ["all"])
-    assert len(build_dataset("folder", "train", data_dir=tmp_path)) == 3  # unlabelled images in one folder
-    with pytest.raises(DataError, match=r"holds one class folder \(all\): an accuracy needs at least two"):
+    assert (
+        len(build_dataset("folder", "train", data_dir=tmp_path)) == 3
+    )  # unlabelled images in one folder
+    with pytest.raises(
+        DataError, match=r"holds one class folder \(all\): an accuracy needs at least two"
+    ):
         build_dataset("folder", "val", data_dir=tmp_path)
 
 
@@ -447,25 +514,45 @@ def test_a_val_split_of_one_class_is_refused_while_pretraining_takes_one_class(t
 def write_messy_folder(root):
     """Two classes, four images (one in a sub-folder), and the litter of notebooks, git, macOS,
     Windows and a NAS around them; returns the paths of the four real images in reading order."""
-    images = [root / "train" / "cat" / "0.jpg", root / "train" / "cat" / "1.JPG",
-              root / "train" / "dog" / "0.png", root / "train" / "dog" / "more" / "1.jpeg"]
+    images = [
+        root / "train" / "cat" / "0.jpg",
+        root / "train" / "cat" / "1.JPG",
+        root / "train" / "dog" / "0.png",
+        root / "train" / "dog" / "more" / "1.jpeg",
+    ]
     for path in images:
         write_jpeg(path, (0, 0, 250))  # PIL picks the format from the name: dog/0.png is a PNG
-    for hidden_copy in ["train/.ipynb_checkpoints/0-checkpoint.jpg", "train/cat/.ipynb_checkpoints/0-checkpoint.jpg",
-                        "train/__MACOSX/cat/0.jpg", "train/dog/@eaDir/0.png/SYNOFILE_THUMB_S.jpg",
-                        "train/.trash/x.jpg"]:
+    for hidden_copy in [
+        "train/.ipynb_checkpoints/0-checkpoint.jpg",
+        "train/cat/.ipynb_checkpoints/0-checkpoint.jpg",
+        "train/__MACOSX/cat/0.jpg",
+        "train/dog/@eaDir/0.png/SYNOFILE_THUMB_S.jpg",
+        "train/.trash/x.jpg",
+    ]:
         write_jpeg(root / hidden_copy, (0, 250, 0))  # real images, in places no one means as data
     (root / "train" / ".git" / "objects").mkdir(parents=True)
     (root / "train" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     (root / "train" / ".empty").mkdir()
-    for litter in ["train/.DS_Store", "train/Thumbs.db", "train/README.md", "train/cat/.DS_Store",
-                   "train/cat/Thumbs.db", "train/cat/notes.txt", "train/dog/desktop.ini", "train/cat/labels.csv"]:
+    for litter in [
+        "train/.DS_Store",
+        "train/Thumbs.db",
+        "train/README.md",
+        "train/cat/.DS_Store",
+        "train/cat/Thumbs.db",
+        "train/cat/notes.txt",
+        "train/dog/desktop.ini",
+        "train/cat/labels.csv",
+    ]:
         (root / litter).write_bytes(b"\x00\x01 not an image")
-    (root / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")  # AppleDouble
+    (root / "train" / "cat" / "._0.jpg").write_bytes(
+        b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
+    )  # AppleDouble
     return [str(p) for p in images]
 
 
-def test_hidden_folders_and_files_and_non_images_are_not_counted_and_every_counted_file_decodes(tmp_path):
+def test_hidden_folders_and_files_and_non_images_are_not_counted_and_every_counted_file_decodes(
+    tmp_path,
+):
     images = write_messy_folder(tmp_path)
     ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
@@ -475,28 +562,65 @@ def test_hidden_folders_and_files_and_non_images_are_not_counted_and_every_count
 
 def test_train_py_prints_the_number_of_real_images_of_a_messy_folder(tmp_path, capsys):
     import train
+
     write_messy_folder(tmp_path / "d")
-    assert train.main(["--data", "folder", "--data-dir", str(tmp_path / "d"), "--img-size", "32", "--batch-size", "2",
-                       "--workers", "0", "--max-steps", "1", "--vis-every", "0",
-                       "--out-dir", str(tmp_path / "out")]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "--img-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--workers",
+                "0",
+                "--max-steps",
+                "1",
+                "--vis-every",
+                "0",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert f"(4 images from {tmp_path / 'd' / 'train'}" in capsys.readouterr().out
 
 
 def test_images_in_sub_folders_keep_torchvisions_order_and_labels(tmp_path):
-    for rel in ["a/z.jpg", "a/b/1.jpg", "a/b-c/2.jpg", "a/b/d/3.jpg", "a/0.jpg", "b/x/y.png", "b/0.bmp"]:
+    for rel in [
+        "a/z.jpg",
+        "a/b/1.jpg",
+        "a/b-c/2.jpg",
+        "a/b/d/3.jpg",
+        "a/0.jpg",
+        "b/x/y.png",
+        "b/0.bmp",
+    ]:
         write_jpeg(tmp_path / "train" / rel, (9, 9, 9))
     ours = build_dataset("folder", "train", data_dir=tmp_path).samples
     assert ours == tvd.ImageFolder(str(tmp_path / "train")).samples and len(ours) == 7
 
 
-@pytest.mark.parametrize("link, target", [("train/cat/loop", "train"), ("train/cat/self", "train/cat"),
-                                          ("train/cat/up", ".")])
-def test_a_symlink_loop_is_refused_naming_the_link_instead_of_counting_images_again(tmp_path, link, target):
+@pytest.mark.parametrize(
+    "link, target",
+    [("train/cat/loop", "train"), ("train/cat/self", "train/cat"), ("train/cat/up", ".")],
+)
+def test_a_symlink_loop_is_refused_naming_the_link_instead_of_counting_images_again(
+    tmp_path, link, target
+):
     write_folder(tmp_path)
     (tmp_path / link).symlink_to(tmp_path / target, target_is_directory=True)
-    with pytest.raises(DataError, match=r"again \(a symlink loop or two links to one folder\)") as err:
+    with pytest.raises(
+        DataError, match=r"again \(a symlink loop or two links to one folder\)"
+    ) as err:
         build_dataset("folder", "train", data_dir=tmp_path)
-    assert str(err.value).startswith(str(tmp_path / link))  # the link, or a folder reached through it
+    assert str(err.value).startswith(
+        str(tmp_path / link)
+    )  # the link, or a folder reached through it
 
 
 def test_two_class_folders_linked_to_one_folder_are_refused(tmp_path):
@@ -514,11 +638,15 @@ def test_class_folders_that_are_symlinks_are_read(tmp_path):
     for name in ("cat", "dog"):
         (tmp_path / "train" / name).symlink_to(tmp_path / "elsewhere" / "x" / f"{name}s")
     ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
-    assert ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1, 1] and ds[3][0].shape == (3, 8, 8)
+    assert (
+        ds.classes == ["cat", "dog"] and ds.targets == [0, 0, 1, 1] and ds[3][0].shape == (3, 8, 8)
+    )
 
 
 @pytest.mark.parametrize("link", ["train/bird", "train/cat/2.jpg"])
-def test_a_broken_symlink_is_refused_naming_it_instead_of_losing_a_class_or_an_image(tmp_path, link):
+def test_a_broken_symlink_is_refused_naming_it_instead_of_losing_a_class_or_an_image(
+    tmp_path, link
+):
     write_folder(tmp_path)
     (tmp_path / link).symlink_to(tmp_path / "nowhere")
     with pytest.raises(DataError, match=f"{tmp_path / link} is a broken symlink"):
@@ -527,8 +655,12 @@ def test_a_broken_symlink_is_refused_naming_it_instead_of_losing_a_class_or_an_i
 
 def test_an_image_directly_in_the_split_folder_is_refused_naming_it(tmp_path):
     write_folder(tmp_path)
-    write_jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3))  # ImageNet's val comes flat
-    with pytest.raises(DataError, match=r"ILSVRC2012_val_00000001.JPEG lies directly in \S*val: images go in class"):
+    write_jpeg(
+        tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3)
+    )  # ImageNet's val comes flat
+    with pytest.raises(
+        DataError, match=r"ILSVRC2012_val_00000001.JPEG lies directly in \S*val: images go in class"
+    ):
         build_dataset("imagenet", "val", data_dir=tmp_path)
 
 
@@ -545,8 +677,11 @@ def test_a_class_folder_of_only_non_images_names_what_it_holds_and_what_counts(t
     for litter in ["Thumbs.db", "notes.txt", ".DS_Store"]:
         (tmp_path / "train" / "bird" / litter).parent.mkdir(exist_ok=True)
         (tmp_path / "train" / "bird" / litter).write_text("x")
-    with pytest.raises(DataError, match=r"train/bird holds none \(\S*bird has Thumbs.db, notes.txt\); "
-                                        r"images are files named \*\.jpg, \*\.jpeg"):
+    with pytest.raises(
+        DataError,
+        match=r"train/bird holds none \(\S*bird has Thumbs.db, notes.txt\); "
+        r"images are files named \*\.jpg, \*\.jpeg",
+    ):
         build_dataset("folder", "train", data_dir=tmp_path)
 
 
@@ -559,7 +694,9 @@ def test_a_folder_that_cannot_be_listed_is_named_not_taken_as_empty(tmp_path, mo
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
-    monkeypatch.setattr(data.os, "scandir", refuse_dog)  # as root, chmod 000 would not stop the tests
+    monkeypatch.setattr(
+        data.os, "scandir", refuse_dog
+    )  # as root, chmod 000 would not stop the tests
     with pytest.raises(DataError, match=f"cannot list the folder {locked} \\(Permission denied\\)"):
         build_dataset("folder", "train", data_dir=tmp_path)
 
@@ -571,6 +708,7 @@ def test_a_folder_that_cannot_be_listed_is_named_not_taken_as_empty(tmp_path, mo
 def photograph():
     """A real photograph, RGB: matplotlib's sample picture of Grace Hopper (512 × 600 JPEG)."""
     from matplotlib import cbook
+
     with cbook.get_sample_data("grace_hopper.jpg") as f, Image.open(f) as img:
         return img.convert("RGB")
 
@@ -586,44 +724,108 @@ def write_photos(root, names):
 
 
 def tiny_pretraining(data_dir, out, *more):
-    return ["--data", "folder", "--data-dir", str(data_dir), "--img-size", "32", "--width", "4", "--batch-size", "4",
-            "--max-steps", "2", "--threads", "1", "--vis-every", "0", "--out-dir", str(out), *more]
+    return [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(data_dir),
+        "--img-size",
+        "32",
+        "--width",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--threads",
+        "1",
+        "--vis-every",
+        "0",
+        "--out-dir",
+        str(out),
+        *more,
+    ]
 
 
 def test_an_unlabelled_flat_folder_pretrains_end_to_end_and_its_checkpoint_evaluates_on_class_folders(
-        tmp_path, capsys, monkeypatch):
+    tmp_path, capsys, monkeypatch
+):
     import eval_linear
     import train
+
     monkeypatch.chdir(tmp_path)
-    write_photos(tmp_path / "photos", [f"IMG_{k:04d}.jpg" for k in range(6)] + ["scan.png", "old.bmp"])
-    assert train.main(tiny_pretraining(tmp_path / "photos", tmp_path / "out", "--workers", "1")) == 0
+    write_photos(
+        tmp_path / "photos", [f"IMG_{k:04d}.jpg" for k in range(6)] + ["scan.png", "old.bmp"]
+    )
+    assert (
+        train.main(tiny_pretraining(tmp_path / "photos", tmp_path / "out", "--workers", "1")) == 0
+    )
     assert f"(8 images from {tmp_path / 'photos'}, 32 px)" in capsys.readouterr().out
     checkpoint = tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt"
     assert train.load_checkpoint(checkpoint)["step"] == 2
-    write_folder(tmp_path / "labelled")  # the class layout still evaluates, here the unlabelled run's encoder
-    assert eval_linear.main(["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "labelled"),
-                             "--epochs", "1", "--batch-size", "4", "--workers", "0", "--threads", "1"]) == 0
+    write_folder(
+        tmp_path / "labelled"
+    )  # the class layout still evaluates, here the unlabelled run's encoder
+    assert (
+        eval_linear.main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--data-dir",
+                str(tmp_path / "labelled"),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "top-1" in capsys.readouterr().out
 
 
-def test_a_nested_unlabelled_folder_yields_every_image_under_it_in_sorted_order_with_label_0(tmp_path):
+def test_a_nested_unlabelled_folder_yields_every_image_under_it_in_sorted_order_with_label_0(
+    tmp_path,
+):
     # Folders sorted by path ("2023-06" before "2023/05", as torchvision's sorted os.walk), files by name.
-    images = write_photos(tmp_path, ["a.jpg", "2023/b.JPG", "2023-06/x.jpeg", "2023/05/a.png", "2023/05/b.jpg",
-                                     "z/deep/er/y.bmp"])
-    write_photos(tmp_path, [".thumbs/t.jpg", "__MACOSX/2023/b.jpg", "2023/.ipynb_checkpoints/b-checkpoint.jpg"])
+    images = write_photos(
+        tmp_path,
+        [
+            "a.jpg",
+            "2023/b.JPG",
+            "2023-06/x.jpeg",
+            "2023/05/a.png",
+            "2023/05/b.jpg",
+            "z/deep/er/y.bmp",
+        ],
+    )
+    write_photos(
+        tmp_path,
+        [".thumbs/t.jpg", "__MACOSX/2023/b.jpg", "2023/.ipynb_checkpoints/b-checkpoint.jpg"],
+    )
     for litter in ["notes.txt", "2023/.DS_Store", "2023/05/._a.png", "z/Thumbs.db"]:
         (tmp_path / litter).write_bytes(b"\x00 not an image")
     ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=16)
     assert ds.samples == [(path, 0) for path in images] and ds.targets == [0] * 6
     assert ds.num_classes is None and ds.classes == [] and ds.source == str(tmp_path)
-    assert [tuple(ds[i][0].shape) for i in range(6)] == [(3, 16, 16)] * 6 and {ds[i][1] for i in range(6)} == {0}
-    assert build_dataset("folder", "train", data_dir=tmp_path).samples == ds.samples  # the same order every run
+    assert [tuple(ds[i][0].shape) for i in range(6)] == [(3, 16, 16)] * 6 and {
+        ds[i][1] for i in range(6)
+    } == {0}
+    assert (
+        build_dataset("folder", "train", data_dir=tmp_path).samples == ds.samples
+    )  # the same order every run
     Image.new("P", (4, 4)).save(tmp_path / "2023" / "05" / "anim.gif")
     with pytest.raises(DataError, match=r"2023/05/anim.gif is a \.gif image"):
         build_dataset("folder", "train", data_dir=tmp_path)
 
 
-def test_pretraining_reads_only_train_when_the_folder_is_split_with_or_without_class_folders(tmp_path):
+def test_pretraining_reads_only_train_when_the_folder_is_split_with_or_without_class_folders(
+    tmp_path,
+):
     write_folder(tmp_path / "classes")
     write_photos(tmp_path / "classes", ["stray.jpg"])  # beside train/: not read, as before
     labelled = build_dataset("folder", "train", data_dir=tmp_path / "classes")
@@ -633,44 +835,81 @@ def test_pretraining_reads_only_train_when_the_folder_is_split_with_or_without_c
     write_folder(tmp_path / "flat", splits=("val",))
     write_photos(tmp_path / "flat", ["stray.jpg"])
     ds = build_dataset("folder", "train", data_dir=tmp_path / "flat")
-    assert ds.samples == [(path, 0) for path in flat] and ds.source == str(tmp_path / "flat" / "train")
+    assert ds.samples == [(path, 0) for path in flat] and ds.source == str(
+        tmp_path / "flat" / "train"
+    )
 
 
 def test_a_val_folder_without_train_is_refused_for_pretraining_instead_of_walked(tmp_path):
     write_folder(tmp_path, splits=("val",))
-    with pytest.raises(DataError, match=f"{tmp_path} holds a val/ folder but no train/ folder: pre-training "
-                                        f"reads {tmp_path}/train/ when"):
+    with pytest.raises(
+        DataError,
+        match=f"{tmp_path} holds a val/ folder but no train/ folder: pre-training "
+        f"reads {tmp_path}/train/ when",
+    ):
         build_dataset("folder", "train", data_dir=tmp_path)
 
 
 def test_a_folder_without_any_image_names_what_pretraining_reads(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "notes.txt").write_text("no images here")
-    with pytest.raises(DataError, match=rf"folder found no images under {tmp_path} to pre-train on .*"
-                                        rf"images are files named \*\.jpg"):
+    with pytest.raises(
+        DataError,
+        match=rf"folder found no images under {tmp_path} to pre-train on .*"
+        rf"images are files named \*\.jpg",
+    ):
         build_dataset("folder", "train", data_dir=tmp_path)
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested", "flat_splits"])
 def test_eval_linear_on_an_unlabelled_folder_says_the_layout_it_needs_in_one_sentence_and_writes_nothing(
-        tmp_path, capsys, monkeypatch, layout):
+    tmp_path, capsys, monkeypatch, layout
+):
     import eval_linear
     from test_eval import folder_state
+
     monkeypatch.chdir(tmp_path)
     d = tmp_path / "d"
-    names = {"flat": ["a.jpg", "b.jpg", "c.png"], "nested": ["2023/a.jpg", "2023/05/b.jpg", "c.jpg"],
-             "flat_splits": ["train/a.jpg", "train/b.jpg", "train/c.jpg", "val/d.jpg"]}[layout]
+    names = {
+        "flat": ["a.jpg", "b.jpg", "c.png"],
+        "nested": ["2023/a.jpg", "2023/05/b.jpg", "c.jpg"],
+        "flat_splits": ["train/a.jpg", "train/b.jpg", "train/c.jpg", "val/d.jpg"],
+    }[layout]
     write_photos(d, names)
-    held = {"flat": f"{d} holds 3 images without class folders", "nested": f"{d} holds 3 images but no train/ "
-            f"and val/ folders", "flat_splits": f"{d}/train holds 3 images without class folders"}[layout]
+    held = {
+        "flat": f"{d} holds 3 images without class folders",
+        "nested": f"{d} holds 3 images but no train/ and val/ folders",
+        "flat_splits": f"{d}/train holds 3 images without class folders",
+    }[layout]
     before = folder_state(tmp_path)
-    assert eval_linear.main(["--init", "random", "--data", "folder", "--data-dir", str(d), "--img-size", "32",
-                             "--workers", "0", "--threads", "1"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: evaluation needs labelled images: {d}/train/<class>/*.jpg "
-                                               f"and {d}/val/<class>/*.jpg; {held} (fine for pre-training)")
+    assert (
+        eval_linear.main(
+            [
+                "--init",
+                "random",
+                "--data",
+                "folder",
+                "--data-dir",
+                str(d),
+                "--img-size",
+                "32",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip() == (
+        f"error: evaluation needs labelled images: {d}/train/<class>/*.jpg "
+        f"and {d}/val/<class>/*.jpg; {held} (fine for pre-training)"
+    )
     assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
     with pytest.raises(DataError, match=r"evaluation needs labelled images"):
-        build_dataset("folder", "val", data_dir=d, transform="pretrain")  # val: evaluation's, whatever the transform
+        build_dataset(
+            "folder", "val", data_dir=d, transform="pretrain"
+        )  # val: evaluation's, whatever the transform
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,7 +933,13 @@ def png16(path, array_hwc):
     rows = b"".join(b"\x00" + array_hwc[y].astype(">u2").tobytes() for y in range(h))
 
     def chunk(kind, payload):
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload))
+            + kind
+            + payload
+            + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
     header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
     chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
@@ -710,7 +955,10 @@ def uniform(pixels_3hw):
 def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, name):
     def write(path):
         fmt = {".png": "PNG", ".jpg": "PNG", ".tif": "TIFF", ".pgm": "PPM"}[path.suffix]
-        Image.fromarray(np.full((6, 5), 0x8000, dtype=np.uint16)).save(path, format=fmt)  # a PNG named .jpg too
+        Image.fromarray(np.full((6, 5), 0x8000, dtype=np.uint16)).save(
+            path, format=fmt
+        )  # a PNG named .jpg too
+
     assert uniform(decoded(tmp_path, name, write)) == [128, 128, 128]  # 32768 / 257 = 127.5
 
 
@@ -720,17 +968,22 @@ def test_16_bit_rgb_png_keeps_its_colour(tmp_path):
     assert uniform(decoded(tmp_path, "rgb16.png", lambda p: png16(p, rgb))) == [255, 128, 0]
 
 
-@pytest.mark.parametrize("mode, value, expected", [
-    ("RGBA", (255, 0, 0, 0), [255, 255, 255]),      # fully transparent red: the white background
-    ("RGBA", (255, 0, 0, 255), [255, 0, 0]),        # opaque: unchanged
-    ("RGBA", (0, 0, 0, 128), [127, 127, 127]),      # half-transparent black over white
-    ("LA", (0, 0), [255, 255, 255]),
-    ("LA", (40, 255), [40, 40, 40]),
-])
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("RGBA", (255, 0, 0, 0), [255, 255, 255]),  # fully transparent red: the white background
+        ("RGBA", (255, 0, 0, 255), [255, 0, 0]),  # opaque: unchanged
+        ("RGBA", (0, 0, 0, 128), [127, 127, 127]),  # half-transparent black over white
+        ("LA", (0, 0), [255, 255, 255]),
+        ("LA", (40, 255), [40, 40, 40]),
+    ],
+)
 def test_alpha_is_composited_on_the_stated_white_background(tmp_path, mode, value, expected):
     assert data.ALPHA_BACKGROUND == (255, 255, 255)
     pixels = decoded(tmp_path, "a.png", lambda p: Image.new(mode, (4, 4), value).save(p))
-    assert max(abs(got - want) for got, want in zip(uniform(pixels), expected)) <= 1  # alpha_composite's rounding
+    assert (
+        max(abs(got - want) for got, want in zip(uniform(pixels), expected)) <= 1
+    )  # alpha_composite's rounding
 
 
 def test_a_palette_pngs_transparent_colour_becomes_the_background(tmp_path):
@@ -739,53 +992,80 @@ def test_a_palette_pngs_transparent_colour_becomes_the_background(tmp_path):
         image.putpalette([0, 0, 0, 255, 0, 0])  # index 0 black (transparent), 1 red
         image.putpixel((3, 3), 1)
         image.save(path, transparency=0)
+
     pixels = decoded(tmp_path, "p.png", write)
     assert pixels[:, 0, 0].tolist() == [255, 255, 255] and pixels[:, 3, 3].tolist() == [255, 0, 0]
 
 
 def test_cmyk_jpeg_1_bit_and_a_16_bit_grey_alpha_png_decode_to_their_colours(tmp_path):
-    cyan = uniform(decoded(tmp_path / "a", "cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(p)))
+    cyan = uniform(
+        decoded(
+            tmp_path / "a", "cmyk.jpg", lambda p: Image.new("CMYK", (8, 8), (255, 0, 0, 0)).save(p)
+        )
+    )
     assert cyan[0] <= 3 and min(cyan[1:]) >= 252
     bits = decoded(tmp_path / "b", "b.png", lambda p: Image.new("1", (4, 4), 1).save(p))
     assert uniform(bits) == [255, 255, 255]
     grey_alpha = np.empty((4, 4, 2), dtype=np.uint16)
     grey_alpha[...] = (0x8000, 0xFFFF)  # opaque mid grey
-    assert uniform(decoded(tmp_path / "c", "la16.png", lambda p: png16(p, grey_alpha))) == [128, 128, 128]
+    assert uniform(decoded(tmp_path / "c", "la16.png", lambda p: png16(p, grey_alpha))) == [
+        128,
+        128,
+        128,
+    ]
 
 
 def test_an_exif_rotated_phone_photo_is_turned_upright(tmp_path):
-    def write(path):  # stored 40 wide, 20 high: left half red, right half blue; EXIF 6: turn 90° clockwise
+    def write(
+        path,
+    ):  # stored 40 wide, 20 high: left half red, right half blue; EXIF 6: turn 90° clockwise
         image = Image.new("RGB", (40, 20), (0, 0, 255))
         image.paste((255, 0, 0), (0, 0, 20, 20))
         exif = Image.Exif()
         exif[0x0112] = 6
         image.save(path, quality=95, exif=exif.tobytes())
+
     pixels = decoded(tmp_path, "IMG_0001.jpg", write).int()
     assert pixels.shape == (3, 40, 20)  # as shown: 20 wide, 40 high
-    assert pixels[:, 5, 10].tolist()[0] > 240 and pixels[:, 35, 10].tolist()[2] > 240  # red on top, blue below
+    assert (
+        pixels[:, 5, 10].tolist()[0] > 240 and pixels[:, 35, 10].tolist()[2] > 240
+    )  # red on top, blue below
 
 
-@pytest.mark.parametrize("name, fmt", [("pages.tif", "TIFF"), ("anim.png", "PNG"), ("anim.webp", "WEBP")])
+@pytest.mark.parametrize(
+    "name, fmt", [("pages.tif", "TIFF"), ("anim.png", "PNG"), ("anim.webp", "WEBP")]
+)
 def test_a_file_of_several_frames_is_refused_naming_it(tmp_path, name, fmt):
     frames = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]
     with pytest.raises(DataError, match=f"{name} holds 2 frames"):
-        decoded(tmp_path, name, lambda p: frames[0].save(p, format=fmt, save_all=True, append_images=frames[1:]))
+        decoded(
+            tmp_path,
+            name,
+            lambda p: frames[0].save(p, format=fmt, save_all=True, append_images=frames[1:]),
+        )
 
 
 def test_an_mpo_phone_photo_is_read_as_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 0, 250))]
-    pixels = decoded(tmp_path, "DSCF0001.jpg",
-                     lambda p: frames[0].save(p, format="MPO", save_all=True, append_images=frames[1:]))
+    pixels = decoded(
+        tmp_path,
+        "DSCF0001.jpg",
+        lambda p: frames[0].save(p, format="MPO", save_all=True, append_images=frames[1:]),
+    )
     assert pixels[0].min() > 240 and pixels[2].max() < 15
 
 
 @pytest.mark.parametrize("mode, value", [("F", 0.5), ("I", 70_000)])
-def test_32_bit_float_or_integer_pixels_without_a_range_are_refused_naming_the_file(tmp_path, mode, value):
+def test_32_bit_float_or_integer_pixels_without_a_range_are_refused_naming_the_file(
+    tmp_path, mode, value
+):
     with pytest.raises(DataError, match=f"x.tif holds '{mode}' pixels .* no fixed range"):
         decoded(tmp_path, "x.tif", lambda p: Image.new(mode, (4, 4), value).save(p))
 
 
-def test_an_image_over_pils_decompression_bomb_limit_is_a_data_error_naming_it(tmp_path, monkeypatch):
+def test_an_image_over_pils_decompression_bomb_limit_is_a_data_error_naming_it(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 × 30 = 1200 px > 2 × 100: PIL refuses
     with pytest.raises(DataError, match=r"cannot decode image \S*big.jpg .*decompression bomb"):
         decoded(tmp_path, "big.jpg", lambda p: write_jpeg(p, (1, 2, 3)))
@@ -795,11 +1075,15 @@ def test_an_image_over_pils_decompression_bomb_limit_is_a_data_error_naming_it(t
 # Careless inputs
 
 
-@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"])
+@pytest.mark.parametrize(
+    "name", ["fashion-mnist", "cifar10", "cifar100", "stl10", "imagenet", "folder"]
+)
 def test_a_data_dir_that_is_a_file_is_named_as_a_file_not_a_missing_folder(tmp_path, name):
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(b"\x1f\x8b not really")
-    with pytest.raises(DataError, match=r"data directory \S*cifar-10-python.tar.gz is a file, not a folder"):
+    with pytest.raises(
+        DataError, match=r"data directory \S*cifar-10-python.tar.gz is a file, not a folder"
+    ):
         build_dataset(name, "train", data_dir=archive)
     if name == "cifar10":  # not handed to torchvision's downloader either
         with pytest.raises(DataError, match="is a file, not a folder"):
@@ -807,7 +1091,9 @@ def test_a_data_dir_that_is_a_file_is_named_as_a_file_not_a_missing_folder(tmp_p
     assert archive.read_bytes() == b"\x1f\x8b not really"
 
 
-def test_the_unpacked_cifar_folder_itself_as_data_dir_is_read_and_extra_files_in_it_are_ignored(tmp_path, no_md5):
+def test_the_unpacked_cifar_folder_itself_as_data_dir_is_read_and_extra_files_in_it_are_ignored(
+    tmp_path, no_md5
+):
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
     (folder / "readme.html").write_text("<html>the official archive ships this</html>")
@@ -817,20 +1103,29 @@ def test_the_unpacked_cifar_folder_itself_as_data_dir_is_read_and_extra_files_in
     via_parent = build_dataset("cifar10", "train", data_dir=tmp_path, transform="none")
     direct = build_dataset("cifar10", "train", data_dir=folder, transform="none")
     assert direct.source == via_parent.source == str(folder) and len(direct) == 10
-    assert torch.equal(direct.images, via_parent.images) and torch.equal(direct.labels_n, via_parent.labels_n)
+    assert torch.equal(direct.images, via_parent.images) and torch.equal(
+        direct.labels_n, via_parent.labels_n
+    )
 
 
 def test_a_data_dir_naming_the_train_folder_itself_is_told_to_name_its_parent(tmp_path):
     write_folder(tmp_path)
-    with pytest.raises(DataError, match=f"found none in {tmp_path}/train/val; name the folder that holds val/, "
-                                        f"not {tmp_path}/train itself"):
+    with pytest.raises(
+        DataError,
+        match=f"found none in {tmp_path}/train/val; name the folder that holds val/, "
+        f"not {tmp_path}/train itself",
+    ):
         build_dataset("folder", "val", data_dir=tmp_path / "train")
 
 
 def test_an_image_folder_of_one_image_loads_and_a_larger_batch_is_refused(tmp_path):
     write_jpeg(tmp_path / "train" / "only" / "0.jpg", (250, 0, 0))
     ds = build_dataset("folder", "train", data_dir=tmp_path, img_size=8)
-    assert len(ds) == 1 and ds.classes == ["only"] and [y for _, y in build_loader(ds, 1, workers=0)] == [0]
+    assert (
+        len(ds) == 1
+        and ds.classes == ["only"]
+        and [y for _, y in build_loader(ds, 1, workers=0)] == [0]
+    )
     with pytest.raises(DataError, match=r"has 1 training images .*batch_size 2"):
         build_loader(ds, 2, workers=0)
 
@@ -880,7 +1175,9 @@ def test_none_transform_maps_uniform_grey_to_the_imagenet_normalised_value(tmp_p
 @pytest.mark.parametrize("transform", data.TRANSFORMS)
 @pytest.mark.parametrize("img_size", [32, 96])  # fake data is small at 32 px, "large" at 96 px
 def test_every_transform_outputs_a_3xSxS_float_image(transform, img_size):
-    ds = build_dataset("fake", "train", img_size=img_size, transform=transform, family="vit", fake_size=2)
+    ds = build_dataset(
+        "fake", "train", img_size=img_size, transform=transform, family="vit", fake_size=2
+    )
     image, _ = ds[1]
     assert image.shape == (3, img_size, img_size) and image.dtype == torch.float32
 
@@ -915,7 +1212,9 @@ def test_loader_yields_normalised_batches_and_drops_the_last_partial_batch():
     ds = build_dataset("fake", "train", fake_size=10)
     loader = build_loader(ds, 4, train=True, workers=0)
     batches = list(loader)
-    assert len(batches) == 2 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][1].shape == (4,)
+    assert (
+        len(batches) == 2 and batches[0][0].shape == (4, 3, 32, 32) and batches[0][1].shape == (4,)
+    )
     eval_loader = build_loader(ds, 4, train=False, workers=0)
     assert [len(y) for _, y in eval_loader] == [4, 4, 2]
     assert torch.cat([y for _, y in eval_loader]).tolist() == [i % 10 for i in range(10)]
@@ -939,8 +1238,10 @@ def test_set_epoch_repeats_the_order_of_the_same_epoch_and_changes_it_for_anothe
 
 
 def test_distributed_ranks_read_disjoint_shards_that_cover_the_dataset():
-    loaders = [build_loader(IndexDataset(40), 4, distributed=True, world_size=2, rank=r, workers=0)
-               for r in (0, 1)]
+    loaders = [
+        build_loader(IndexDataset(40), 4, distributed=True, world_size=2, rank=r, workers=0)
+        for r in (0, 1)
+    ]
     orders = [epoch_order(loader, 0) for loader in loaders]
     assert len(orders[0]) == len(orders[1]) == 20
     assert sorted(orders[0] + orders[1]) == list(range(40))
@@ -948,7 +1249,10 @@ def test_distributed_ranks_read_disjoint_shards_that_cover_the_dataset():
 
 def test_distributed_set_epoch_repeats_the_same_epoch_and_changes_for_another():
     def loader():
-        return build_loader(IndexDataset(40), 4, distributed=True, world_size=2, rank=1, workers=0, seed=7)
+        return build_loader(
+            IndexDataset(40), 4, distributed=True, world_size=2, rank=1, workers=0, seed=7
+        )
+
     first = epoch_order(loader(), 2)
     assert epoch_order(loader(), 2) == first and epoch_order(loader(), 3) != first
 
@@ -965,7 +1269,9 @@ def test_batch_larger_than_the_dataset_with_drop_last_is_a_data_error():
 
 def test_check_enough_refuses_fewer_images_per_process_than_one_step_needs():
     data.check_enough(64, 8, 4, 2, "cifar10")  # 32 per process = 8 × 4: exactly one step
-    with pytest.raises(DataError, match=r"cifar10 has 63 training images \(31 per process\).*batch_size 8 × 4"):
+    with pytest.raises(
+        DataError, match=r"cifar10 has 63 training images \(31 per process\).*batch_size 8 × 4"
+    ):
         data.check_enough(63, 8, 4, 2, "cifar10")
 
 
@@ -981,11 +1287,19 @@ def test_every_dataset_and_the_device_loader_say_which_folder_they_read(tmp_path
     write_fashion(tmp_path / "fm", n=4)
     write_cifar10(tmp_path / "c10")
     write_folder(tmp_path / "img")
-    assert build_dataset("fashion-mnist", "train", data_dir=tmp_path / "fm").source == str(tmp_path / "fm")
-    assert build_dataset("cifar10", "val", data_dir=tmp_path / "c10").source == str(tmp_path / "c10" / "cifar-10-batches-py")
-    assert build_dataset("imagenet", "val", data_dir=tmp_path / "img").source == str(tmp_path / "img" / "val")
+    assert build_dataset("fashion-mnist", "train", data_dir=tmp_path / "fm").source == str(
+        tmp_path / "fm"
+    )
+    assert build_dataset("cifar10", "val", data_dir=tmp_path / "c10").source == str(
+        tmp_path / "c10" / "cifar-10-batches-py"
+    )
+    assert build_dataset("imagenet", "val", data_dir=tmp_path / "img").source == str(
+        tmp_path / "img" / "val"
+    )
     assert build_dataset("fake", "train").source == "generated"
-    assert data.device_loader("fashion-mnist", "train", 2, "cpu", data_dir=tmp_path / "fm").source == str(tmp_path / "fm")
+    assert data.device_loader(
+        "fashion-mnist", "train", 2, "cpu", data_dir=tmp_path / "fm"
+    ).source == str(tmp_path / "fm")
     assert data.device_loader("fake", "train", 2, "cpu", fake_size=4).source == "generated"
 
 
@@ -1009,10 +1323,19 @@ def batches(loader, epoch, start_batch=0):
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
-def test_starting_at_batch_k_yields_batches_k_on_of_the_same_epoch_without_reading_the_earlier_ones(world_size):
+def test_starting_at_batch_k_yields_batches_k_on_of_the_same_epoch_without_reading_the_earlier_ones(
+    world_size,
+):
     for rank in range(world_size):
-        loader = build_loader(CountingDataset(50), 4, distributed=world_size > 1, world_size=world_size,
-                              rank=rank, workers=0, seed=5)
+        loader = build_loader(
+            CountingDataset(50),
+            4,
+            distributed=world_size > 1,
+            world_size=world_size,
+            rank=rank,
+            workers=0,
+            seed=5,
+        )
         whole = batches(loader, 2)
         CountingDataset.reads = 0
         assert len(loader) == len(whole) == 50 // world_size // 4
@@ -1020,13 +1343,17 @@ def test_starting_at_batch_k_yields_batches_k_on_of_the_same_epoch_without_readi
         assert len(loader) == len(whole)  # still the full epoch's length
         assert CountingDataset.reads == 4 * (len(whole) - 2)  # batches 0 and 1 never read
         assert [t.tolist() for t in tail] == [w.tolist() for w in whole[2:]]
-        assert [t.tolist() for t in batches(loader, 2)] == [w.tolist() for w in whole]  # the next pass: whole
+        assert [t.tolist() for t in batches(loader, 2)] == [
+            w.tolist() for w in whole
+        ]  # the next pass: whole
 
 
 def test_random_crops_of_a_resumed_epoch_equal_the_uninterrupted_ones_with_any_worker_count():
     ds = build_dataset("fake", "train", fake_size=24, transform="pretrain")
     whole = batches(build_loader(ds, 4, workers=0, seed=1), 3)
-    assert not torch.equal(whole[0], batches(build_loader(ds, 4, workers=0, seed=1), 4)[0])  # epochs differ
+    assert not torch.equal(
+        whole[0], batches(build_loader(ds, 4, workers=0, seed=1), 4)[0]
+    )  # epochs differ
     for workers in (0, 2):
         tail = batches(build_loader(ds, 4, workers=workers, seed=1), 3, start_batch=4)
         assert len(tail) == 2 and all(torch.equal(t, w) for t, w in zip(tail, whole[4:]))
@@ -1036,13 +1363,19 @@ def test_loading_a_training_batch_leaves_the_global_rng_untouched():
     loader = build_loader(build_dataset("fake", "train", fake_size=8), 4, workers=0)
     state = torch.get_rng_state()
     batches(loader, 0)
-    assert torch.equal(torch.get_rng_state(), state)  # drop path / masks draw the same as without data
+    assert torch.equal(
+        torch.get_rng_state(), state
+    )  # drop path / masks draw the same as without data
 
 
 def test_device_loader_started_at_batch_k_gives_the_uninterrupted_epochs_crops_and_skips_the_rest():
-    images = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (40, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     for rank in (0, 1):
-        loader = data.DeviceLoader(images, torch.arange(40), 4, img_size=16, seed=2, world_size=2, rank=rank)
+        loader = data.DeviceLoader(
+            images, torch.arange(40), 4, img_size=16, seed=2, world_size=2, rank=rank
+        )
         set_epoch(loader, 1)
         whole = list(loader)
         calls, augment = [], loader.augment

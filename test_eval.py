@@ -1,5 +1,6 @@
 """Invariants of eval_linear.py: what a probe may and may not touch, the optimiser's layer-wise
 lrs, the low-label subset, torchvision export, accuracy on learnable data, one-sentence errors."""
+
 import functools
 import json
 import os
@@ -32,7 +33,12 @@ def make_checkpoint(path, arch="resnet18", img_size=32, width=8, data_name="fake
     kw = dict(arch=arch, img_size=img_size) | ({} if arch.startswith("vit") else dict(width=width))
     torch.manual_seed(1)
     model = A2MIM(build_encoder(**kw))  # the default mask block of this size and token site
-    save_checkpoint(path, dict(model=model.state_dict(), encoder_kwargs=kw, config=dict(data=data_name, method="a2mim")))
+    save_checkpoint(
+        path,
+        dict(
+            model=model.state_dict(), encoder_kwargs=kw, config=dict(data=data_name, method="a2mim")
+        ),
+    )
     return model.encoder
 
 
@@ -55,7 +61,9 @@ def snapshot(module):
 
 @pytest.mark.parametrize("extra", [[], ["--augment"]], ids=["cached", "augmented"])
 def test_linear_probe_leaves_encoder_weights_and_bn_statistics_bit_identical(extra):
-    encoder, cfg = prepared(["--init", "random", "--width", "8", "--epochs", "2", "--batch-size", "64", *SMALL, *extra])
+    encoder, cfg = prepared(
+        ["--init", "random", "--width", "8", "--epochs", "2", "--batch-size", "64", *SMALL, *extra]
+    )
     before = snapshot(encoder)
     assert any("running_mean" in k for k in before)  # there are BN statistics to protect
     result = E.evaluate(encoder, cfg, Dist())
@@ -68,8 +76,20 @@ def test_linear_probe_leaves_encoder_weights_and_bn_statistics_bit_identical(ext
 
 
 def test_finetuning_changes_encoder_weights_and_bn_statistics():
-    encoder, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--epochs", "1",
-                             "--batch-size", "64", *SMALL])
+    encoder, cfg = prepared(
+        [
+            "--init",
+            "random",
+            "--width",
+            "8",
+            "--finetune",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            *SMALL,
+        ]
+    )
     before = snapshot(encoder)
     E.evaluate(encoder, cfg, Dist())
     after = encoder.state_dict()
@@ -94,7 +114,7 @@ def test_layer_decay_gives_each_vit_layer_decay_to_the_depth_minus_its_index():
         "encoder.patch_embed.weight": decay ** (depth + 1),
         "encoder.pos_embed": decay ** (depth + 1),
         "encoder.cls_token": decay ** (depth + 1),
-        "encoder.blocks.0.qkv.weight": decay ** depth,
+        "encoder.blocks.0.qkv.weight": decay**depth,
         f"encoder.blocks.{depth - 1}.mlp.0.weight": decay,
         "fc_norm.weight": 1.0,  # after the blocks (the encoder's own final norm is off when fine-tuning)
         "head.weight": 1.0,
@@ -104,7 +124,9 @@ def test_layer_decay_gives_each_vit_layer_decay_to_the_depth_minus_its_index():
 
 
 def test_step_schedule_multiplies_by_a_tenth_at_each_milestone():
-    cfg = dict(lr=30.0, epochs=100, warmup_epochs=0, min_lr=0.0, schedule="step", milestones=[60, 80])
+    cfg = dict(
+        lr=30.0, epochs=100, warmup_epochs=0, min_lr=0.0, schedule="step", milestones=[60, 80]
+    )
     lrs = [E.lr_for_step(epoch * 10, cfg, steps_per_epoch=10) for epoch in (0, 59, 60, 79, 80, 99)]
     assert lrs == pytest.approx([30.0, 30.0, 3.0, 3.0, 0.3, 0.3])
 
@@ -124,7 +146,9 @@ def test_label_subset_has_exactly_k_per_class_and_is_seed_stable():
 
 def test_label_subset_refuses_a_class_with_fewer_than_k_images():
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 10)
-    with pytest.raises(E.EvalError, match="class 1 has only 3 training images, fewer than --labels-per-class 5"):
+    with pytest.raises(
+        E.EvalError, match="class 1 has only 3 training images, fewer than --labels-per-class 5"
+    ):
         E.class_balanced_subset(labels, 5, seed=0)
 
 
@@ -133,7 +157,9 @@ def test_gathered_shards_count_every_val_sample_exactly_once_in_order():
     dataset = torch.utils.data.TensorDataset(torch.arange(11))
     parts = []
     for rank in range(3):
-        loader = data.build_loader(dataset, 2, train=False, distributed=True, world_size=3, rank=rank, workers=0)
+        loader = data.build_loader(
+            dataset, 2, train=False, distributed=True, world_size=3, rank=rank, workers=0
+        )
         parts.append(torch.cat([batch[0] for batch in loader]))
     assert E.interleave_shards(parts, len(dataset)).tolist() == list(range(11))
 
@@ -155,12 +181,19 @@ def test_exported_resnet_loads_strictly_into_torchvision_and_gives_the_same_feat
         assert torch.allclose(tv.eval()(x), E.pool(encoder(x)), atol=1e-5)
 
     # ...and the exported file is itself an accepted --checkpoint (torchvision format + --arch).
-    reloaded, _ = prepared(["--checkpoint", str(out), "--arch", "resnet18", "--img-size", "224", *SMALL])
+    reloaded, _ = prepared(
+        ["--checkpoint", str(out), "--arch", "resnet18", "--img-size", "224", *SMALL]
+    )
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in encoder.state_dict().items())
 
 
-@pytest.mark.parametrize("arch,width,why", [("resnet18", 8, "export needs the standard width and stem"),
-                                            ("vit_tiny", None, "export vit_tiny with --export-to timm")])
+@pytest.mark.parametrize(
+    "arch,width,why",
+    [
+        ("resnet18", 8, "export needs the standard width and stem"),
+        ("vit_tiny", None, "export vit_tiny with --export-to timm"),
+    ],
+)
 def test_export_refuses_encoders_without_a_torchvision_twin(tmp_path, capsys, arch, width, why):
     ckpt = tmp_path / "ckpt.pt"
     make_checkpoint(ckpt, arch=arch, width=width)  # 32 px: small stem; or a ViT
@@ -177,7 +210,16 @@ def test_export_refuses_encoders_without_a_torchvision_twin(tmp_path, capsys, ar
 def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(tmp_path, capsys):
     ckpt, results = tmp_path / "ckpt.pt", tmp_path / "results.jsonl"
     make_checkpoint(ckpt)
-    argv = ["--checkpoint", str(ckpt), "--results", str(results), "--workers", "0", "--batch-size", "64"]
+    argv = [
+        "--checkpoint",
+        str(ckpt),
+        "--results",
+        str(results),
+        "--workers",
+        "0",
+        "--batch-size",
+        "64",
+    ]
     assert E.main(argv) == 0  # data "fake" comes from the checkpoint's config
     assert "top-1" in capsys.readouterr().out
     (line,) = results.read_text().splitlines()
@@ -187,9 +229,21 @@ def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(tmp_path
     assert rec["config"]["epochs"] == 30 and rec["config"]["lr"] == pytest.approx(0.1 * 64 / 256)
 
 
-def test_random_encoder_probe_on_colour_coded_classes_beats_chance_with_ten_labels_a_class(tmp_path):
+def test_random_encoder_probe_on_colour_coded_classes_beats_chance_with_ten_labels_a_class(
+    tmp_path,
+):
     results = tmp_path / "r.jsonl"
-    argv = ["--init", "random", "--width", "8", "--labels-per-class", "10", "--results", str(results), *SMALL]
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--labels-per-class",
+        "10",
+        "--results",
+        str(results),
+        *SMALL,
+    ]
     assert E.main(argv) == 0
     rec = json.loads(results.read_text())
     assert rec["num_train"] == 100 and rec["num_val"] == 200 and rec["checkpoint"] is None
@@ -198,8 +252,24 @@ def test_random_encoder_probe_on_colour_coded_classes_beats_chance_with_ten_labe
 
 def test_a_few_epochs_of_finetuning_beat_chance(tmp_path):
     results = tmp_path / "r.jsonl"
-    argv = ["--init", "random", "--width", "8", "--finetune", "--epochs", "3", "--batch-size", "32",
-            "--blr", "3e-2", "--warmup-epochs", "0.5", "--results", str(results), *SMALL]
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--finetune",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--blr",
+        "3e-2",
+        "--warmup-epochs",
+        "0.5",
+        "--results",
+        str(results),
+        *SMALL,
+    ]
     assert E.main(argv) == 0
     assert json.loads(results.read_text())["top1"] > 50
 
@@ -224,14 +294,34 @@ def plain_dict_of_another_arch(tmp_path):
     return ["--checkpoint", str(tmp_path / "tv.pth"), "--arch", "resnet34"]
 
 
-@pytest.mark.parametrize("argv_of,message", [
-    (not_a_checkpoint, "is not a readable PyTorch checkpoint"),
-    (other_arch, "holds a resnet18 model, but --arch is resnet50"),
-    (plain_dict_of_another_arch, "does not fit a resnet34 encoder"),
-    (lambda p: ["--init", "random", "--data", "folder", "--data-dir", str(p / "missing")], "does not exist"),
-    (lambda p: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)], "cifar10 expects"),
-    (lambda p: ["--init", "random", "--arch", "resnet18", "--layer-decay", "0.7", "--finetune"], "ViT blocks"),
-])
+@pytest.mark.parametrize(
+    "argv_of,message",
+    [
+        (not_a_checkpoint, "is not a readable PyTorch checkpoint"),
+        (other_arch, "holds a resnet18 model, but --arch is resnet50"),
+        (plain_dict_of_another_arch, "does not fit a resnet34 encoder"),
+        (
+            lambda p: ["--init", "random", "--data", "folder", "--data-dir", str(p / "missing")],
+            "does not exist",
+        ),
+        (
+            lambda p: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)],
+            "cifar10 expects",
+        ),
+        (
+            lambda p: [
+                "--init",
+                "random",
+                "--arch",
+                "resnet18",
+                "--layer-decay",
+                "0.7",
+                "--finetune",
+            ],
+            "ViT blocks",
+        ),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_sentence(tmp_path, capsys, monkeypatch, argv_of, message):
     monkeypatch.chdir(tmp_path)  # no ./data to fall back on
     assert E.main(argv_of(tmp_path)) == 2
@@ -247,7 +337,9 @@ def test_no_arguments_without_a_trained_run_says_what_to_do(tmp_path, capsys, mo
 
 def folder_state(path):
     """{relative path: bytes} of every file under `path`: what a refused command must leave as it was."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,64 +348,156 @@ def folder_state(path):
 
 def source_for(arch, data_name="imagenet", img_size=224):
     """A checkpoint's source as load_source returns it, without building or saving a model."""
-    return dict(kind="checkpoint", path="ckpt.pt", weights=None, method="a2mim", data=data_name, data_dir=None,
-                encoder_kwargs=dict(arch=arch, img_size=img_size))
+    return dict(
+        kind="checkpoint",
+        path="ckpt.pt",
+        weights=None,
+        method="a2mim",
+        data=data_name,
+        data_dir=None,
+        encoder_kwargs=dict(arch=arch, img_size=img_size),
+    )
 
 
 def resolved(arch, argv=(), world_size=8, **source):
-    return E.resolve_config(E.get_parser().parse_args(list(argv)), source_for(arch, **source), world_size)
+    return E.resolve_config(
+        E.get_parser().parse_args(list(argv)), source_for(arch, **source), world_size
+    )
 
 
-@pytest.mark.parametrize("arch,expected", [
-    # vit_*_swin_ft_simmim_*: lr 2.5e-3 per 256 → 1e-2 at batch 1024; EMA for B and L only; 200/100/150 epochs.
-    ("vit_small", dict(epochs=200, lr=1e-2, global_batch=1024, layer_decay=0.65, warmup_epochs=20, clip_grad=5.0,
-                       drop_path=0.1, mixup=0.8, cutmix=1.0, label_smoothing=0.1, rand_augment=9,
-                       random_erasing=0.25, ema=0.0, optimizer="adamw", weight_decay=0.05, schedule="cosine")),
-    ("vit_base", dict(epochs=100, lr=1e-2, ema=0.99996)),
-    ("vit_large", dict(epochs=150, lr=1e-2, ema=0.99996)),
-    # convnext_{s,b}_spark_ft_*: AdamW 4e-3 at batch 4096, wd 0.05, EMA 0.9999, 300 epochs.
-    ("convnext_small", dict(epochs=300, lr=4e-3, global_batch=4096, weight_decay=0.05, drop_path=0.4, ema=0.9999,
-                            label_smoothing=0.1, mixup=0.8, cutmix=1.0, rand_augment=9, random_erasing=0.25)),
-    ("convnext_base", dict(drop_path=0.5)),
-    ("convnext_tiny", dict(drop_path=0.1)),
-    # RSB A3: LAMB lr 8e-3 at batch 2048 (AdamW here), wd 0.02, 5 warm-up, BCE, Mixup 0.1 / CutMix 1.0,
-    # RandAugment m6, 100 epochs, train 160 px, test 224 from 236.
-    ("resnet50", dict(epochs=100, lr=8e-3, global_batch=2048, optimizer="adamw", weight_decay=0.02, warmup_epochs=5,
-                      schedule="cosine", loss="bce", mixup=0.1, cutmix=1.0, rand_augment=6, img_size=160,
-                      test_size=224, test_resize=236, drop_path=None, ema=0.0)),
-])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        # vit_*_swin_ft_simmim_*: lr 2.5e-3 per 256 → 1e-2 at batch 1024; EMA for B and L only; 200/100/150 epochs.
+        (
+            "vit_small",
+            dict(
+                epochs=200,
+                lr=1e-2,
+                global_batch=1024,
+                layer_decay=0.65,
+                warmup_epochs=20,
+                clip_grad=5.0,
+                drop_path=0.1,
+                mixup=0.8,
+                cutmix=1.0,
+                label_smoothing=0.1,
+                rand_augment=9,
+                random_erasing=0.25,
+                ema=0.0,
+                optimizer="adamw",
+                weight_decay=0.05,
+                schedule="cosine",
+            ),
+        ),
+        ("vit_base", dict(epochs=100, lr=1e-2, ema=0.99996)),
+        ("vit_large", dict(epochs=150, lr=1e-2, ema=0.99996)),
+        # convnext_{s,b}_spark_ft_*: AdamW 4e-3 at batch 4096, wd 0.05, EMA 0.9999, 300 epochs.
+        (
+            "convnext_small",
+            dict(
+                epochs=300,
+                lr=4e-3,
+                global_batch=4096,
+                weight_decay=0.05,
+                drop_path=0.4,
+                ema=0.9999,
+                label_smoothing=0.1,
+                mixup=0.8,
+                cutmix=1.0,
+                rand_augment=9,
+                random_erasing=0.25,
+            ),
+        ),
+        ("convnext_base", dict(drop_path=0.5)),
+        ("convnext_tiny", dict(drop_path=0.1)),
+        # RSB A3: LAMB lr 8e-3 at batch 2048 (AdamW here), wd 0.02, 5 warm-up, BCE, Mixup 0.1 / CutMix 1.0,
+        # RandAugment m6, 100 epochs, train 160 px, test 224 from 236.
+        (
+            "resnet50",
+            dict(
+                epochs=100,
+                lr=8e-3,
+                global_batch=2048,
+                optimizer="adamw",
+                weight_decay=0.02,
+                warmup_epochs=5,
+                schedule="cosine",
+                loss="bce",
+                mixup=0.1,
+                cutmix=1.0,
+                rand_augment=6,
+                img_size=160,
+                test_size=224,
+                test_resize=236,
+                drop_path=None,
+                ema=0.0,
+            ),
+        ),
+    ],
+)
 def test_official_finetune_recipes_follow_the_released_configs(arch, expected):
     cfg = resolved(arch, ["--finetune"])
     assert cfg["recipe"] is not None and cfg["origin"]["epochs"] == "arch recipe"
     assert {k: cfg[k] for k in expected} == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("arch,expected", [
-    # r50_linear_*: SGD lr 30 at batch 256, momentum 0.9, no wd, 100 epochs, ×0.1 at 60 and 80.
-    ("resnet50", dict(epochs=100, lr=30.0, global_batch=256, momentum=0.9, weight_decay=0.0, schedule="step",
-                      milestones=[60, 80])),
-    # vit_small_p16_linear_*: SGD lr 12 at batch 1024, cosine, 90 epochs.
-    ("vit_small", dict(epochs=90, lr=12.0, global_batch=1024, weight_decay=0.0, schedule="cosine")),
-])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        # r50_linear_*: SGD lr 30 at batch 256, momentum 0.9, no wd, 100 epochs, ×0.1 at 60 and 80.
+        (
+            "resnet50",
+            dict(
+                epochs=100,
+                lr=30.0,
+                global_batch=256,
+                momentum=0.9,
+                weight_decay=0.0,
+                schedule="step",
+                milestones=[60, 80],
+            ),
+        ),
+        # vit_small_p16_linear_*: SGD lr 12 at batch 1024, cosine, 90 epochs.
+        (
+            "vit_small",
+            dict(epochs=90, lr=12.0, global_batch=1024, weight_decay=0.0, schedule="cosine"),
+        ),
+    ],
+)
 def test_official_probe_is_avgpool_fc_on_augmented_crops_with_sgd(arch, expected):
     cfg = resolved(arch)
     assert cfg["head"] == "fc" and cfg["augment"] and cfg["optimizer"] == "sgd"
-    lists = {k: v for k, v in expected.items() if isinstance(v, list)}  # pytest.approx takes no list inside a dict
+    lists = {
+        k: v for k, v in expected.items() if isinstance(v, list)
+    }  # pytest.approx takes no list inside a dict
     numbers = {k: v for k, v in expected.items() if k not in lists}
     assert {k: cfg[k] for k in numbers} == pytest.approx(numbers)
     assert {k: cfg[k] for k in lists} == lists  # milestones: whole epochs, compared exactly
-    assert isinstance(E.linear_head(8, 10, cfg["head"]), torch.nn.Linear)  # avgpool + fc: no BatchNorm
+    assert isinstance(
+        E.linear_head(8, 10, cfg["head"]), torch.nn.Linear
+    )  # avgpool + fc: no BatchNorm
 
 
-@pytest.mark.parametrize("data_name,img_size,argv,recipe", [
-    ("imagenet", 224, [], "resnet"),
-    ("folder", 192, [], "resnet"),
-    ("folder", 128, [], None),               # an image folder below 192 px: the laptop settings
-    ("fashion-mnist", 32, [], None),
-    ("fake", 32, ["--preset", "official"], "resnet"),  # the flag stays accepted and forces the recipe
-    ("imagenet", 224, ["--preset", "laptop"], None),
-])
-def test_recipe_follows_arch_and_data_without_needing_the_preset_flag(data_name, img_size, argv, recipe):
+@pytest.mark.parametrize(
+    "data_name,img_size,argv,recipe",
+    [
+        ("imagenet", 224, [], "resnet"),
+        ("folder", 192, [], "resnet"),
+        ("folder", 128, [], None),  # an image folder below 192 px: the laptop settings
+        ("fashion-mnist", 32, [], None),
+        (
+            "fake",
+            32,
+            ["--preset", "official"],
+            "resnet",
+        ),  # the flag stays accepted and forces the recipe
+        ("imagenet", 224, ["--preset", "laptop"], None),
+    ],
+)
+def test_recipe_follows_arch_and_data_without_needing_the_preset_flag(
+    data_name, img_size, argv, recipe
+):
     cfg = resolved("resnet50", argv, world_size=1, data_name=data_name, img_size=img_size)
     assert cfg["recipe"] == recipe
     assert cfg["origin"]["blr"] == ("arch recipe" if recipe else "laptop default")
@@ -322,9 +506,13 @@ def test_recipe_follows_arch_and_data_without_needing_the_preset_flag(data_name,
 
 def test_random_encoder_on_imagenet_is_the_standard_width(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50", "--data", "imagenet"])
+    args = E.get_parser().parse_args(
+        ["--init", "random", "--arch", "resnet50", "--data", "imagenet"]
+    )
     assert E.load_source(args)["encoder_kwargs"] == dict(arch="resnet50", img_size=224, width=None)
-    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50"])  # fashion-mnist: laptop width
+    args = E.get_parser().parse_args(
+        ["--init", "random", "--arch", "resnet50"]
+    )  # fashion-mnist: laptop width
     assert E.load_source(args)["encoder_kwargs"]["width"] == 16
 
 
@@ -336,11 +524,31 @@ def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys):
     assert set(E.DEFAULTS["probe"]) <= set(lines)
     assert lines["epochs"][1:] == ["3", "command", "line"]
     assert lines["blr"][1:] == ["0.1", "laptop", "default"]
-    assert lines["img_size"][1:] == ["32", "checkpoint"] and lines["data"][1:] == ['"fake"', "checkpoint"]
+    assert lines["img_size"][1:] == ["32", "checkpoint"] and lines["data"][1:] == [
+        '"fake"',
+        "checkpoint",
+    ]
     assert lines["lr"][-1] == "derived"
-    assert E.main(["--init", "random", "--arch", "vit_small", "--data", "imagenet", "--finetune", "--print-config"]) == 0
+    assert (
+        E.main(
+            [
+                "--init",
+                "random",
+                "--arch",
+                "vit_small",
+                "--data",
+                "imagenet",
+                "--finetune",
+                "--print-config",
+            ]
+        )
+        == 0
+    )
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
-    assert lines["epochs"][1:] == ["200", "arch", "recipe"] and lines["img_size"][1:] == ["224", "dataset"]
+    assert lines["epochs"][1:] == ["200", "arch", "recipe"] and lines["img_size"][1:] == [
+        "224",
+        "dataset",
+    ]
 
 
 def test_help_shows_every_setting_with_its_laptop_default():
@@ -361,7 +569,9 @@ def test_vit_official_finetune_uses_mean_patch_token_and_fc_norm():
         assert isinstance(model.fc_norm, torch.nn.LayerNorm)
         raw_bdhw = encoder(x)  # the same blocks, without the final norm
         assert not torch.allclose(raw_bdhw, tokens_bdhw)
-        expected = model.head(model.fc_norm(raw_bdhw.flatten(2).mean(dim=2)))  # mean patch token, then LN
+        expected = model.head(
+            model.fc_norm(raw_bdhw.flatten(2).mean(dim=2))
+        )  # mean patch token, then LN
         assert torch.allclose(model(x), expected, atol=1e-6)
 
 
@@ -386,12 +596,20 @@ def test_resnet_classifier_is_a_plain_fc_on_the_pooled_map():
 
 
 def test_rsb_recipe_trains_at_160_and_tests_224_from_236_with_randaugment():
-    _, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--preset", "official", *SMALL])
+    _, cfg = prepared(
+        ["--init", "random", "--width", "8", "--finetune", "--preset", "official", *SMALL]
+    )
     train_set, val_set, _ = E.build_data(cfg)
     assert train_set[0][0].shape == (3, 160, 160) and val_set[0][0].shape == (3, 224, 224)
     ops = {type(t).__name__: t for t in train_set.transform.transforms}
-    assert ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
-    assert ops["RandAugment"].magnitude == 6 and "RandomHorizontalFlip" in ops and "RandomErasing" not in ops
+    assert (
+        ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    )
+    assert (
+        ops["RandAugment"].magnitude == 6
+        and "RandomHorizontalFlip" in ops
+        and "RandomErasing" not in ops
+    )
     test_ops = {type(t).__name__: t for t in val_set.transform.transforms}
     assert test_ops["Resize"].size == [236] and test_ops["CenterCrop"].size == (224, 224)
 
@@ -400,17 +618,23 @@ def test_official_probe_trains_on_bicubic_crops_and_flips_only():
     _, cfg = prepared(["--init", "random", "--width", "8", "--preset", "official", *SMALL])
     train_set, val_set, _ = E.build_data(cfg)
     ops = {type(t).__name__: t for t in train_set.transform.transforms}
-    assert ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert (
+        ops["RandomResizedCrop"].interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    )
     assert "RandomHorizontalFlip" in ops and "RandAugment" not in ops and "RandomErasing" not in ops
     assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
 
 
 def test_vit_recipe_adds_random_erasing_and_randaugment_m9():
-    _, cfg = prepared(["--init", "random", "--arch", "vit_tiny", "--finetune", "--preset", "official", *SMALL])
+    _, cfg = prepared(
+        ["--init", "random", "--arch", "vit_tiny", "--finetune", "--preset", "official", *SMALL]
+    )
     train_set, val_set, _ = E.build_data(cfg)
     ops = {type(t).__name__: t for t in train_set.transform.transforms}
     assert ops["RandAugment"].magnitude == 9 and ops["RandomErasing"].p == 0.25
-    assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)  # a ViT trains and tests at its own size
+    assert (
+        train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
+    )  # a ViT trains and tests at its own size
 
 
 def test_recipe_only_augmentations_are_refused_with_the_laptop_settings(capsys):
@@ -419,8 +643,22 @@ def test_recipe_only_augmentations_are_refused_with_the_laptop_settings(capsys):
 
 
 def test_ema_weights_are_evaluated_beside_the_last_weights():
-    encoder, cfg = prepared(["--init", "random", "--width", "8", "--finetune", "--epochs", "1", "--batch-size", "64",
-                             "--ema", "0.5", *SMALL])
+    encoder, cfg = prepared(
+        [
+            "--init",
+            "random",
+            "--width",
+            "8",
+            "--finetune",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--ema",
+            "0.5",
+            *SMALL,
+        ]
+    )
     train_set, val_set, num_classes = E.build_data(cfg)
     out, _ = E.finetune(encoder, train_set, val_set, cfg, Dist(), num_classes)
     assert set(out) == {"", "ema_"}
@@ -432,10 +670,26 @@ def test_ema_weights_are_evaluated_beside_the_last_weights():
 def test_clip_grad_clips_every_step_at_the_given_norm(monkeypatch):
     calls = []
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: calls.append(max_norm) or
-                        clip(params, max_norm))
-    encoder, cfg = prepared(["--init", "random", "--width", "8", "--epochs", "2", "--batch-size", "64",
-                             "--clip-grad", "5", *SMALL])
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, max_norm: calls.append(max_norm) or clip(params, max_norm),
+    )
+    encoder, cfg = prepared(
+        [
+            "--init",
+            "random",
+            "--width",
+            "8",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "64",
+            "--clip-grad",
+            "5",
+            *SMALL,
+        ]
+    )
     E.evaluate(encoder, cfg, Dist())
     assert calls == [5.0] * 6  # 2 epochs × 3 steps of 64 out of 200 cached features
 
@@ -451,7 +705,9 @@ def test_export_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
     assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt)]) == 2
     assert "is the checkpoint being read" in capsys.readouterr().err
     assert folder_state(tmp_path) == before
-    assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt), "--overwrite"]) == 2  # not even with it
+    assert (
+        E.main(["--checkpoint", str(ckpt), "--export", str(ckpt), "--overwrite"]) == 2
+    )  # not even with it
     assert folder_state(tmp_path) == before
 
 
@@ -469,39 +725,76 @@ def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
 
 def test_exported_convnext_loads_strictly_into_torchvision_and_back(tmp_path):
     import weights
+
     encoder = build_encoder("convnext_tiny", 224)  # standard stem and width
     with torch.no_grad():
         encoder.norm.weight.uniform_(0.5, 2.0)  # the final norm must travel too
     weights.export(encoder, tmp_path / "cnx.pth", "torchvision")
-    with torch.device("meta"):  # shapes only: the strict key and shape check without torchvision's init
-        torchvision.models.convnext_tiny().load_state_dict(torch.load(tmp_path / "cnx.pth", weights_only=True),
-                                                           assign=True)
-    reloaded, _ = prepared(["--checkpoint", str(tmp_path / "cnx.pth"), "--arch", "convnext_tiny", "--img-size", "224",
-                            *SMALL])
+    with torch.device(
+        "meta"
+    ):  # shapes only: the strict key and shape check without torchvision's init
+        torchvision.models.convnext_tiny().load_state_dict(
+            torch.load(tmp_path / "cnx.pth", weights_only=True), assign=True
+        )
+    reloaded, _ = prepared(
+        [
+            "--checkpoint",
+            str(tmp_path / "cnx.pth"),
+            "--arch",
+            "convnext_tiny",
+            "--img-size",
+            "224",
+            *SMALL,
+        ]
+    )
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in encoder.state_dict().items())
 
 
 def test_results_unwritable_prints_accuracy_first(tmp_path, capsys):
     (tmp_path / "not_a_dir").write_text("a file where the results folder should be")
     before = folder_state(tmp_path)
-    argv = ["--init", "random", "--width", "8", "--epochs", "1", "--results", str(tmp_path / "not_a_dir" / "r.jsonl"),
-            *SMALL]
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--results",
+        str(tmp_path / "not_a_dir" / "r.jsonl"),
+        *SMALL,
+    ]
     assert E.main(argv) == 2
     out, err = capsys.readouterr()
     assert "top-1" in out  # the accuracy is not lost...
     last = err.strip().splitlines()[-1]  # (above it: the progress bars)
-    assert last.startswith("error: cannot append the result to") and "r.jsonl" in last  # ...then one sentence
+    assert (
+        last.startswith("error: cannot append the result to") and "r.jsonl" in last
+    )  # ...then one sentence
     assert folder_state(tmp_path) == before
 
 
-@pytest.mark.parametrize("flag,value,valid", [
-    ("--labels-per-class", "0", "> 0"), ("--labels-per-class", "-3", "> 0"), ("--epochs", "0", "> 0"),
-    ("--batch-size", "-1", "> 0"), ("--drop-path", "1.5", "in [0, 1)"), ("--label-smoothing", "1", "in [0, 1)"),
-    ("--weight-decay", "-0.1", ">= 0"), ("--threads", "0", "> 0"), ("--milestones", "0", "> 0"),
-])
-def test_out_of_range_settings_are_refused_with_the_valid_range(tmp_path, capsys, monkeypatch, flag, value, valid):
+@pytest.mark.parametrize(
+    "flag,value,valid",
+    [
+        ("--labels-per-class", "0", "> 0"),
+        ("--labels-per-class", "-3", "> 0"),
+        ("--epochs", "0", "> 0"),
+        ("--batch-size", "-1", "> 0"),
+        ("--drop-path", "1.5", "in [0, 1)"),
+        ("--label-smoothing", "1", "in [0, 1)"),
+        ("--weight-decay", "-0.1", ">= 0"),
+        ("--threads", "0", "> 0"),
+        ("--milestones", "0", "> 0"),
+    ],
+)
+def test_out_of_range_settings_are_refused_with_the_valid_range(
+    tmp_path, capsys, monkeypatch, flag, value, valid
+):
     monkeypatch.chdir(tmp_path)
-    argv = ["--init", "random", "--width", "8", *SMALL, flag, value] + (["--finetune"] if flag == "--drop-path" else [])
+    argv = ["--init", "random", "--width", "8", *SMALL, flag, value] + (
+        ["--finetune"] if flag == "--drop-path" else []
+    )
     assert E.main(argv) == 2
     assert f"{flag} must be {valid}, got" in capsys.readouterr().err
     assert folder_state(tmp_path) == {}
@@ -520,12 +813,14 @@ def test_a_bug_keeps_its_traceback_while_user_errors_exit_2(monkeypatch, capsys)
 
     def bad_data(cfg):
         raise data.DataError("no such dataset here")
+
     monkeypatch.setattr(E, "build_data", bad_data)
     assert E.main(argv) == 2 and "error: no such dataset here" in capsys.readouterr().err
 
 
 class RunsCode:
     """Unpickling this calls exec(code): what a crafted checkpoint can do to a plain torch.load."""
+
     def __init__(self, code):
         self.code = code
 
@@ -535,6 +830,7 @@ class RunsCode:
 
 def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load(tmp_path, capsys):
     import argparse
+
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
     before = folder_state(tmp_path)
     assert E.main(["--checkpoint", str(tmp_path / "pickled.pt")]) == 2
@@ -544,7 +840,10 @@ def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load
     # A pickle whose loading would run code (here: create a file) is refused with README's sentence, unrun.
     control, marker = tmp_path / "control", tmp_path / "code_ran"
     control.mkdir()
-    torch.save({"model": RunsCode(f"open({str(control / 'code_ran')!r}, 'w').close()")}, control / "crafted.pt")
+    torch.save(
+        {"model": RunsCode(f"open({str(control / 'code_ran')!r}, 'w').close()")},
+        control / "crafted.pt",
+    )
     # The payload is live: the pickle inside calls exec on load (read, not loaded, with pickletools)...
     with zipfile.ZipFile(control / "crafted.pt") as archive:
         pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
@@ -554,9 +853,13 @@ def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load
     assert E.main(["--checkpoint", str(tmp_path / "crafted.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
-    assert (f"{tmp_path / 'crafted.pt'} was refused: it holds Python objects, not only tensors, and loading it could "
-            "run code from the file; ") in err
-    assert not marker.exists() and folder_state(tmp_path) == before  # ...the tensors-only load did not
+    assert (
+        f"{tmp_path / 'crafted.pt'} was refused: it holds Python objects, not only tensors, and loading it could "
+        "run code from the file; "
+    ) in err
+    assert (
+        not marker.exists() and folder_state(tmp_path) == before
+    )  # ...the tensors-only load did not
 
 
 @pytest.mark.parametrize("mode", [[], ["--finetune"]])
@@ -564,14 +867,32 @@ def test_interactions_measure_j_of_the_trained_classifier_on_k_val_images_per_cl
     """§9 after training: 13 orders, J normalised to mean 1, one row of I^(m) per image (for a bootstrap), the
     images class-balanced; the same seed gives the same numbers."""
     results = tmp_path / "r.jsonl"
-    argv = ["--init", "random", "--width", "8", "--epochs", "1", "--interactions", "1", "--interaction-pairs", "2",
-            "--interaction-contexts", "2", "--results", str(results), *mode, *SMALL]
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--epochs",
+        "1",
+        "--interactions",
+        "1",
+        "--interaction-pairs",
+        "2",
+        "--interaction-contexts",
+        "2",
+        "--results",
+        str(results),
+        *mode,
+        *SMALL,
+    ]
     assert E.main(argv) == 0 and E.main(argv) == 0
     first, second = [json.loads(line) for line in results.read_text().splitlines()]
     j = first["interactions"]
     assert len(j["orders"]) == len(j["J"]) == 13 and abs(sum(j["J"]) / 13 - 1) < 1e-5
     per_image = torch.tensor(j["I_abs_per_image"])
-    assert per_image.shape == (10, 13) and (per_image >= 0).all()  # 1 image of each of the 10 classes
+    assert (
+        per_image.shape == (10, 13) and (per_image >= 0).all()
+    )  # 1 image of each of the 10 classes
     torch.testing.assert_close(per_image.mean(0) / per_image.mean(), torch.tensor(j["J"]))
     fake_val = data.build_dataset("fake", "val")
     assert sorted(int(fake_val.labels_n[i]) for i in j["images"]) == list(range(10))
@@ -591,12 +912,14 @@ def trainings(monkeypatch):
     def counted(*args, **kwargs):
         calls.append(args[5]["mode"])
         return fit(*args, **kwargs)
+
     monkeypatch.setattr(E, "fit", counted)
     return calls
 
 
 def test_a_results_append_that_fails_half_way_leaves_the_file_byte_identical_after_printing_the_accuracy(
-        tmp_path, capsys, fill_disk):
+    tmp_path, capsys, fill_disk
+):
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps({"mode": "probe", "top1": 12.5}) + "\n")
     before = folder_state(tmp_path)
@@ -606,7 +929,9 @@ def test_a_results_append_that_fails_half_way_leaves_the_file_byte_identical_aft
     out, err = capsys.readouterr()
     assert "top-1" in out  # the accuracy first...
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: cannot append the result to {results} (no space left on the device")
+    assert last.startswith(
+        f"error: cannot append the result to {results} (no space left on the device"
+    )
     assert last.endswith("the accuracy above is not recorded")
     assert folder_state(tmp_path) == before  # ...and not half a line, nor a .tmp
 
@@ -618,7 +943,9 @@ def glued_lines(path):
 
 
 def garbled_middle_line(path):
-    path.write_text(json.dumps({"top1": 1.0}) + "\n\x00\x17#garbage\n" + json.dumps({"top1": 2.0}) + "\n")
+    path.write_text(
+        json.dumps({"top1": 1.0}) + "\n\x00\x17#garbage\n" + json.dumps({"top1": 2.0}) + "\n"
+    )
     return f"{path}, line 2, is not a JSON record"
 
 
@@ -629,30 +956,57 @@ def a_folder(path):
 
 
 @pytest.mark.parametrize("damage", [glued_lines, garbled_middle_line, a_folder])
-def test_a_results_file_that_is_damaged_or_a_folder_is_refused_before_training(tmp_path, capsys, trainings, damage):
+def test_a_results_file_that_is_damaged_or_a_folder_is_refused_before_training(
+    tmp_path, capsys, trainings, damage
+):
     message = damage(tmp_path / "r.jsonl")
     before = folder_state(tmp_path)
-    assert E.main(["--init", "random", "--width", "8", "--results", str(tmp_path / "r.jsonl"), *SMALL]) == 2
+    assert (
+        E.main(["--init", "random", "--width", "8", "--results", str(tmp_path / "r.jsonl"), *SMALL])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err
     assert trainings == [] and folder_state(tmp_path) == before
 
 
 def test_more_interaction_images_per_class_than_val_holds_is_refused_before_training_naming_interactions(
-        tmp_path, capsys, trainings):
+    tmp_path, capsys, trainings
+):
     # The fake val split holds 20 images a class (200 in all); the train split is not the constraint.
-    argv = ["--init", "random", "--width", "8", "--interactions", "21", "--results", str(tmp_path / "r.jsonl"), *SMALL]
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--interactions",
+        "21",
+        "--results",
+        str(tmp_path / "r.jsonl"),
+        *SMALL,
+    ]
     assert E.main(argv) == 2
     out, err = capsys.readouterr()
-    assert "error: class 0 has only 20 val images, fewer than --interactions 21" in err and "top-1" not in out
+    assert (
+        "error: class 0 has only 20 val images, fewer than --interactions 21" in err
+        and "top-1" not in out
+    )
     assert trainings == [] and folder_state(tmp_path) == {}
 
 
-@pytest.mark.parametrize("argv,batch", [
-    (["--labels-per-class", "10"], 100),   # 10 a class: 100 cached features, fewer than the default batch 256
-    (["--batch-size", "100000"], 200),     # all 200 fake train images in one step
-])
-def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(tmp_path, monkeypatch, argv, batch):
+@pytest.mark.parametrize(
+    "argv,batch",
+    [
+        (
+            ["--labels-per-class", "10"],
+            100,
+        ),  # 10 a class: 100 cached features, fewer than the default batch 256
+        (["--batch-size", "100000"], 200),  # all 200 fake train images in one step
+    ],
+)
+def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(
+    tmp_path, monkeypatch, argv, batch
+):
     results, lrs, batches = tmp_path / "r.jsonl", [], []
     set_lr, loss = E.set_lr, E.classification_loss
 
@@ -663,11 +1017,30 @@ def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(tmp_p
     def recorded_loss(logits_bk, *args):
         batches.append(len(logits_bk))
         return loss(logits_bk, *args)
+
     monkeypatch.setattr(E, "set_lr", recorded_set_lr)
     monkeypatch.setattr(E, "classification_loss", recorded_loss)
-    assert E.main(["--init", "random", "--width", "8", "--epochs", "2", "--results", str(results), *argv, *SMALL]) == 0
+    assert (
+        E.main(
+            [
+                "--init",
+                "random",
+                "--width",
+                "8",
+                "--epochs",
+                "2",
+                "--results",
+                str(results),
+                *argv,
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert batches == [batch, batch]  # one step an epoch, of every train image
-    assert lrs[0] == pytest.approx(0.1 * batch / 256)  # the cosine's first step: the peak lr of that batch
+    assert lrs[0] == pytest.approx(
+        0.1 * batch / 256
+    )  # the cosine's first step: the peak lr of that batch
     config = json.loads(results.read_text())["config"]
     assert config["global_batch"] == batch and config["lr"] == pytest.approx(0.1 * batch / 256)
     assert config["origin"]["global_batch"] == "derived (all train images)"
@@ -675,14 +1048,25 @@ def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(tmp_p
     assert config["batch_size"] == int(asked)  # the setting as given stays beside the batch used
 
 
-@pytest.mark.parametrize("flag,value,valid,finetune", [
-    ("--blr", "inf", "> 0", False), ("--blr", "nan", "> 0", False), ("--momentum", "nan", "in [0, 1)", False),
-    ("--warmup-epochs", "inf", ">= 0", False), ("--min-lr", "inf", ">= 0", False), ("--clip-grad", "inf", ">= 0", False),
-    ("--weight-decay", "1e999", ">= 0", False), ("--mixup", "inf", ">= 0", True), ("--cutmix", "nan", ">= 0", True),
-    ("--ema", "nan", "in [0, 1)", True), ("--layer-decay", "inf", "> 0", True),
-])
+@pytest.mark.parametrize(
+    "flag,value,valid,finetune",
+    [
+        ("--blr", "inf", "> 0", False),
+        ("--blr", "nan", "> 0", False),
+        ("--momentum", "nan", "in [0, 1)", False),
+        ("--warmup-epochs", "inf", ">= 0", False),
+        ("--min-lr", "inf", ">= 0", False),
+        ("--clip-grad", "inf", ">= 0", False),
+        ("--weight-decay", "1e999", ">= 0", False),
+        ("--mixup", "inf", ">= 0", True),
+        ("--cutmix", "nan", ">= 0", True),
+        ("--ema", "nan", "in [0, 1)", True),
+        ("--layer-decay", "inf", "> 0", True),
+    ],
+)
 def test_a_non_finite_float_setting_is_refused_with_its_range_before_anything_runs(
-        tmp_path, capsys, monkeypatch, trainings, flag, value, valid, finetune):
+    tmp_path, capsys, monkeypatch, trainings, flag, value, valid, finetune
+):
     monkeypatch.chdir(tmp_path)
     arch = ["--arch", "vit_tiny"] if flag == "--layer-decay" else ["--width", "8"]
     argv = ["--init", "random", *arch, *SMALL, flag, value, *(["--finetune"] if finetune else [])]
@@ -692,7 +1076,9 @@ def test_a_non_finite_float_setting_is_refused_with_its_range_before_anything_ru
     assert trainings == [] and folder_state(tmp_path) == {}
 
 
-def test_a_min_lr_above_the_peak_lr_is_refused_naming_both(tmp_path, capsys, monkeypatch, trainings):
+def test_a_min_lr_above_the_peak_lr_is_refused_naming_both(
+    tmp_path, capsys, monkeypatch, trainings
+):
     monkeypatch.chdir(tmp_path)
     assert E.main(["--init", "random", "--width", "8", "--finetune", "--blr", "1e-7", *SMALL]) == 2
     assert "error: --min-lr 1e-06 is above the peak lr 5e-08" in capsys.readouterr().err
@@ -703,15 +1089,21 @@ def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     make_checkpoint(tmp_path / "run" / "checkpoint.pt")
     before = folder_state(tmp_path)
-    assert E.main(["--checkpoint", str(tmp_path / "run"), "--results", str(tmp_path / "r.jsonl")]) == 2
+    assert (
+        E.main(["--checkpoint", str(tmp_path / "run"), "--results", str(tmp_path / "r.jsonl")]) == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: --checkpoint {tmp_path / 'run'} is a folder; name the file in it (train.py writes "
-                   f"{tmp_path / 'run' / 'checkpoint.pt'})")
+    assert err == (
+        f"error: --checkpoint {tmp_path / 'run'} is a folder; name the file in it (train.py writes "
+        f"{tmp_path / 'run' / 'checkpoint.pt'})"
+    )
     assert folder_state(tmp_path) == before
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_export_to_a_folder_is_refused_before_anything_is_read(tmp_path, capsys, monkeypatch, overwrite):
+def test_export_to_a_folder_is_refused_before_anything_is_read(
+    tmp_path, capsys, monkeypatch, overwrite
+):
     ckpt, target = tmp_path / "ckpt.pt", tmp_path / "exports"
     make_checkpoint(ckpt, img_size=224, width=64)
     target.mkdir()
@@ -722,10 +1114,14 @@ def test_export_to_a_folder_is_refused_before_anything_is_read(tmp_path, capsys,
     def load_source(args):  # reached only if the refusal comes too late
         read.append(args)
         raise AssertionError("the checkpoint was read before --export was checked")
+
     monkeypatch.setattr(E, "load_source", load_source)
     assert E.main(["--checkpoint", str(ckpt), "--export", str(target), *overwrite]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: --export {target} is a folder; name the file to write in it, e.g. {target / 'encoder.pth'}"
+    assert (
+        err
+        == f"error: --export {target} is a folder; name the file to write in it, e.g. {target / 'encoder.pth'}"
+    )
     assert read == [] and folder_state(tmp_path) == before
 
 
@@ -750,32 +1146,62 @@ def test_export_with_an_evaluation_flag_is_refused_rather_than_ignored(tmp_path,
     assert folder_state(tmp_path) == before
 
 
-def test_results_or_export_naming_a_device_is_refused_and_the_device_left_as_it_is(tmp_path, capsys, monkeypatch):
+def test_results_or_export_naming_a_device_is_refused_and_the_device_left_as_it_is(
+    tmp_path, capsys, monkeypatch
+):
     """append_line and atomic_save replace their file by a rename: over /dev/null (as root) that would put a
     regular file in its place. Both writers are disarmed here, so a missed refusal fails without harm."""
+
     def disarmed(*args):
         raise AssertionError(f"wrote {args[0]}")
+
     ckpt = tmp_path / "ckpt.pt"
     make_checkpoint(ckpt, img_size=224, width=64)
     monkeypatch.setattr(E, "append_line", disarmed)
     monkeypatch.setattr(runtime, "atomic_save", disarmed)
-    assert E.main(["--init", "random", "--width", "8", "--epochs", "1", "--results", os.devnull, *SMALL]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --results must name a regular JSONL file, got {os.devnull}"
+    assert (
+        E.main(
+            ["--init", "random", "--width", "8", "--epochs", "1", "--results", os.devnull, *SMALL]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --results must name a regular JSONL file, got {os.devnull}"
+    )
     assert E.main(["--checkpoint", str(ckpt), "--export", os.devnull, "--overwrite"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: --export must name a regular file to write, got {os.devnull}"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --export must name a regular file to write, got {os.devnull}"
+    )
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 
 
-def test_a_probe_batch_of_one_is_refused_since_its_batchnorm_head_needs_two(tmp_path, capsys, monkeypatch, trainings):
+def test_a_probe_batch_of_one_is_refused_since_its_batchnorm_head_needs_two(
+    tmp_path, capsys, monkeypatch, trainings
+):
     monkeypatch.chdir(tmp_path)
     assert E.main(["--init", "random", "--width", "8", "--batch-size", "1", *SMALL]) == 2
     assert "error: the probe's BatchNorm head needs --batch-size >= 2" in capsys.readouterr().err
     assert trainings == [] and folder_state(tmp_path) == {}
 
 
-def test_more_interaction_pairs_than_the_grid_holds_are_refused_before_training(tmp_path, capsys, trainings):
-    argv = ["--init", "random", "--width", "8", "--interactions", "1", "--interaction-pairs", "100000",
-            "--results", str(tmp_path / "r.jsonl"), *SMALL]
+def test_more_interaction_pairs_than_the_grid_holds_are_refused_before_training(
+    tmp_path, capsys, trainings
+):
+    argv = [
+        "--init",
+        "random",
+        "--width",
+        "8",
+        "--interactions",
+        "1",
+        "--interaction-pairs",
+        "100000",
+        "--results",
+        str(tmp_path / "r.jsonl"),
+        *SMALL,
+    ]
     assert E.main(argv) == 2
     out, err = capsys.readouterr()
     assert "error: --interaction-pairs 100000 is too many at 32 px: a 8×8 grid has only" in err

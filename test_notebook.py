@@ -5,6 +5,7 @@ Runs tutorial.ipynb with nbclient on the "python3" kernel (ipykernel provides it
 notebook's small budget (A2MIM_NOTEBOOK_BUDGET=small, well under a minute on 2 CPU cores),
 with the repository as the kernel's working directory, so that it imports the project's files.
 """
+
 import base64
 import io
 import json
@@ -23,7 +24,7 @@ NOTEBOOK = REPO / "tutorial.ipynb"
 # Run in the kernel before the notebook's first cell: every figure rendered to PNG (the inline backend's
 # plt.show) has its axes checked. A visible axis needs a title and both labels; a colour-mapped image (a
 # spectrum) needs a colour bar with a label; images drawn with their axis off (photos, diagrams) need neither.
-FIGURE_CHECK = '''
+FIGURE_CHECK = """
 import matplotlib.backend_bases
 
 FIGURE_PROBLEMS, FIGURES_CHECKED = [], []
@@ -54,13 +55,17 @@ def _checked_print_figure(self, *args, **kwargs):
 
 
 matplotlib.backend_bases.FigureCanvasBase.print_figure = _checked_print_figure
-'''
-FIGURE_REPORT = ('import json\n'
-                 'print("FIGURE CHECK", json.dumps({"renders": len(FIGURES_CHECKED), "problems": FIGURE_PROBLEMS}))')
+"""
+FIGURE_REPORT = (
+    "import json\n"
+    'print("FIGURE CHECK", json.dumps({"renders": len(FIGURES_CHECKED), "problems": FIGURE_PROBLEMS}))'
+)
 
 
 def text_of(nb):
-    return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs)
+    return "".join(
+        out.get("text", "") for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
+    )
 
 
 def colourful_share(png_bytes):
@@ -73,14 +78,20 @@ def colourful_share(png_bytes):
 
 def section_pngs(nb, heading):
     # The PNG outputs of the code cells from the markdown cell starting with `heading` to the next section.
-    start = next(i for i, cell in enumerate(nb.cells)
-                 if cell.cell_type == "markdown" and cell.source.startswith(heading))
+    start = next(
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "markdown" and cell.source.startswith(heading)
+    )
     pngs = []
-    for cell in nb.cells[start + 1:]:
+    for cell in nb.cells[start + 1 :]:
         if cell.cell_type == "markdown" and cell.source.startswith("## "):
             break
-        pngs += [base64.b64decode(out["data"]["image/png"]) for out in cell.get("outputs", [])
-                 if "image/png" in out.get("data", {})]
+        pngs += [
+            base64.b64decode(out["data"]["image/png"])
+            for out in cell.get("outputs", [])
+            if "image/png" in out.get("data", {})
+        ]
     return pngs
 
 
@@ -92,8 +103,9 @@ def small_run():
     nb.cells.append(nbformat.v4.new_code_cell(FIGURE_REPORT))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("A2MIM_NOTEBOOK_BUDGET", "small")
-        client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                         resources={"metadata": {"path": str(REPO)}})
+        client = nbclient.NotebookClient(
+            nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(REPO)}}
+        )
         client.execute()  # raises CellExecutionError, naming the cell and its traceback, if any cell fails
     return nb
 
@@ -102,18 +114,24 @@ def test_committed_notebook_shows_the_outputs_of_a_full_run_small_and_without_pr
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert [i for i, cell in enumerate(code) if not cell.outputs] == [], "every code cell shows its output"
+    assert [i for i, cell in enumerate(code) if not cell.outputs] == [], (
+        "every code cell shows its output"
+    )
     assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
     figures = [out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})]
     assert len(figures) >= 6 and NOTEBOOK.stat().st_size <= 2_000_000
-    assert "budget 'full'" in text_of(nb) and "it/s" not in text_of(nb)  # the full budget; no tqdm pages
+    assert "budget 'full'" in text_of(nb) and "it/s" not in text_of(
+        nb
+    )  # the full budget; no tqdm pages
 
 
 def test_committed_notebook_shows_the_mean_fill_on_a_colour_photograph():
     pngs = section_pngs(nbformat.read(NOTEBOOK, as_version=4), "## 2. Masking and the mean fill")
     assert pngs, "the fill section shows a figure"
     share = colourful_share(pngs[0])
-    assert share > 0.05, f"only {share:.1%} of the fill figure's pixels are coloured: a grey image, not a photograph"
+    assert share > 0.05, (
+        f"only {share:.1%} of the fill figure's pixels are coloured: a grey image, not a photograph"
+    )
     # The measure itself: the same figure turned grey has no coloured pixel.
     grey_png = io.BytesIO()
     with Image.open(io.BytesIO(pngs[0])) as img:
@@ -131,23 +149,43 @@ def test_gamma_focal_l1_simmim_and_mae_are_defined_in_the_markdown_that_first_na
         "MAE": ("**MAE** (He et al.",),
     }
     for term, phrases in definitions.items():
-        first = next(cell for cell in nb.cells if term in (cell.source.lower() if term.islower() else cell.source))
-        assert first.cell_type == "markdown", f"{term} is first named in code, before the text defines it"
-        assert all(p in first.source for p in phrases), f"the text that first names {term} does not define it"
+        first = next(
+            cell
+            for cell in nb.cells
+            if term in (cell.source.lower() if term.islower() else cell.source)
+        )
+        assert first.cell_type == "markdown", (
+            f"{term} is first named in code, before the text defines it"
+        )
+        assert all(p in first.source for p in phrases), (
+            f"the text that first names {term} does not define it"
+        )
 
 
 def test_notebook_runs_every_cell_without_error_at_the_small_budget(small_run):
-    errors = [out for cell in small_run.cells if cell.cell_type == "code"
-              for out in cell.outputs if out.output_type == "error"]
+    errors = [
+        out
+        for cell in small_run.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "error"
+    ]
     assert errors == []
     assert "budget 'small'" in text_of(small_run)  # the environment variable reached the kernel
-    assert "it/s" not in text_of(small_run)  # progress is printed once per step by the notebook, never as tqdm bars
+    assert "it/s" not in text_of(
+        small_run
+    )  # progress is printed once per step by the notebook, never as tqdm bars
 
 
 def test_every_plot_axis_has_a_title_and_labels_and_every_spectrum_a_labelled_colour_bar(small_run):
     report = text_of(small_run).split("FIGURE CHECK ")[-1]
     checked = json.loads(report.splitlines()[0])
-    figures = [out for cell in small_run.cells if cell.cell_type == "code"
-               for out in cell.outputs if "image/png" in out.get("data", {})]
+    figures = [
+        out
+        for cell in small_run.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if "image/png" in out.get("data", {})
+    ]
     assert checked["renders"] >= len(figures) >= 6  # the check saw every figure the notebook shows
     assert checked["problems"] == []

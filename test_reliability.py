@@ -1,5 +1,6 @@
 """What happens when a run is killed, its loss explodes, or it is fed garbage (README table
 "What happens when…"). Every case: one sentence, a non-zero exit, nothing on disk lost."""
+
 import errno
 import gc
 import json
@@ -21,16 +22,39 @@ import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 512 fake images / batch 64 = 8 steps per epoch.
-RUN = ["--data", "fake", "--arch", "resnet18", "--width", "8", "--batch-size", "64", "--workers", "0",
-       "--vis-every", "0", "--log-every", "4", "--save-every", "1"]
+RUN = [
+    "--data",
+    "fake",
+    "--arch",
+    "resnet18",
+    "--width",
+    "8",
+    "--batch-size",
+    "64",
+    "--workers",
+    "0",
+    "--vis-every",
+    "0",
+    "--log-every",
+    "4",
+    "--save-every",
+    "1",
+]
 CKPT = "a2mim_resnet18_fake/checkpoint.pt"
 
 
 def train_cli(*argv, **kw):
     """train.py in a fresh process, one thread, so that two runs are bit-for-bit comparable."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *argv],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def finish(*argv):
@@ -54,7 +78,9 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_kill_9_while_writing_a_checkpoint_then_rerun_ends_with_the_same_weights(tmp_path, reference):
+def test_kill_9_while_writing_a_checkpoint_then_rerun_ends_with_the_same_weights(
+    tmp_path, reference
+):
     """Poll for the temporary file that save_checkpoint writes, and SIGKILL the run the moment it
     appears: the kill lands inside the checkpoint write. The rerun must ignore the half-written
     file, resume from the last complete checkpoint and finish bit-identical."""
@@ -76,7 +102,9 @@ def test_kill_9_while_writing_a_checkpoint_then_rerun_ends_with_the_same_weights
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [1.5, 4.0])
-def test_kill_9_at_a_random_moment_then_rerun_ends_with_the_same_weights(tmp_path, reference, delay):
+def test_kill_9_at_a_random_moment_then_rerun_ends_with_the_same_weights(
+    tmp_path, reference, delay
+):
     argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
     proc = train_cli(*argv)
     time.sleep(delay)
@@ -84,7 +112,9 @@ def test_kill_9_at_a_random_moment_then_rerun_ends_with_the_same_weights(tmp_pat
     proc.wait()
     finish(*argv)
     assert_same_model(tmp_path / CKPT, reference)
-    steps = [line for line in (tmp_path / "a2mim_resnet18_fake" / "log.jsonl").read_text().splitlines()]
+    steps = [
+        line for line in (tmp_path / "a2mim_resnet18_fake" / "log.jsonl").read_text().splitlines()
+    ]
     assert len(steps) == len(set(steps)), "log.jsonl repeats steps after the resume"
 
 
@@ -102,7 +132,9 @@ def _nan_at_call(monkeypatch, k):
     monkeypatch.setattr(a2mim, "a2mim_loss", loss)
 
 
-def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, capsys
+):
     argv = [*RUN, "--epochs", "3", "--out-dir", str(tmp_path)]
     assert train.main([*argv, "--max-steps", "8"]) == 0  # one clean epoch → a checkpoint
     good = (tmp_path / CKPT).read_bytes()
@@ -115,7 +147,10 @@ def test_nonfinite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp
 
 def test_nonfinite_loss_step_is_skipped_when_asked(tmp_path, monkeypatch, capsys):
     _nan_at_call(monkeypatch, 2)
-    assert train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]) == 0
+    assert (
+        train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"])
+        == 0
+    )
     assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
     state = train.load_checkpoint(tmp_path / CKPT)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -137,7 +172,9 @@ def _image_folder(root, classes=("cat", "dog"), n=4):
 
 def run_fails(tmp_path, capsys, *argv, expect):
     out = tmp_path / "out"
-    code = train.main([*argv, "--out-dir", str(out), "--workers", "0", "--batch-size", "4", "--epochs", "1"])
+    code = train.main(
+        [*argv, "--out-dir", str(out), "--workers", "0", "--batch-size", "4", "--epochs", "1"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) >= 1 and err[-1].startswith("error: ") and expect in err[-1], err
@@ -145,15 +182,26 @@ def run_fails(tmp_path, capsys, *argv, expect):
 
 
 def test_missing_dataset_folder_names_the_expected_layout(tmp_path, capsys):
-    out = run_fails(tmp_path, capsys, "--data", "imagenet", "--data-dir", str(tmp_path / "nope"), expect="train")
+    out = run_fails(
+        tmp_path, capsys, "--data", "imagenet", "--data-dir", str(tmp_path / "nope"), expect="train"
+    )
     assert not out.exists()
 
 
 def test_image_folder_without_classes_is_refused(tmp_path, capsys):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
-    out = run_fails(tmp_path, capsys, "--data", "folder", "--data-dir", str(tmp_path / "data"), "--img-size", "32",
-                    expect="<class>")
+    out = run_fails(
+        tmp_path,
+        capsys,
+        "--data",
+        "folder",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--img-size",
+        "32",
+        expect="<class>",
+    )
     assert not out.exists()
 
 
@@ -162,8 +210,24 @@ def test_truncated_jpeg_is_a_clear_error_naming_the_file_even_from_a_worker(tmp_
     bad = root / "train" / "cat" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:60])
     out = tmp_path / "out"
-    code = train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
-                       "--workers", "1", "--out-dir", str(out), "--epochs", "1"])
+    code = train.main(
+        [
+            "--data",
+            "folder",
+            "--data-dir",
+            str(root),
+            "--img-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--workers",
+            "1",
+            "--out-dir",
+            str(out),
+            "--epochs",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and str(bad) in err and "Traceback" not in err
 
@@ -173,8 +237,24 @@ def worker_error(tmp_path):
     root = _image_folder(tmp_path / "data")
     bad = root / "train" / "cat" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:60])
-    return ["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4", "--workers", "2",
-            "--vis-every", "0", "--out-dir", str(tmp_path / "out"), "--epochs", "1"], bad
+    return [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--img-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--vis-every",
+        "0",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--epochs",
+        "1",
+    ], bad
 
 
 def test_a_worker_error_leaves_no_dataloader_worker_behind(tmp_path, capsys):
@@ -196,9 +276,17 @@ def test_a_worker_error_leaves_no_dataloader_worker_behind(tmp_path, capsys):
 def test_a_process_whose_run_failed_in_a_worker_exits_instead_of_waiting_for_the_worker(tmp_path):
     argv, bad = worker_error(tmp_path)
     code = f"import sys, train; sys.exit(train.main({argv!r}))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})  # a hang guard, not a speed limit
-    assert out.returncode == 2 and str(bad) in out.stderr.strip().splitlines()[-1], out.stderr[-2000:]
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # a hang guard, not a speed limit
+    assert out.returncode == 2 and str(bad) in out.stderr.strip().splitlines()[-1], out.stderr[
+        -2000:
+    ]
 
 
 def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -206,27 +294,75 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
     root = _image_folder(tmp_path / "data")
     for out in (root / "out", root / "train" / "cat" / "runs", root):
         before = snapshot(tmp_path)
-        code = train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
-                           "--workers", "0", "--max-steps", "1", "--out-dir", str(out)])
+        code = train.main(
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                str(root),
+                "--img-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--max-steps",
+                "1",
+                "--out-dir",
+                str(out),
+            ]
+        )
         err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert code == 2 and err == (f"error: --out-dir {out} lies inside --data-dir {root}, where the next run would "
-                                     "read this run's reconstruction PNGs as training images; choose an --out-dir "
-                                     "outside it")
+        assert code == 2 and err == (
+            f"error: --out-dir {out} lies inside --data-dir {root}, where the next run would "
+            "read this run's reconstruction PNGs as training images; choose an --out-dir "
+            "outside it"
+        )
         assert snapshot(tmp_path) == before
     link = tmp_path / "link"  # the same folder through a symlink is still inside
     link.symlink_to(root)
-    assert train.main(["--data", "folder", "--data-dir", str(link), "--out-dir", str(root / "out")]) == 2
+    assert (
+        train.main(["--data", "folder", "--data-dir", str(link), "--out-dir", str(root / "out")])
+        == 2
+    )
     assert "lies inside --data-dir" in capsys.readouterr().err
-    assert train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
-                       "--workers", "0", "--max-steps", "1", "--vis-every", "0", "--out-dir", str(tmp_path / "out")]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                str(root),
+                "--img-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--max-steps",
+                "1",
+                "--vis-every",
+                "0",
+                "--out-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["--img-size", "32", "--mask-patch-size", "5"], "of the mask block size 5"),
-    (["--img-size", "36", "--mask-patch-size", "4"], "divisible by the resnet18 output stride 8"),
-    (["--data", "mnist"], "fashion-mnist"),  # lists the choices
-    (["--accum-steps", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--img-size", "32", "--mask-patch-size", "5"], "of the mask block size 5"),
+        (
+            ["--img-size", "36", "--mask-patch-size", "4"],
+            "divisible by the resnet18 output stride 8",
+        ),
+        (["--data", "mnist"], "fashion-mnist"),  # lists the choices
+        (["--accum-steps", "0"], "at least 1"),
+    ],
+)
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path, capsys, argv, expect):
     out = run_fails(tmp_path, capsys, "--data", "fake", *argv, expect=expect)
     assert not out.exists()
@@ -241,7 +377,15 @@ def test_unknown_arch_lists_the_choices(capsys):
 def test_resume_from_a_pickle_that_weights_only_refuses_is_a_clear_error(tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"model": runtime.Dist()}, evil)  # an arbitrary object: weights_only=True refuses it
-    out = run_fails(tmp_path, capsys, "--data", "fake", "--resume", str(evil), expect="loading it could run code")
+    out = run_fails(
+        tmp_path,
+        capsys,
+        "--data",
+        "fake",
+        "--resume",
+        str(evil),
+        expect="loading it could run code",
+    )
     assert not out.exists()
 
 
@@ -250,7 +394,9 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
     capsys.readouterr()
     cut = tmp_path / "cut.pt"
     cut.write_bytes((tmp_path / "a" / CKPT).read_bytes()[:5000])
-    run_fails(tmp_path, capsys, *RUN, "--resume", str(cut), expect="not a readable PyTorch checkpoint")
+    run_fails(
+        tmp_path, capsys, *RUN, "--resume", str(cut), expect="not a readable PyTorch checkpoint"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,14 +407,22 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
 def wait_for_first_log_line(proc, run_dir):
     log = run_dir / "log.jsonl"
     deadline = time.time() + 300
-    while not (log.exists() and log.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+    while (
+        not (log.exists() and log.read_text().strip())
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it logged a step"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)])
-def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is_exact(tmp_path, reference, sig, code):
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)]
+)
+def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is_exact(
+    tmp_path, reference, sig, code
+):
     argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
     proc = train_cli(*argv)
     wait_for_first_log_line(proc, tmp_path / "a2mim_resnet18_fake")
@@ -276,9 +430,14 @@ def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err[-2000:]
     state = train.load_checkpoint(tmp_path / CKPT)
-    assert f"stopped by {sig.name} after step {state['step']}: checkpoint" in err and "run the same command again" in err
+    assert (
+        f"stopped by {sig.name} after step {state['step']}: checkpoint" in err
+        and "run the same command again" in err
+    )
     assert 4 <= state["step"] < 32
-    if sig == signal.SIGTERM:  # one resume suffices: the checkpoint is the same code path for all three
+    if (
+        sig == signal.SIGTERM
+    ):  # one resume suffices: the checkpoint is the same code path for all three
         finish(*argv)
         assert_same_model(tmp_path / CKPT, reference)
 
@@ -286,11 +445,16 @@ def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is
 def snapshot(folder):
     """Every file under `folder` with its bytes, every sub-folder as None: what a refused command must leave
     as it was."""
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 @pytest.mark.slow
-def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_lock(tmp_path, reference):
+def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_lock(
+    tmp_path, reference
+):
     argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
     first = train_cli(*argv)
     run_dir = tmp_path / "a2mim_resnet18_fake"
@@ -299,7 +463,10 @@ def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_loc
     before = snapshot(tmp_path)
     second = train_cli(*argv)
     _, err = second.communicate(timeout=300)
-    assert second.returncode == 2 and f"another train.py is running in {run_dir}" in err.strip().splitlines()[-1]
+    assert (
+        second.returncode == 2
+        and f"another train.py is running in {run_dir}" in err.strip().splitlines()[-1]
+    )
     assert snapshot(tmp_path) == before
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -321,19 +488,29 @@ def _corrupt_at_call(monkeypatch, k, what):
         if calls["n"] == k:
             w = runtime.unwrap(model).decoder.conv.weight
             with torch.no_grad():
-                (w.grad if what == "grad" else w)[0] = float("nan") if what == "grad" else float("inf")
+                (w.grad if what == "grad" else w)[0] = (
+                    float("nan") if what == "grad" else float("inf")
+                )
         calls["n"] += 1
         return out
 
     monkeypatch.setattr(train, "forward_backward", forward_backward)
 
 
-def test_skip_mode_skips_a_step_whose_gradients_are_not_finite_while_the_loss_is(tmp_path, monkeypatch, capsys):
+def test_skip_mode_skips_a_step_whose_gradients_are_not_finite_while_the_loss_is(
+    tmp_path, monkeypatch, capsys
+):
     _corrupt_at_call(monkeypatch, 2, "grad")
-    assert train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]) == 0
+    assert (
+        train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"])
+        == 0
+    )
     assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
     state = train.load_checkpoint(tmp_path / CKPT)
-    assert state["step"] == 8 and train.first_nonfinite(state["model"], state["optimizer"]["state"]) is None
+    assert (
+        state["step"] == 8
+        and train.first_nonfinite(state["model"], state["optimizer"]["state"]) is None
+    )
 
 
 def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(tmp_path, monkeypatch, capsys):
@@ -343,7 +520,10 @@ def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(tmp_path, mo
     _corrupt_at_call(monkeypatch, 1, "weight")  # loss and gradients of that step are still finite
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "the weights became non-finite (decoder.conv.weight)" in err and "last good checkpoint" in err
+    assert (
+        "the weights became non-finite (decoder.conv.weight)" in err
+        and "last good checkpoint" in err
+    )
     assert (tmp_path / CKPT).read_bytes() == good[CKPT]
 
 
@@ -368,67 +548,189 @@ def refused(folder, argv, expect, capsys):
     assert snapshot(folder) == before
 
 
-@pytest.mark.parametrize("argv, expect", [
-    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
-    (["--max-steps", "-1"], "--max-steps must be at least 1"),
-    (["--img-size", "0"], "--img-size must be at least 1"),
-    (["--mask-patch-size", "0"], "--mask-patch-size must be at least 1"),
-    (["--width", "0"], "--width must be at least 1"),
-    (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
-    (["--fft-weight", "-1"], "--fft-weight must be at least 0"),
-    (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
-    (["--mask-ratio", "1"], "--mask-ratio must be in (0, 1)"),
-    (["--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
-    (["--accum-steps", "0"], "--accum-steps must be at least 1"),
-    (["--blr", "0"], "--blr must be greater than 0"),
-    (["--threads", "0"], "--threads must be at least 1"),
-    (["--schedule", "step"], "--schedule step needs --step-epoch"),
-    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number at least 0, got inf"),
-    (["--fft-weight", "inf"], "--fft-weight must be a finite number at least 0, got inf"),
-    (["--blr", "nan"], "--blr must be a finite number greater than 0, got nan"),
-    (["--mask-ratio", "nan"], "--mask-ratio must be a finite number in (0, 1), got nan"),
-    (["--clip-grad", "inf"], "--clip-grad must be a finite number greater than 0, got inf"),
-    (["--save-every-minutes", "nan"], "--save-every-minutes must be a finite number at least 0, got nan"),
-    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
-    (["--warmup-epochs", "3"], "--warmup-epochs must be at most --epochs (2), got 3"),
-    (["--schedule", "step", "--step-epoch", "5"], "--step-epoch must be at most --epochs (2), got 5"),
-    (["--step-epoch", "1"], "--step-epoch is the epoch of the ×0.1 step of --schedule step; this run's schedule is cosine"),
-    (["--min-lr", "1"], "--min-lr must be at most the peak lr 0.0005 (--blr × global batch / 512), got 1"),
-    (["--assume-world-size", "2"], "--assume-world-size only goes with --print-config; this run has 1 process(es)"),
-])
-def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(finished, capsys, argv, expect):
+@pytest.mark.parametrize(
+    "argv, expect",
+    [
+        (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+        (["--max-steps", "-1"], "--max-steps must be at least 1"),
+        (["--img-size", "0"], "--img-size must be at least 1"),
+        (["--mask-patch-size", "0"], "--mask-patch-size must be at least 1"),
+        (["--width", "0"], "--width must be at least 1"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be at least 0"),
+        (["--fft-weight", "-1"], "--fft-weight must be at least 0"),
+        (["--drop-path", "1.5"], "--drop-path must be in [0, 1)"),
+        (["--mask-ratio", "1"], "--mask-ratio must be in (0, 1)"),
+        (["--mask-ratio", "0"], "--mask-ratio must be in (0, 1)"),
+        (["--accum-steps", "0"], "--accum-steps must be at least 1"),
+        (["--blr", "0"], "--blr must be greater than 0"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--schedule", "step"], "--schedule step needs --step-epoch"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number at least 0, got inf"),
+        (["--fft-weight", "inf"], "--fft-weight must be a finite number at least 0, got inf"),
+        (["--blr", "nan"], "--blr must be a finite number greater than 0, got nan"),
+        (["--mask-ratio", "nan"], "--mask-ratio must be a finite number in (0, 1), got nan"),
+        (["--clip-grad", "inf"], "--clip-grad must be a finite number greater than 0, got inf"),
+        (
+            ["--save-every-minutes", "nan"],
+            "--save-every-minutes must be a finite number at least 0, got nan",
+        ),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--warmup-epochs", "3"], "--warmup-epochs must be at most --epochs (2), got 3"),
+        (
+            ["--schedule", "step", "--step-epoch", "5"],
+            "--step-epoch must be at most --epochs (2), got 5",
+        ),
+        (
+            ["--step-epoch", "1"],
+            "--step-epoch is the epoch of the ×0.1 step of --schedule step; this run's schedule is cosine",
+        ),
+        (
+            ["--min-lr", "1"],
+            "--min-lr must be at most the peak lr 0.0005 (--blr × global batch / 512), got 1",
+        ),
+        (
+            ["--assume-world-size", "2"],
+            "--assume-world-size only goes with --print-config; this run has 1 process(es)",
+        ),
+    ],
+)
+def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(
+    finished, capsys, argv, expect
+):
     refused(finished, argv, expect, capsys)
 
 
-def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unless_overwrite(tmp_path, capsys):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "A", "--mask-ratio", "0.5"]) == 0
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "B"]) == 0
+def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unless_overwrite(
+    tmp_path, capsys
+):
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+                "--run-name",
+                "A",
+                "--mask-ratio",
+                "0.5",
+            ]
+        )
+        == 0
+    )
+    assert (
+        train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "B"]) == 0
+    )
     capsys.readouterr()
     other = str(tmp_path / "B" / "checkpoint.pt")
-    refused(tmp_path, ["--run-name", "A", "--resume", other, "--max-steps", "3"], f"{tmp_path / 'A'} holds a different run", capsys)
-    assert train.main([*RUN, "--out-dir", str(tmp_path), "--run-name", "A", "--resume", other, "--max-steps", "3",
-                       "--overwrite"]) == 0
+    refused(
+        tmp_path,
+        ["--run-name", "A", "--resume", other, "--max-steps", "3"],
+        f"{tmp_path / 'A'} holds a different run",
+        capsys,
+    )
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--out-dir",
+                str(tmp_path),
+                "--run-name",
+                "A",
+                "--resume",
+                other,
+                "--max-steps",
+                "3",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert train.load_checkpoint(tmp_path / "A" / "checkpoint.pt")["step"] == 3
 
 
-def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_command_runs(tmp_path, capsys):
+def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_command_runs(
+    tmp_path, capsys
+):
     out = tmp_path / "out"
     # 6 px = 48 / 8, the preferred block, makes an 8×8 grid; the default block is one that fits (a2mim.py).
-    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48", "--mask-patch-size", "6"]) == 2
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "1",
+                "--out-dir",
+                str(out),
+                "--img-size",
+                "48",
+                "--mask-patch-size",
+                "6",
+            ]
+        )
+        == 2
+    )
     assert "does not map onto the 12×12 token site" in capsys.readouterr().err and not out.exists()
-    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--img-size", "48", "--mask-patch-size", "4"]) == 0
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "1",
+                "--out-dir",
+                str(out),
+                "--img-size",
+                "48",
+                "--mask-patch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
 
 
 def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printed(tmp_path, capsys):
-    out = run_fails(tmp_path, capsys, "--data", "cifar10", "--data-dir", str(tmp_path / "nope"), expect=str(tmp_path / "nope"))
+    out = run_fails(
+        tmp_path,
+        capsys,
+        "--data",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "nope"),
+        expect=str(tmp_path / "nope"),
+    )
     assert not out.exists()
     root = _image_folder(tmp_path / "data")
-    assert train.main(["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "4",
-                       "--workers", "0", "--max-steps", "1", "--vis-every", "0", "--out-dir", str(out)]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                "folder",
+                "--data-dir",
+                str(root),
+                "--img-size",
+                "32",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--max-steps",
+                "1",
+                "--vis-every",
+                "0",
+                "--out-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"images from {root / 'train'}" in capsys.readouterr().out
 
 
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes_the_tmp(tmp_path, monkeypatch, capsys):
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes_the_tmp(
+    tmp_path, monkeypatch, capsys
+):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     good = (tmp_path / CKPT).read_bytes()
 
@@ -439,7 +741,10 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes
     monkeypatch.setattr(runtime.torch, "save", full_disk)
     assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "no space left on the device while writing" in err and "the previous checkpoint.pt is intact" in err
+    assert (
+        "no space left on the device while writing" in err
+        and "the previous checkpoint.pt is intact" in err
+    )
     assert (tmp_path / CKPT).read_bytes() == good and not (tmp_path / (CKPT + ".tmp")).exists()
 
 
@@ -448,8 +753,12 @@ def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(tm
     blocker.write_text("not a folder")
     code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(blocker / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == f"error: cannot create the output folder {blocker / 'out' / 'a2mim_resnet18_fake'}: " \
+    assert (
+        code == 2
+        and err[-1]
+        == f"error: cannot create the output folder {blocker / 'out' / 'a2mim_resnet18_fake'}: "
         f"{blocker} is a file, not a folder"
+    )
     assert snapshot(tmp_path) == {"file": b"not a folder"}
 
 
@@ -469,8 +778,12 @@ def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished, capsys):
 def test_changed_epochs_on_resume_is_stated_in_one_line(tmp_path, capsys):
     assert train.main([*RUN, "--epochs", "1", "--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
     assert train.main([*RUN, "--epochs", "2", "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --epochs")]
-    assert notes == ["note: --epochs is 2, the checkpoint's run planned 1: the lr schedule from step 3 on is the 2-epoch one"]
+    notes = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --epochs")
+    ]
+    assert notes == [
+        "note: --epochs is 2, the checkpoint's run planned 1: the lr schedule from step 3 on is the 2-epoch one"
+    ]
 
 
 def test_a_bug_keeps_its_traceback_main_catches_only_the_projects_errors(tmp_path, monkeypatch):
@@ -485,7 +798,10 @@ def test_a_bug_keeps_its_traceback_main_catches_only_the_projects_errors(tmp_pat
 def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
     threads = torch.get_num_threads()
     try:
-        assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path), "--threads", "1"]) == 0
+        assert (
+            train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path), "--threads", "1"])
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
@@ -497,14 +813,18 @@ def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "", ".", "..", "a/b"])
-def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_written(tmp_path, capsys, name):
+def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_written(
+    tmp_path, capsys, name
+):
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
     name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
     code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--run-name", name])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1] == ("error: --run-name must be a plain folder name under --out-dir (no path separator, "
-                                     f"not '.', '..' or empty, at most 255 bytes), got {name!r}")
+    assert code == 2 and err[-1] == (
+        "error: --run-name must be a plain folder name under --out-dir (no path separator, "
+        f"not '.', '..' or empty, at most 255 bytes), got {name!r}"
+    )
     assert snapshot(tmp_path) == {"a": None, "a/b": None, "a/b/out": None}
 
 
@@ -512,21 +832,47 @@ def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_pa
     theirs = tmp_path / "a2mim_resnet18_fake"
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("years of work")
-    refused(tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder", capsys)
+    refused(
+        tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder", capsys
+    )
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite"]) == 0
-    assert (theirs / "thesis.tex").read_text() == "years of work" and train.load_checkpoint(tmp_path / CKPT)["step"] == 2
+    assert (theirs / "thesis.tex").read_text() == "years of work" and train.load_checkpoint(
+        tmp_path / CKPT
+    )["step"] == 2
 
 
-def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_over_its_log(tmp_path, capsys):
+def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_over_its_log(
+    tmp_path, capsys
+):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     (tmp_path / CKPT).rename(tmp_path / "elsewhere.pt")
-    refused(tmp_path, ["--max-steps", "3"], "a2mim_resnet18_fake has a log and a config but no checkpoint.pt (log.jsonl "
-            "records one written after step 2): put it back to resume, or pass --overwrite to start afresh", capsys)
-    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "elsewhere.pt")]) == 0
+    refused(
+        tmp_path,
+        ["--max-steps", "3"],
+        "a2mim_resnet18_fake has a log and a config but no checkpoint.pt (log.jsonl "
+        "records one written after step 2): put it back to resume, or pass --overwrite to start afresh",
+        capsys,
+    )
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "3",
+                "--out-dir",
+                str(tmp_path),
+                "--resume",
+                str(tmp_path / "elsewhere.pt"),
+            ]
+        )
+        == 0
+    )
     assert "resuming at epoch 0, step 2" in capsys.readouterr().out
 
 
-def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_same_command(tmp_path, monkeypatch, capsys):
+def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_same_command(
+    tmp_path, monkeypatch, capsys
+):
     argv = [*RUN, "--max-steps", "3", "--log-every", "1", "--out-dir", str(tmp_path)]
 
     def full_disk(obj, f, *a, **kw):
@@ -536,29 +882,69 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_sa
         m.setattr(runtime.torch, "save", full_disk)
         assert train.main(argv) == 2
     log = (tmp_path / "a2mim_resnet18_fake" / "log.jsonl").read_text().splitlines()
-    assert len(log) == 2 and not (tmp_path / CKPT).exists()  # steps 0 and 1 logged, no checkpoint ever written
+    assert (
+        len(log) == 2 and not (tmp_path / CKPT).exists()
+    )  # steps 0 and 1 logged, no checkpoint ever written
     assert train.main(argv) == 0
-    assert "starting in" in capsys.readouterr().out and train.load_checkpoint(tmp_path / CKPT)["step"] == 3
+    assert (
+        "starting in" in capsys.readouterr().out
+        and train.load_checkpoint(tmp_path / CKPT)["step"] == 3
+    )
 
 
-def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_refused(tmp_path, capsys):
+def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_refused(
+    tmp_path, capsys
+):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     older = tmp_path / "older.pt"
     older.write_bytes((tmp_path / CKPT).read_bytes())
     assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
     capsys.readouterr()
-    refused(tmp_path, ["--max-steps", "6", "--resume", str(older)],
-            f"--resume {older} is at step 2, but {tmp_path / CKPT} is at the later step 4, which resuming here would "
-            "replace; to go on from step 2, pass --run-name for a new folder", capsys)
-    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path), "--resume", str(older), "--run-name", "b"]) == 0
+    refused(
+        tmp_path,
+        ["--max-steps", "6", "--resume", str(older)],
+        f"--resume {older} is at step 2, but {tmp_path / CKPT} is at the later step 4, which resuming here would "
+        "replace; to go on from step 2, pass --run-name for a new folder",
+        capsys,
+    )
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "3",
+                "--out-dir",
+                str(tmp_path),
+                "--resume",
+                str(older),
+                "--run-name",
+                "b",
+            ]
+        )
+        == 0
+    )
     assert train.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
 
 
 @pytest.mark.parametrize("change, now", [("shrank", 6), ("grew", 10)])
 def test_resume_after_the_image_folder_changed_size_is_one_sentence(tmp_path, capsys, change, now):
     root = _image_folder(tmp_path / "data")  # 8 training images: 4 steps of 2
-    argv = ["--data", "folder", "--data-dir", str(root), "--img-size", "32", "--batch-size", "2", "--workers", "0",
-            "--vis-every", "0", "--out-dir", str(tmp_path / "out")]
+    argv = [
+        "--data",
+        "folder",
+        "--data-dir",
+        str(root),
+        "--img-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--vis-every",
+        "0",
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     assert train.main([*argv, "--max-steps", "3"]) == 0
     capsys.readouterr()
     if change == "shrank":
@@ -570,7 +956,9 @@ def test_resume_after_the_image_folder_changed_size_is_one_sentence(tmp_path, ca
     before = snapshot(tmp_path / "out")
     assert train.main([*argv, "--max-steps", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: the dataset changed since") and f"(8 images then, {now} now)" in err
+    assert (
+        err.startswith("error: the dataset changed since") and f"(8 images then, {now} now)" in err
+    )
     assert snapshot(tmp_path / "out") == before
 
 
@@ -584,23 +972,37 @@ def test_a_checkpoint_written_before_it_recorded_its_dataset_size_still_resumes(
 
 
 def test_torn_last_log_line_is_dropped_and_said_and_the_run_resumes(tmp_path, capsys):
-    assert train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    )
     log = tmp_path / "a2mim_resnet18_fake" / "log.jsonl"
     whole = log.read_text()
     log.write_text(whole + '{"step": 2, "epoch": 0, "lo')  # a kill in the middle of a write
-    assert train.main([*RUN, "--max-steps", "3", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        train.main([*RUN, "--max-steps", "3", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    )
     captured = capsys.readouterr()
-    assert "resuming at epoch 0, step 2" in captured.out and f"dropped the damaged last line 3 of {log}" in captured.err
+    assert (
+        "resuming at epoch 0, step 2" in captured.out
+        and f"dropped the damaged last line 3 of {log}" in captured.err
+    )
     lines = log.read_text().splitlines()
     assert log.read_text().startswith(whole) and len(lines) == 3 and '"step": 2' in lines[-1]
 
 
 def test_damaged_log_line_before_the_last_is_one_sentence_and_nothing_changes(tmp_path, capsys):
-    assert train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    assert (
+        train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
+    )
     log = tmp_path / "a2mim_resnet18_fake" / "log.jsonl"
     first, second = log.read_text().splitlines()
     log.write_text(f"{first}\nnot json\n{second}\n")
-    refused(tmp_path, ["--max-steps", "3", "--log-every", "1"], f"{log}, line 2, is not a JSON record", capsys)
+    refused(
+        tmp_path,
+        ["--max-steps", "3", "--log-every", "1"],
+        f"{log}, line 2, is not a JSON record",
+        capsys,
+    )
 
 
 def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, monkeypatch, capsys):
@@ -610,7 +1012,9 @@ def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, mo
     good = log.read_bytes()
     real_fsync, writes = os.fsync, []
 
-    def full_disk_for_the_log(fd):  # the resume's trim of the log passes, its first new line does not
+    def full_disk_for_the_log(
+        fd,
+    ):  # the resume's trim of the log passes, its first new line does not
         if os.readlink(f"/proc/self/fd/{fd}").endswith("log.jsonl.tmp"):
             writes.append(fd)
             if len(writes) > 1:
@@ -620,22 +1024,29 @@ def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, mo
     monkeypatch.setattr(runtime.os, "fsync", full_disk_for_the_log)
     assert train.main([*argv, "--max-steps", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: no space left on the device while writing {log}; the previous log.jsonl is intact"
+    assert (
+        err
+        == f"error: no space left on the device while writing {log}; the previous log.jsonl is intact"
+    )
     assert len(writes) == 2 and log.read_bytes() == good and not list(log.parent.glob("*.tmp"))
 
 
-def test_disk_full_while_writing_a_reconstruction_png_is_one_sentence_and_leaves_no_tmp(tmp_path, capsys,
-                                                                                          fill_disk_for_pngs):
+def test_disk_full_while_writing_a_reconstruction_png_is_one_sentence_and_leaves_no_tmp(
+    tmp_path, capsys, fill_disk_for_pngs
+):
     fill_disk_for_pngs()
-    assert train.main([*RUN, "--max-steps", "3", "--vis-every", "2", "--out-dir", str(tmp_path)]) == 2
+    assert (
+        train.main([*RUN, "--max-steps", "3", "--vis-every", "2", "--out-dir", str(tmp_path)]) == 2
+    )
     png = tmp_path / "a2mim_resnet18_fake" / f"recon_step000002_{train.COLUMNS}.png"
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: no space left on the device while writing {png}; nothing was written"
     assert not png.exists() and not list(png.parent.glob("*.tmp"))
 
 
-def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_and_leaves_no_tmp(tmp_path, monkeypatch,
-                                                                                                 capsys):
+def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_and_leaves_no_tmp(
+    tmp_path, monkeypatch, capsys
+):
     """An immutable (chattr +i) or read-only checkpoint.pt: the rename onto it fails with EPERM / EACCES."""
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     good = (tmp_path / CKPT).read_bytes()
@@ -649,8 +1060,13 @@ def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_an
     monkeypatch.setattr(runtime.os, "replace", immutable_checkpoint)
     assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == f"error: Operation not permitted while writing {tmp_path / CKPT}; the previous checkpoint.pt is intact"
-    assert (tmp_path / CKPT).read_bytes() == good and not list((tmp_path / CKPT).parent.glob("*.tmp"))
+    assert (
+        err
+        == f"error: Operation not permitted while writing {tmp_path / CKPT}; the previous checkpoint.pt is intact"
+    )
+    assert (tmp_path / CKPT).read_bytes() == good and not list(
+        (tmp_path / CKPT).parent.glob("*.tmp")
+    )
 
 
 def _damage(run_dir, how, other_ckpt):
@@ -669,26 +1085,65 @@ def _damage(run_dir, how, other_ckpt):
         (run_dir / name / "keep").write_text("theirs")
 
 
-@pytest.mark.parametrize("how, expect", [
-    ("config.json: a JSON list", "config.json is unreadable or not a train.py config; pass --overwrite"),
-    ("config.json: garbage", "config.json is unreadable or not a train.py config; pass --overwrite"),
-    ("checkpoint.pt: garbage", "checkpoint.pt is not a readable PyTorch checkpoint"),
-    ("checkpoint.pt: another run's", "checkpoint.pt was trained with other settings (mask_ratio)"),
-    ("checkpoint.pt: a folder", "checkpoint.pt is not a file (a folder, or a link to nothing), where train.py keeps"),
-    ("log.jsonl: a folder", "log.jsonl is not a file (a folder, or a link to nothing), where train.py keeps its log"),
-    ("config.json: a folder", "config.json is not a file (a folder, or a link to nothing)"),
-    (".lock: a folder", ".lock is not a file (a folder, or a link to nothing), where train.py keeps its .lock"),
-])
-def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_changes(tmp_path, capsys, how, expect):
+@pytest.mark.parametrize(
+    "how, expect",
+    [
+        (
+            "config.json: a JSON list",
+            "config.json is unreadable or not a train.py config; pass --overwrite",
+        ),
+        (
+            "config.json: garbage",
+            "config.json is unreadable or not a train.py config; pass --overwrite",
+        ),
+        ("checkpoint.pt: garbage", "checkpoint.pt is not a readable PyTorch checkpoint"),
+        (
+            "checkpoint.pt: another run's",
+            "checkpoint.pt was trained with other settings (mask_ratio)",
+        ),
+        (
+            "checkpoint.pt: a folder",
+            "checkpoint.pt is not a file (a folder, or a link to nothing), where train.py keeps",
+        ),
+        (
+            "log.jsonl: a folder",
+            "log.jsonl is not a file (a folder, or a link to nothing), where train.py keeps its log",
+        ),
+        ("config.json: a folder", "config.json is not a file (a folder, or a link to nothing)"),
+        (
+            ".lock: a folder",
+            ".lock is not a file (a folder, or a link to nothing), where train.py keeps its .lock",
+        ),
+    ],
+)
+def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_changes(
+    tmp_path, capsys, how, expect
+):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "other", "--mask-ratio",
-                       "0.5"]) == 0
+    assert (
+        train.main(
+            [
+                *RUN,
+                "--max-steps",
+                "2",
+                "--out-dir",
+                str(tmp_path),
+                "--run-name",
+                "other",
+                "--mask-ratio",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     _damage(tmp_path / "a2mim_resnet18_fake", how, tmp_path / "other" / "checkpoint.pt")
     refused(tmp_path, ["--max-steps", "3"], expect, capsys)
 
 
-def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(finished, monkeypatch, capsys):
+def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(
+    finished, monkeypatch, capsys
+):
     """A read-only .lock left by another user (root may open it anyway: os.open is made to refuse)."""
     real_open = os.open
 
@@ -699,13 +1154,19 @@ def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(f
 
     monkeypatch.setattr(train.os, "open", read_only_lock)
     lock = finished / "a2mim_resnet18_fake" / ".lock"
-    refused(finished, ["--max-steps", "3"], f"cannot lock {lock} (Permission denied); remove it", capsys)
+    refused(
+        finished, ["--max-steps", "3"], f"cannot lock {lock} (Permission denied); remove it", capsys
+    )
 
 
 def test_resume_of_a_folder_names_the_checkpoint_inside_it(finished, capsys):
     run_dir = finished / "a2mim_resnet18_fake"
-    refused(finished, ["--resume", str(run_dir), "--run-name", "b"],
-            f"--resume {run_dir} is a folder; name the checkpoint in it ({run_dir / 'checkpoint.pt'})", capsys)
+    refused(
+        finished,
+        ["--resume", str(run_dir), "--run-name", "b"],
+        f"--resume {run_dir} is a folder; name the checkpoint in it ({run_dir / 'checkpoint.pt'})",
+        capsys,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -715,17 +1176,38 @@ def test_resume_of_a_folder_names_the_checkpoint_inside_it(finished, capsys):
 
 def test_a_repeated_sigterm_does_not_end_the_run_before_its_checkpoint():
     """A scheduler signals every process and torchrun forwards its own SIGTERM: the trainer may get two."""
-    code = ("import os, signal, train\n"
-            "with train.Stop() as stop:\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    print('still running, stopping after this step:', signal.Signals(stop.signum).name)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout == "still running, stopping after this step: SIGTERM\n", out.stderr
+    code = (
+        "import os, signal, train\n"
+        "with train.Stop() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    print('still running, stopping after this step:', signal.Signals(stop.signum).name)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=300
+    )
+    assert (
+        out.returncode == 0 and out.stdout == "still running, stopping after this step: SIGTERM\n"
+    ), out.stderr
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *RUN,
-            "--workers", "1", "--device-data", "off", "--epochs", "50", "--log-every", "1"]
+TORCHRUN = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node=2",
+    "train.py",
+    *RUN,
+    "--workers",
+    "1",
+    "--device-data",
+    "off",
+    "--epochs",
+    "50",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -734,8 +1216,14 @@ def sigterm_to_torchrun(tmp_path_factory):
     itself (what a scheduler sends): torchrun forwards it to each rank's process group, workers included.
     → (out folder, torchrun's exit code, its stderr)."""
     out = tmp_path_factory.mktemp("torchrun")
-    proc = subprocess.Popen([*TORCHRUN, "--out-dir", str(out)], cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, "--out-dir", str(out)],
+        cwd=HERE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_first_log_line(proc, out / "a2mim_resnet18_fake")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -743,35 +1231,79 @@ def sigterm_to_torchrun(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_end_to_end_sigterm_to_torchrun_checkpoints_every_rank_and_the_same_command_resumes(sigterm_to_torchrun,
-                                                                                            tmp_path):
+def test_end_to_end_sigterm_to_torchrun_checkpoints_every_rank_and_the_same_command_resumes(
+    sigterm_to_torchrun, tmp_path
+):
     stopped, code, err = sigterm_to_torchrun
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
     state = train.load_checkpoint(out / CKPT)
     step = state["step"]
-    assert err.count(f"stopped by SIGTERM after step {step}: checkpoint") == 2, err[-3000:]  # both ranks, no crash
-    assert code == 1 and "SignalException" in err  # torchrun's own exit: it re-raises the signal it forwarded
-    rerun = subprocess.run([*TORCHRUN, "--out-dir", str(out), "--max-steps", str(step + 1)], cwd=HERE,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert err.count(f"stopped by SIGTERM after step {step}: checkpoint") == 2, err[
+        -3000:
+    ]  # both ranks, no crash
+    assert (
+        code == 1 and "SignalException" in err
+    )  # torchrun's own exit: it re-raises the signal it forwarded
+    rerun = subprocess.run(
+        [*TORCHRUN, "--out-dir", str(out), "--max-steps", str(step + 1)],
+        cwd=HERE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resuming at epoch {state['epoch']}, step {step}" in rerun.stdout
     assert train.load_checkpoint(out / CKPT)["step"] == step + 1
 
 
 @pytest.mark.slow
-def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_overwrite(sigterm_to_torchrun,
-                                                                                            tmp_path, capsys):
+def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_overwrite(
+    sigterm_to_torchrun, tmp_path, capsys
+):
     out = tmp_path / "out"
     shutil.copytree(sigterm_to_torchrun[0], out)
-    refused(out, ["--workers", "1", "--device-data", "off", "--epochs", "50", "--log-every", "1", "--max-steps", "50"],
-            f"{out / 'a2mim_resnet18_fake'} was written by 2 process(es) and resumes only on 2 (the global batch, the "
-            "lr and each rank's data shard depend on it), not on 1: continue it with `torchrun --nproc_per_node=2 "
-            "train.py …", capsys)
+    refused(
+        out,
+        [
+            "--workers",
+            "1",
+            "--device-data",
+            "off",
+            "--epochs",
+            "50",
+            "--log-every",
+            "1",
+            "--max-steps",
+            "50",
+        ],
+        f"{out / 'a2mim_resnet18_fake'} was written by 2 process(es) and resumes only on 2 (the global batch, the "
+        "lr and each rank's data shard depend on it), not on 1: continue it with `torchrun --nproc_per_node=2 "
+        "train.py …",
+        capsys,
+    )
     state = train.load_checkpoint(out / CKPT)
-    (out / "a2mim_resnet18_fake" / "config.json").unlink()  # without config.json the checkpoint says the same
-    code = train.main([*RUN, "--out-dir", str(out), "--workers", "1", "--device-data", "off", "--epochs", "50",
-                       "--log-every", "1", "--max-steps", "50"])
+    (
+        out / "a2mim_resnet18_fake" / "config.json"
+    ).unlink()  # without config.json the checkpoint says the same
+    code = train.main(
+        [
+            *RUN,
+            "--out-dir",
+            str(out),
+            "--workers",
+            "1",
+            "--device-data",
+            "off",
+            "--epochs",
+            "50",
+            "--log-every",
+            "1",
+            "--max-steps",
+            "50",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{out / CKPT} was written by 2 process(es) and resumes only on 2" in err
     assert "--overwrite" not in err and train.load_checkpoint(out / CKPT)["step"] == state["step"]

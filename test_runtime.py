@@ -1,5 +1,6 @@
 """runtime.py's file helpers: appends that fail leave the file as it was, JSONL readers that name a bad
 line, atomic writes that leave no .tmp, and the refused-pickle sentence whatever torch's wording."""
+
 import errno
 import os
 
@@ -19,7 +20,9 @@ def test_a_failed_append_leaves_the_file_byte_identical_and_no_tmp(tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(runtime.os, "fsync", full_disk)
-    with pytest.raises(runtime.RunError, match="no space left on the device while writing .*results.jsonl"):
+    with pytest.raises(
+        runtime.RunError, match="no space left on the device while writing .*results.jsonl"
+    ):
         runtime.append_line(str(path), '{"a": 2}')
     monkeypatch.setattr(runtime.os, "fsync", real_fsync)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["results.jsonl"]
@@ -43,7 +46,9 @@ def test_read_jsonl_drops_only_a_torn_last_line_and_says_so(tmp_path, capsys):
     assert "dropped the damaged last line 3" in capsys.readouterr().err
     path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
     with pytest.raises(runtime.JsonlError, match="line 2"):
-        runtime.read_jsonl(str(path), drop_torn_last=True)  # not the last line: a damaged file, not a kill
+        runtime.read_jsonl(
+            str(path), drop_torn_last=True
+        )  # not the last line: a damaged file, not a kill
     path.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(runtime.JsonlError, match="line 2"):
         runtime.read_jsonl(str(path))  # JSON, but not a record
@@ -68,7 +73,10 @@ def test_a_failed_rename_onto_a_protected_file_leaves_it_and_no_tmp(tmp_path, mo
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     monkeypatch.setattr(runtime.os, "replace", immutable)
-    with pytest.raises(runtime.RunError, match="Operation not permitted while writing .*the previous checkpoint.pt is intact"):
+    with pytest.raises(
+        runtime.RunError,
+        match="Operation not permitted while writing .*the previous checkpoint.pt is intact",
+    ):
         runtime.atomic_save(str(path), {"w": torch.zeros(2)})
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
 
@@ -87,7 +95,8 @@ def test_a_pickle_that_would_run_code_gets_the_promised_sentence_and_garbage_ano
     assert str(refused.value) == (
         f"{evil} was refused: it holds Python objects, not only tensors, and loading it could run code from "
         "the file; if you trust it, look inside with `python -m pickletools` or re-save its tensors with "
-        "torch.save(state_dict)")
+        "torch.save(state_dict)"
+    )
     with pytest.raises(runtime.CheckpointError, match="is not a readable PyTorch checkpoint"):
         runtime.load_tensors(str(garbage))
     with pytest.raises(runtime.CheckpointError, match="is a folder, not a file"):

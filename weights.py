@@ -14,6 +14,7 @@ Every file is read by torch.load(weights_only=True) (runtime.load_tensors), and 
 no allow-list: besides tensors their `meta` holds only dict / str / int (checked on files saved by
 OpenMixup's own code), which the safe loader takes as they are.
 """
+
 import math
 import re
 
@@ -23,28 +24,56 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import models
-from runtime import CHECKPOINT_FORMAT, CheckpointError, atomic_save, check_checkpoint, load_tensors, not_our_checkpoint
+from runtime import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_save,
+    check_checkpoint,
+    load_tensors,
+    not_our_checkpoint,
+)
 
 # --- In: the released OpenMixup checkpoints (openmixup/models/backbones/{mim_resnet,convnext,mim_vit}.py)
 # Module paths there → ours, whole dotted components; the leaf (.weight, .bias, ...) follows unchanged.
-CONVNEXT_BLOCK = {"depthwise_conv": "block.0", "norm": "block.2", "pointwise_conv1": "block.3",
-                  "pointwise_conv2": "block.5", "gamma": "layer_scale"}  # torchvision's CNBlock Sequential
-VIT_BLOCK = {"ln1": "norm1", "ln2": "norm2", "attn.qkv": "qkv", "attn.proj": "proj", "attn.q_bias": "q_bias",
-             "attn.v_bias": "v_bias", "attn.relative_position_bias_table": "rel_pos_bias.table",
-             "ffn.layers.0.0": "mlp.0", "ffn.layers.1": "mlp.2", "gamma_1": "gamma_1", "gamma_2": "gamma_2"}
-VIT_TOP = {"patch_embed.projection": "patch_embed", "cls_token": "cls_token", "pos_embed": "pos_embed",
-           "ln1": "norm"}  # the final norm is `ln1` outside the layers
+CONVNEXT_BLOCK = {
+    "depthwise_conv": "block.0",
+    "norm": "block.2",
+    "pointwise_conv1": "block.3",
+    "pointwise_conv2": "block.5",
+    "gamma": "layer_scale",
+}  # torchvision's CNBlock Sequential
+VIT_BLOCK = {
+    "ln1": "norm1",
+    "ln2": "norm2",
+    "attn.qkv": "qkv",
+    "attn.proj": "proj",
+    "attn.q_bias": "q_bias",
+    "attn.v_bias": "v_bias",
+    "attn.relative_position_bias_table": "rel_pos_bias.table",
+    "ffn.layers.0.0": "mlp.0",
+    "ffn.layers.1": "mlp.2",
+    "gamma_1": "gamma_1",
+    "gamma_2": "gamma_2",
+}
+VIT_TOP = {
+    "patch_embed.projection": "patch_embed",
+    "cls_token": "cls_token",
+    "pos_embed": "pos_embed",
+    "ln1": "norm",
+}  # the final norm is `ln1` outside the layers
 MASK_TOKEN = {"mask_token": "token", "mask_gamma": "gamma"}  # → a2mim.MaskToken, [1, C, 1, 1] both
 # The neck's 1×1 conv → a2mim.Decoder (then PixelShuffle, no weights): A²MIM's neck, and SimMIMNeck's for the
 # released SimMIM baselines (its token: the stem's, [1, 64, 1, 1] for a ResNet, without γ).
 DECODER = {"neck.decoder_pred.0": "conv", "neck.decoder.0": "conv"}
 
+
 def _rename(name, table):
     """`name` with its leading module path replaced by the table's (whole components only); None: no entry."""
     for old, new in table.items():
         if name == old or name.startswith(old + "."):
-            return new + name[len(old):]
+            return new + name[len(old) :]
     return None
+
 
 def openmixup_key(family, key):
     """A released backbone key (without "backbone.") → our encoder's, None for a key we have no place for.
@@ -66,6 +95,7 @@ def openmixup_key(family, key):
         return None if rest is None else f"blocks.{m[1]}.{rest}"
     return _rename(key, VIT_TOP)
 
+
 def _size(state, key, dim):
     """state[key].shape[dim]; None where the key is missing or the tensor has fewer dims."""
     value = state.get(key)
@@ -73,21 +103,34 @@ def _size(state, key, dim):
         return None
     return value.shape[dim]
 
+
 def _count(keys, prefix):
     """How many blocks `prefix.N.*` there are (N counted once)."""
-    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)})
+
 
 def openmixup_arch(backbone):
     """(arch, encoder_kwargs) of a released backbone state dict (keys without "backbone."), found from its keys
     and shapes; None when it is none of ours. CNN weights take any image size: their img_size is the released 224."""
     keys = set(backbone)
     if "patch_embed.projection.weight" in keys:
-        found = (_count(keys, "layers."), _size(backbone, "patch_embed.projection.weight", 0),
-                 _size(backbone, "layers.0.attn.relative_position_bias_table", 1),
-                 _size(backbone, "layers.0.ffn.layers.0.0.weight", 0))  # depth, dim, heads, mlp
+        found = (
+            _count(keys, "layers."),
+            _size(backbone, "patch_embed.projection.weight", 0),
+            _size(backbone, "layers.0.attn.relative_position_bias_table", 1),
+            _size(backbone, "layers.0.ffn.layers.0.0.weight", 0),
+        )  # depth, dim, heads, mlp
         arch = next((a for a, spec in models.VIT_CONFIGS.items() if spec == found), None)
-        patch, tokens = _size(backbone, "patch_embed.projection.weight", -1), _size(backbone, "pos_embed", 1)
-        if arch is None or patch is None or tokens is None or math.isqrt(tokens - 1) ** 2 != tokens - 1:
+        patch, tokens = (
+            _size(backbone, "patch_embed.projection.weight", -1),
+            _size(backbone, "pos_embed", 1),
+        )
+        if (
+            arch is None
+            or patch is None
+            or tokens is None
+            or math.isqrt(tokens - 1) ** 2 != tokens - 1
+        ):
             return None
         return arch, dict(arch=arch, img_size=math.isqrt(tokens - 1) * patch, patch_size=patch)
     if "downsample_layers.0.0.weight" in keys:
@@ -100,6 +143,7 @@ def openmixup_arch(backbone):
         arch = next((a for a, spec in models.RESNET_LAYERS.items() if spec == found), None)
     return None if arch is None else (arch, dict(arch=arch, img_size=224, small_stem=False))
 
+
 def from_openmixup(state, *, arch=None, path="the file"):
     """A released state dict (either layout's "state_dict": "backbone."-prefixed with "neck.*", or the bare
     backbone) → dict(arch, encoder_kwargs, encoder, mask_token, decoder, unused), in our names:
@@ -107,15 +151,21 @@ def from_openmixup(state, *, arch=None, path="the file"):
     present), decoder for a2mim.Decoder, unused: the keys of no part (a fine-tuned file's "head.*").
     Every other key lands somewhere; the ViT's relative_position_index is checked equal to ours, then dropped
     (ours is computed, not stored). CheckpointError, one sentence, for a backbone that is none of ours."""
-    if any(k.startswith("backbone.") for k in state):  # the full checkpoint: backbone.*, neck.* (head.* fine-tuned)
-        backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if any(
+        k.startswith("backbone.") for k in state
+    ):  # the full checkpoint: backbone.*, neck.* (head.* fine-tuned)
+        backbone = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
         rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
     else:  # extract_backbone_weights.py's: the backbone alone, unprefixed
         backbone, rest = dict(state), {}
     found = openmixup_arch({k: v for k, v in backbone.items() if k not in MASK_TOKEN})
     if found is None:
-        raise CheckpointError(f"{path} has OpenMixup's layout, but its backbone is none of the released A²MIM "
-                              f"encoders ({', '.join(models.ARCHS)}; first key {next(iter(backbone), 'none')!r})")
+        raise CheckpointError(
+            f"{path} has OpenMixup's layout, but its backbone is none of the released A²MIM "
+            f"encoders ({', '.join(models.ARCHS)}; first key {next(iter(backbone), 'none')!r})"
+        )
     if arch is not None and found[0] != arch:
         raise CheckpointError(f"{path} holds a {found[0]} model, but --arch is {arch}")
     arch, kw = found
@@ -128,23 +178,38 @@ def from_openmixup(state, *, arch=None, path="the file"):
         elif key.endswith("attn.relative_position_index"):
             _check_index(value, kw, path, key)
         elif openmixup_key(family, key) is None:
-            raise CheckpointError(f"{path}: the backbone key {key!r} has no place in our {arch} encoder")
-        elif key.endswith(".gamma") and family == "convnext":  # LayerScale [C] → torchvision's [C, 1, 1]
+            raise CheckpointError(
+                f"{path}: the backbone key {key!r} has no place in our {arch} encoder"
+            )
+        elif (
+            key.endswith(".gamma") and family == "convnext"
+        ):  # LayerScale [C] → torchvision's [C, 1, 1]
             encoder[openmixup_key(family, key)] = value.reshape(-1, 1, 1)
         else:
             encoder[openmixup_key(family, key)] = value
     decoder = {_rename(k, DECODER): v for k, v in rest.items() if _rename(k, DECODER) is not None}
     unused = [k for k in rest if _rename(k, DECODER) is None]
     _check_fits(encoder, kw, path)
-    return dict(arch=arch, encoder_kwargs=kw, encoder=encoder, mask_token=token, decoder=decoder, unused=unused)
+    return dict(
+        arch=arch,
+        encoder_kwargs=kw,
+        encoder=encoder,
+        mask_token=token,
+        decoder=decoder,
+        unused=unused,
+    )
+
 
 def _check_index(index, kw, path, key):
     """The released index has BEiT's layout, as ours: a different one would map the tables to other offsets."""
     heads = models.VIT_CONFIGS[kw["arch"]][2]
     ours = models.RelativePositionBias(kw["img_size"] // kw["patch_size"], heads).index
     if index.shape != ours.shape or not torch.equal(index, ours):
-        raise CheckpointError(f"{path}: {key} is not BEiT's relative position index that our {kw['arch']} computes; "
-                              "its bias tables would be read at other offsets")
+        raise CheckpointError(
+            f"{path}: {key} is not BEiT's relative position index that our {kw['arch']} computes; "
+            "its bias tables would be read at other offsets"
+        )
+
 
 def _strict_mismatch(model, state):
     """None if `model` loads `state` with strict=True; else torch's first complaint (missing / unexpected / shape)."""
@@ -154,6 +219,7 @@ def _strict_mismatch(model, state):
         return (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
     return None
 
+
 def _check_fits(encoder_state, kw, path):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         reference = models.build_encoder(**kw)
@@ -161,20 +227,27 @@ def _check_fits(encoder_state, kw, path):
     if first is not None:
         raise CheckpointError(f"{path} does not fit a {kw['arch']} encoder ({first})")
 
+
 def from_torchvision(state, arch, *, path="the file"):
     """A torchvision state dict of `arch` (`torchvision_state_dict`'s layout) → our names: its classifier goes,
     a ConvNeXt's `classifier.0` is our final norm again."""
-    encoder = {k.replace("classifier.0.", "norm."): v for k, v in state.items()
-               if not k.startswith(("fc.", "classifier.2."))}
+    encoder = {
+        k.replace("classifier.0.", "norm."): v
+        for k, v in state.items()
+        if not k.startswith(("fc.", "classifier.2."))
+    }
     kw = dict(arch=arch, img_size=224, small_stem=False)  # torchvision's stem at the standard width
     _check_fits(encoder, kw, path)
     return dict(arch=arch, encoder_kwargs=kw, encoder=encoder, mask_token={}, decoder={}, unused=[])
 
+
 def _is_tensor_dict(obj):
     return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
+
 class PlainStateDictError(CheckpointError):
     """A plain state dict without --arch: an encoder alone, of an arch the file cannot tell."""
+
 
 def load_pretrained(path, *, arch=None):
     """Any file we take as pre-trained weights → dict(kind, path, arch, encoder_kwargs, encoder, mask_token,
@@ -186,20 +259,32 @@ def load_pretrained(path, *, arch=None):
     obj = load_tensors(path)
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         kw = check_checkpoint(obj, path, arch)["encoder_kwargs"]
-        parts = {p: {k.removeprefix(p + "."): v for k, v in obj["model"].items() if k.startswith(p + ".")}
-                 for p in ("encoder", "mask_token", "decoder")}
+        parts = {
+            p: {
+                k.removeprefix(p + "."): v for k, v in obj["model"].items() if k.startswith(p + ".")
+            }
+            for p in ("encoder", "mask_token", "decoder")
+        }
         found = dict(arch=kw["arch"], encoder_kwargs=kw, **parts, unused=[])
         return dict(kind="checkpoint", path=path, config=obj.get("config", {}), **found)
-    released = isinstance(obj, dict) and (isinstance(obj.get("state_dict"), dict) or
-                                          any(str(k).startswith("backbone.") for k in obj))
+    released = isinstance(obj, dict) and (
+        isinstance(obj.get("state_dict"), dict) or any(str(k).startswith("backbone.") for k in obj)
+    )
     state = obj.get("state_dict", obj) if released else obj
     if released and _is_tensor_dict(state):
-        return dict(kind="openmixup", path=path, config={}, **from_openmixup(state, arch=arch, path=path))
+        return dict(
+            kind="openmixup", path=path, config={}, **from_openmixup(state, arch=arch, path=path)
+        )
     if _is_tensor_dict(state):
         if arch is None:
-            raise PlainStateDictError(f"{path} is a plain state dict; pass --arch to name its torchvision model")
-        return dict(kind="torchvision", path=path, config={}, **from_torchvision(state, arch, path=path))
+            raise PlainStateDictError(
+                f"{path} is a plain state dict; pass --arch to name its torchvision model"
+            )
+        return dict(
+            kind="torchvision", path=path, config={}, **from_torchvision(state, arch, path=path)
+        )
     raise not_our_checkpoint(path)
+
 
 def load_into(model, found):
     """Copy a `load_pretrained` result into an a2mim.A2MIM (train.py --init-from): the encoder strictly
@@ -210,12 +295,18 @@ def load_into(model, found):
         model.encoder.load_state_dict(found["encoder"])
     except RuntimeError as e:  # torch lists every mismatch; the first says enough
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:160]
-        raise CheckpointError(f"{found['path']} does not fit this {model.encoder.arch} encoder ({first})") from None
+        raise CheckpointError(
+            f"{found['path']} does not fit this {model.encoder.arch} encoder ({first})"
+        ) from None
     copied = ["encoder"]
     for part in ("mask_token", "decoder"):
         ours = getattr(model, part).state_dict()
         theirs = found[part]
-        if theirs and set(theirs) == set(ours) and all(theirs[k].shape == v.shape for k, v in ours.items()):
+        if (
+            theirs
+            and set(theirs) == set(ours)
+            and all(theirs[k].shape == v.shape for k, v in ours.items())
+        ):
             getattr(model, part).load_state_dict(theirs)
             copied.append(part)
     return copied
@@ -226,15 +317,21 @@ def load_into(model, found):
 # the pool (`classifier.0`), timm's before it (`norm_pre` / `norm`), where it gives exactly our features.
 EXPORTS = ("torchvision", "timm")
 
+
 def check_export(arch, to):
     """ConfigError, one sentence, unless `to` has a model for `arch` (known before any encoder is built)."""
     if to not in EXPORTS:
-        raise models.ConfigError(f"unknown export target {to!r}; choose one of {', '.join(EXPORTS)}")
+        raise models.ConfigError(
+            f"unknown export target {to!r}; choose one of {', '.join(EXPORTS)}"
+        )
     if to == "torchvision" and models.arch_family(arch) == "vit":
-        raise models.ConfigError(f"torchvision has no ViT with relative position bias; export {arch} with "
-                                 "--export-to timm (timm's BEiT)")
+        raise models.ConfigError(
+            f"torchvision has no ViT with relative position bias; export {arch} with "
+            "--export-to timm (timm's BEiT)"
+        )
     if to == "torchvision" and not hasattr(torchvision.models, arch):
         raise models.ConfigError(f"torchvision has no {arch}; export it with --export-to timm")
+
 
 def torchvision_state_dict(encoder, num_classes=1000):
     """Encoder weights as a state dict that `torchvision.models.<arch>()` loads with strict=True.
@@ -255,16 +352,35 @@ def torchvision_state_dict(encoder, num_classes=1000):
         nn.init.zeros_(linear.bias)
         extra = {f"classifier.0.{k}": v for k, v in encoder.norm.state_dict().items()}
         extra |= {f"classifier.2.{k}": v for k, v in linear.state_dict().items()}
-    state = {k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")}
+    state = {
+        k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")
+    }
     return {**state, **extra}
 
+
 # Ours → timm, whole dotted components (names not listed are the same there).
-TIMM_CONVNEXT_BLOCK = {"block.0": "conv_dw", "block.2": "norm", "block.3": "mlp.fc1", "block.5": "mlp.fc2",
-                       "layer_scale": "gamma"}
-BEIT_BLOCK = {"qkv": "attn.qkv", "proj": "attn.proj", "q_bias": "attn.q_bias", "v_bias": "attn.v_bias",
-              "rel_pos_bias.table": "attn.relative_position_bias_table", "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+TIMM_CONVNEXT_BLOCK = {
+    "block.0": "conv_dw",
+    "block.2": "norm",
+    "block.3": "mlp.fc1",
+    "block.5": "mlp.fc2",
+    "layer_scale": "gamma",
+}
+BEIT_BLOCK = {
+    "qkv": "attn.qkv",
+    "proj": "attn.proj",
+    "q_bias": "attn.q_bias",
+    "v_bias": "attn.v_bias",
+    "rel_pos_bias.table": "attn.relative_position_bias_table",
+    "mlp.0": "mlp.fc1",
+    "mlp.2": "mlp.fc2",
+}
 # BEiT's names for ours (timm's beit_*_patch16_224 have these dims and init_values 0.1 / 1e-5: loaded over anyway)
-BEIT_NAMES = {("vit_base", 224, 16): "beit_base_patch16_224", ("vit_large", 224, 16): "beit_large_patch16_224"}
+BEIT_NAMES = {
+    ("vit_base", 224, 16): "beit_base_patch16_224",
+    ("vit_large", 224, 16): "beit_large_patch16_224",
+}
+
 
 def timm_key(family, key):
     """Our encoder key → timm's (resnet*, convnext_* with head_norm_first=True, Beit with use_fc_norm=False)."""
@@ -283,7 +399,10 @@ def timm_key(family, key):
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
     if m:
         return f"blocks.{m[1]}.{_rename(m[2], BEIT_BLOCK) or m[2]}"  # norm1/2, gamma_1/2: the same
-    return _rename(key, {"patch_embed": "patch_embed.proj"}) or key  # cls_token, pos_embed, norm: the same
+    return (
+        _rename(key, {"patch_embed": "patch_embed.proj"}) or key
+    )  # cls_token, pos_embed, norm: the same
+
 
 def timm_state_dict(encoder):
     """Encoder weights as a state dict that `timm_model(encoder)` loads with strict=True: no classifier
@@ -294,10 +413,13 @@ def timm_state_dict(encoder):
     state = {}
     for key, value in encoder.state_dict().items():
         value = value.detach().clone()
-        if key.endswith("layer_scale"):  # ConvNeXt LayerScale: [C, 1, 1] in torchvision's block, [C] in timm's
+        if key.endswith(
+            "layer_scale"
+        ):  # ConvNeXt LayerScale: [C, 1, 1] in torchvision's block, [C] in timm's
             value = value.flatten()
         state[timm_key(family, key)] = value
     return state
+
 
 def timm_recipe(encoder):
     """(timm model name or None, keyword arguments) of the timm model that takes `timm_state_dict(encoder)`.
@@ -311,18 +433,37 @@ def timm_recipe(encoder):
     patch = encoder.out_stride
     # use_fc_norm=False: our final norm stays `norm`, on every token before the mean (timm's default for
     # global_pool "avg" would move it after the mean, as the released fine-tuning's fc_norm).
-    kw = dict(num_classes=0, use_abs_pos_emb=True, use_rel_pos_bias=True, init_values=0.1, use_fc_norm=False)
+    kw = dict(
+        num_classes=0,
+        use_abs_pos_emb=True,
+        use_rel_pos_bias=True,
+        init_values=0.1,
+        use_fc_norm=False,
+    )
     name = BEIT_NAMES.get((encoder.arch, encoder.grid * patch, patch))
     if name is None:
-        kw |= dict(img_size=encoder.grid * patch, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                   mlp_ratio=mlp / dim)
+        kw |= dict(
+            img_size=encoder.grid * patch,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp / dim,
+        )
     return name, kw
+
 
 def timm_model(encoder):
     """The timm model (pretrained=False, on the current default device) that loads timm_state_dict(encoder)."""
     import timm  # only here: an export to timm, or its test
+
     name, kw = timm_recipe(encoder)
-    return timm.models.beit.Beit(**kw) if name is None else timm.create_model(name, pretrained=False, **kw)
+    return (
+        timm.models.beit.Beit(**kw)
+        if name is None
+        else timm.create_model(name, pretrained=False, **kw)
+    )
+
 
 def export(encoder, path, to="torchvision"):
     """Write the encoder as a plain state dict for `to` ("torchvision" or "timm"), once the library's own model has
@@ -332,7 +473,11 @@ def export(encoder, path, to="torchvision"):
         state = timm_state_dict(encoder)
         name, kw = timm_recipe(encoder)
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-        how = f"timm.models.beit.Beit({args})" if name is None else f"timm.create_model({name!r}, {args})"
+        how = (
+            f"timm.models.beit.Beit({args})"
+            if name is None
+            else f"timm.create_model({name!r}, {args})"
+        )
         with torch.device("meta"):
             reference = timm_model(encoder)
     else:
@@ -342,7 +487,9 @@ def export(encoder, path, to="torchvision"):
             reference = getattr(torchvision.models, encoder.arch)()
     first = _strict_mismatch(reference, state)
     if first is not None:
-        raise models.ConfigError(f"this {encoder.arch} is not {to}'s ({first}); export needs the standard width and "
-                                 "stem, i.e. pre-training at img_size > 64 with --width 64")
+        raise models.ConfigError(
+            f"this {encoder.arch} is not {to}'s ({first}); export needs the standard width and "
+            "stem, i.e. pre-training at img_size > 64 with --width 64"
+        )
     atomic_save(path, state)
     return how
