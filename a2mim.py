@@ -6,8 +6,10 @@
     §4 decoder       Decoder — 1×1 conv + PixelShuffle back to pixels
     §5 losses        focal_l1_loss, mixed_image, frequency_loss, spectral_focal_l1_loss, a2mim_loss
        the model     A2MIM — encoder + token + decoder + loss; `method="simmim"` for the baseline;
-                     method_defaults — the released configs' options for each arch
-    §9 analysis      interaction_strength — the multi-order interactions behind the idea
+                     method_defaults — the released configs' options for each arch;
+                     resolve_options — those defaults with the options given in their place
+
+§9's analysis of trained models (the multi-order interactions behind the idea) is interaction.py.
 
 Section numbers refer to METHOD.md, which describes the paper *and* the released OpenMixup code;
 where the two differ we follow the code and say so. Tensor names carry their layout:
@@ -20,7 +22,7 @@ import numbers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import repeat
 
 from models import ARCHS, arch_family, token_site, token_site_stride
 from runtime import ConfigError
@@ -119,7 +121,12 @@ def zero_fill(img_bchw, mask):
     return img_bchw * (1 - mask_b1hw)
 
 
-FILLS = {"mean": mean_fill, "zero": zero_fill, "none": lambda img_bchw, mask: img_bchw}
+def no_fill(img_bchw, mask):
+    """The input untouched: released SimMIM masks in feature space only (fill "none", §2)."""
+    return img_bchw
+
+
+FILLS = {"mean": mean_fill, "zero": zero_fill, "none": no_fill}
 
 
 # --- §3 The mask token, written into an intermediate feature map
@@ -137,13 +144,12 @@ class MaskToken(nn.Module):
         _check_choice("mask token mode", mode, ("gate", "add", "replace"))
         self.mode = mode
         self.token = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        if (
-            init_std > 0
-        ):  # 0: T starts at zero (the released ConvNeXt, see models.ConvNeXt.mask_token_std)
+        # init_std 0: T starts at zero (the released ConvNeXt, see models.ConvNeXt.mask_token_std).
+        if init_std > 0:
             nn.init.trunc_normal_(self.token, std=init_std)
-        self.gamma = (
-            nn.Parameter(torch.full((1, channels, 1, 1), gamma_init)) if mode == "gate" else None
-        )
+        self.gamma = None
+        if mode == "gate":
+            self.gamma = nn.Parameter(torch.full((1, channels, 1, 1), gamma_init))
 
     def forward(self, feat_bchw, mask):
         """feat_bchw [B, C, h, w]; mask at any grid (resized to h×w). Returns [B, C, h, w]."""
@@ -252,11 +258,10 @@ def a2mim_loss(
     mask_b1hw = resize_mask(mask, pred_bchw.shape[-1]).float()
 
     # 1. L_spa: the pixel loss on masked pixels only, averaged over them and the channels.
-    elem_bchw = (
-        focal_l1_loss(pred_bchw, target_bchw)
-        if spatial == "focal_l1"
-        else (pred_bchw - target_bchw).abs()
-    )
+    if spatial == "focal_l1":
+        elem_bchw = focal_l1_loss(pred_bchw, target_bchw)
+    else:
+        elem_bchw = (pred_bchw - target_bchw).abs()
     loss_spatial = (elem_bchw * mask_b1hw).sum() / (mask_b1hw.sum() + 1e-5) / pred_bchw.shape[1]
 
     # 2. L_freq on the "mixed" image (skipped entirely at λ = 0: SimMIM, R-152/200, ConvNeXt).
@@ -321,13 +326,24 @@ def check_grids(img_size, mask_patch_size, site_stride, mask_ratio):
         )
 
 
+# §2: images from 192 px up are ImageNet-scale and prefer the released 32-px mask block (7×7 at
+# 224 px); smaller ones prefer img_size / 8 (4 px at 32, an 8×8 grid). The project's only 192-px
+# rule: the scripts ask `mask_patch_size_for` instead of repeating it.
+IMAGENET_SCALE_PX = 192
+RELEASED_MASK_PATCH_PX = 32
+
+
 def default_mask_patch_size(img_size, site_stride, mask_ratio=0.6):
     """The mask block (px) used unless one is given (§2), for an image size the encoder takes and
-    the stride of the token site. Preferred: 32 px from 192 px up (7×7 at 224, as released),
-    img_size / 8 below (4 px at 32). Used: of the blocks that `check_grids` accepts, the one
-    nearest the preferred by ratio (the larger on a tie), so the preferred block wherever it fits.
-    One always fits a size the encoder takes: 1-px blocks make a grid that is a multiple of the site's."""
-    preferred = 32 if img_size >= 192 else max(1, img_size // 8)
+    the stride of the token site. Preferred: 32 px from IMAGENET_SCALE_PX (192) up (7×7 at 224,
+    as released), img_size / 8 below (4 px at 32). Used: of the blocks that `check_grids` accepts,
+    the one nearest the preferred by ratio (the larger on a tie), so the preferred block wherever
+    it fits. One always fits a size the encoder takes: 1-px blocks make a grid that is a multiple
+    of the site's."""
+    if img_size >= IMAGENET_SCALE_PX:
+        preferred = RELEASED_MASK_PATCH_PX
+    else:
+        preferred = max(1, img_size // 8)
     fits = []
     for block in range(1, img_size + 1):
         try:
@@ -335,9 +351,9 @@ def default_mask_patch_size(img_size, site_stride, mask_ratio=0.6):
         except ConfigError:
             continue
         fits.append(block)
-    if (
-        not fits
-    ):  # only a ratio no grid of this image can honour: the preferred block's sentence says why
+    # No block fits only for a ratio no grid of this image can honour: the preferred block's
+    # sentence says why.
+    if not fits:
         check_grids(img_size, preferred, site_stride, mask_ratio)
     return min(fits, key=lambda block: (abs(math.log(block / preferred)), -block))
 
@@ -350,6 +366,40 @@ def mask_patch_size_for(arch, img_size, *, method="a2mim", token_at=None, mask_r
     return default_mask_patch_size(
         img_size, token_site_stride(arch, img_size, token_at), mask_ratio
     )
+
+
+def resolve_options(arch, method, loss_recipe, given):
+    """`method_defaults(arch, method, loss_recipe)` with each option of `given` that is not None in
+    its place. ConfigError for an unknown choice, a λ or w out of range, or a Fourier option that
+    would change nothing because the Fourier term is off."""
+    defaults = method_defaults(arch, method, loss_recipe)
+    cfg = defaults | {k: v for k, v in given.items() if v is not None}
+    _check_choice("fill", cfg["fill"], FILLS)
+    _check_choice("spatial loss", cfg["spatial"], ("focal_l1", "l1"))
+    _check_choice("Fourier loss", cfg["fft_loss"], FOURIER_LOSSES)
+    # Written so that NaN fails too; an infinite λ would make every loss infinite.
+    if not (0 <= cfg["fft_weight"] < math.inf and 0 <= cfg["fft_unmask_weight"] <= 1):
+        raise ConfigError(
+            f"need a finite fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got "
+            f"{cfg['fft_weight']} and {cfg['fft_unmask_weight']}"
+        )
+    # A Fourier option given while λ = 0 (SimMIM, ConvNeXt, R-152/200, or fft_weight=0) would
+    # change nothing.
+    inert = [
+        k
+        for k in ("fft_loss", "fft_unmask_weight")
+        if given[k] is not None and given[k] != defaults[k]
+    ]
+    if cfg["fft_weight"] == 0 and inert:
+        if given["fft_weight"] is not None:
+            off = "off"
+        else:
+            off = f"off by default for {method} {arch}"
+        raise ConfigError(
+            f"{inert[0]}={given[inert[0]]!r} has no effect: the Fourier term is {off} "
+            f"(fft_weight 0); give fft_weight > 0 as well, or leave {inert[0]} out"
+        )
+    return cfg
 
 
 class A2MIM(nn.Module):
@@ -387,33 +437,7 @@ class A2MIM(nn.Module):
             fft_loss=fft_loss,
             fft_unmask_weight=fft_unmask_weight,
         )
-        defaults = method_defaults(encoder.arch, method, loss_recipe)
-        cfg = defaults | {k: v for k, v in given.items() if v is not None}
-        _check_choice("fill", cfg["fill"], FILLS)
-        _check_choice("spatial loss", cfg["spatial"], ("focal_l1", "l1"))
-        _check_choice("Fourier loss", cfg["fft_loss"], FOURIER_LOSSES)
-        # Written so that NaN fails too; an infinite λ would make every loss infinite.
-        if not (0 <= cfg["fft_weight"] < math.inf and 0 <= cfg["fft_unmask_weight"] <= 1):
-            raise ConfigError(
-                f"need a finite fft_weight ≥ 0 and 0 ≤ fft_unmask_weight ≤ 1, got "
-                f"{cfg['fft_weight']} and {cfg['fft_unmask_weight']}"
-            )
-        # A Fourier option given while λ = 0 (SimMIM, ConvNeXt, R-152/200, or fft_weight=0) would change nothing.
-        inert = [
-            k
-            for k in ("fft_loss", "fft_unmask_weight")
-            if given[k] is not None and given[k] != defaults[k]
-        ]
-        if cfg["fft_weight"] == 0 and inert:
-            off = (
-                "off"
-                if given["fft_weight"] is not None
-                else f"off by default for {method} {encoder.arch}"
-            )
-            raise ConfigError(
-                f"{inert[0]}={given[inert[0]]!r} has no effect: the Fourier term is {off} "
-                f"(fft_weight 0); give fft_weight > 0 as well, or leave {inert[0]} out"
-            )
+        cfg = resolve_options(encoder.arch, method, loss_recipe, given)
         self.method, self.cfg = method, cfg
 
         self.encoder = encoder
@@ -461,158 +485,3 @@ class A2MIM(nn.Module):
 
 
 LOSS_KEYS = ("spatial", "fft_weight", "fft_loss", "fft_unmask_weight")
-
-
-# --- §9 The analysis behind the idea: multi-order interaction strength J^(m)
-# The released tool's 13 context ratios r; the order is m = floor((n − 2)·r).
-RATIOS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-
-
-def log_odds(logits_bk, labels_b):
-    """log p_y − log(1 − p_y) of the true class y, from logits [B, K] → [B]."""
-    true_b = logits_bk.gather(1, labels_b[:, None])[:, 0]
-    others_bk = logits_bk.scatter(1, labels_b[:, None], float("-inf"))
-    return true_b - torch.logsumexp(others_bk, dim=1)
-
-
-def default_grid(img_size):
-    """14 cells a side where it tiles the image (224 px → 16-px cells, the released tool), else the
-    largest grid ≤ 14 that does (32 px → 8, i.e. 4-px cells, the size of our small ViT patches)."""
-    return next(g for g in range(14, 0, -1) if img_size % g == 0)
-
-
-def sample_pairs(grid, count, *, radius=2, generator=None):
-    """(i, j) player pairs as the released tool draws them → LongTensor [count, 2] (row-major cells):
-    i uniform; j = i + one of the (2r+1)² − 1 offsets within Chebyshev distance r, clamped to the
-    border; pairs with j = i or already drawn (in either order) are rejected and redrawn."""
-    offsets = [
-        (dy, dx)
-        for dy in range(-radius, radius + 1)
-        for dx in range(-radius, radius + 1)
-        if dy or dx
-    ]
-    # Every pair this draws is within distance r; without enough of them the loop below would never end.
-    possible = sum(max(0, grid - abs(dy)) * max(0, grid - abs(dx)) for dy, dx in offsets) // 2
-    if count > possible:
-        raise ConfigError(
-            f"a {grid}×{grid} grid has only {possible} distinct pairs of cells within distance "
-            f"{radius}, but {count} were asked for; use fewer pairs or a finer grid"
-        )
-    chosen = []
-    while len(chosen) < count:
-        y, x = torch.randint(grid, (2,), generator=generator).tolist()
-        dy, dx = offsets[torch.randint(len(offsets), (1,), generator=generator).item()]
-        i, j = y * grid + x, min(max(y + dy, 0), grid - 1) * grid + min(max(x + dx, 0), grid - 1)
-        if i != j and (i, j) not in chosen and (j, i) not in chosen:
-            chosen.append((i, j))
-    return torch.tensor(chosen, dtype=torch.long).view(-1, 2)
-
-
-@torch.no_grad()
-def interaction_strength(
-    model,
-    images_bchw,
-    labels_b,
-    *,
-    grid=None,
-    orders=RATIOS,
-    pairs=50,
-    contexts=50,
-    baseline=None,
-    generator=None,
-    chunk=1024,
-):
-    """Multi-order interaction strength J^(m) of a classifier (§9; Deng et al., ICLR 2022).
-    The image is cut into n = grid² patches (the players; default `default_grid`). v(S) = log-odds
-    of the true class when only the patches in S are kept and the rest set to `baseline` (the
-    mean colour: a tensor broadcastable to [3, H, W]; default 0, the dataset mean once normalised).
-        Δv(i, j, S) = v(S ∪ {i, j}) − v(S ∪ {i}) − v(S ∪ {j}) + v(S)
-        I^(m)(i, j) = E_{S ⊆ N∖{i,j}, |S| = m} Δv(i, j, S)
-        J^(m)       = E_x E_{(i,j)} |I^(m)(i, j)|,  then divided by its mean over the orders.
-    Defaults are the released protocol: the 13 ratios, 50 pairs × 50 contexts per image and order.
-    `pairs`: an int (drawn per image by `sample_pairs`) or a LongTensor [P, 2] of cell indices.
-    The model runs in eval mode (BatchNorm with its running statistics) and is put back after.
-    Returns {"orders": [M] ratios, "J": [M] normalised, "I_abs": [M] un-normalised, "I_abs_bm": [B, M] per image}."""
-    B, _, H, _ = images_bchw.shape
-    grid = default_grid(H) if grid is None else grid
-    if grid < 1 or H % grid:
-        raise ConfigError(f"the interaction grid {grid} must tile the {H}-px image")
-    n = grid * grid
-    baseline = torch.zeros(3, 1, 1) if baseline is None else baseline
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    for m, _ in modes:
-        m.eval()  # BatchNorm on its running statistics: v(S) must not depend on the other coalitions
-    try:
-        I_abs_bm = torch.zeros(B, len(orders))
-        for b in range(B):
-            chosen = (
-                pairs if torch.is_tensor(pairs) else sample_pairs(grid, pairs, generator=generator)
-            )
-            for o, ratio in enumerate(orders):
-                S_pcn = _contexts(
-                    chosen, n, math.floor(round((n - 2) * ratio, 6)), contexts, generator
-                )
-                with_i_pn = F.one_hot(chosen[:, 0], n).bool()
-                with_j_pn = F.one_hot(chosen[:, 1], n).bool()
-                # The four coalitions of Δv, as keep-masks [P, C, 4, n].
-                coalitions = torch.stack(
-                    [
-                        S_pcn,
-                        S_pcn | with_i_pn[:, None],
-                        S_pcn | with_j_pn[:, None],
-                        S_pcn | (with_i_pn | with_j_pn)[:, None],
-                    ],
-                    dim=2,
-                )
-                v = _coalition_values(
-                    model,
-                    images_bchw[b],
-                    labels_b[b],
-                    coalitions.flatten(0, 2),
-                    grid,
-                    baseline.to(images_bchw.device),
-                    chunk,
-                )
-                v_S, v_Si, v_Sj, v_Sij = rearrange(
-                    v, "(p c four) -> four p c", p=len(chosen), four=4
-                )
-                delta_pc = v_Sij - v_Si - v_Sj + v_S
-                I_abs_bm[b, o] = (
-                    delta_pc.mean(dim=1).abs().mean()
-                )  # E_S inside |.|, E_pairs outside
-    finally:
-        for m, training in modes:  # every submodule back in the mode it came in
-            m.train(training)
-    I_abs = I_abs_bm.mean(dim=0)  # E_x
-    return {
-        "orders": torch.tensor(orders),
-        "J": I_abs / I_abs.mean(),
-        "I_abs": I_abs,
-        "I_abs_bm": I_abs_bm,
-    }
-
-
-def _contexts(pairs_p2, n, m, contexts, generator):
-    """`contexts` random subsets S of size m of the n players minus {i, j}, per pair → bool [P, C, n]."""
-    noise_pcn = torch.rand(len(pairs_p2), contexts, n, generator=generator)
-    p = torch.arange(len(pairs_p2))
-    noise_pcn[p, :, pairs_p2[:, 0]] = 2.0  # i and j rank last, so they are never drawn into S
-    noise_pcn[p, :, pairs_p2[:, 1]] = 2.0
-    rank_pcn = noise_pcn.argsort(dim=-1).argsort(dim=-1)
-    return rank_pcn < m
-
-
-def _coalition_values(model, img_chw, label, keep_kn, grid, baseline, chunk):
-    """v(S) for K coalitions: patches outside S set to the baseline, log-odds of `label` → [K]."""
-    cell = img_chw.shape[-1] // grid
-    out = []
-    for keep in keep_kn.split(chunk):
-        keep_k1hw = repeat(
-            keep.to(img_chw.dtype), "k (h w) -> k 1 (h c1) (w c2)", h=grid, c1=cell, c2=cell
-        )
-        x_kchw = torch.lerp(
-            baseline.expand_as(img_chw)[None], img_chw[None], keep_k1hw.to(img_chw.device)
-        )
-        labels = torch.full((len(keep),), int(label), device=img_chw.device)
-        out.append(log_odds(model(x_kchw).float(), labels).cpu())
-    return torch.cat(out)

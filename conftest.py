@@ -13,7 +13,7 @@ import torch
 
 import runtime
 from a2mim import A2MIM
-from models import build_encoder
+from models import arch_family, build_encoder
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -106,7 +106,7 @@ def train_checkpoint():
 
     def write(path, arch="resnet18", img_size=32, width=8, data_name="fake"):
         kw = dict(arch=arch, img_size=img_size)
-        if not arch.startswith("vit"):
+        if arch_family(arch) == "cnn":
             kw["width"] = width
         torch.manual_seed(1)
         model = A2MIM(build_encoder(**kw))  # the default mask block of this size and token site

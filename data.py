@@ -38,11 +38,12 @@ TRANSFORMS = ("pretrain", "finetune", "eval", "none")
 SPLITS = ("train", "val")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_SCALE = {
-    "cnn": (0.8, 1.0),
-    "vit": (0.67, 1.0),  # §6: RandomResizedCrop scale for pre-training,
-    "simmim": (0.67, 1.0),
-}  # by family; SimMIM's released ResNet recipe uses the ViTs' (§3)
+# §6: the pre-training RandomResizedCrop scale of each encoder family.
+FAMILY_CROP_SCALE = {"cnn": (0.8, 1.0), "vit": (0.67, 1.0)}
+# SimMIM's released ResNet recipe crops as the ViTs do, whatever the encoder (§3).
+SIMMIM_CROP_SCALE = (0.67, 1.0)
+# Every crop a run may name (the `family` argument below, train.py's --crop): a family's or SimMIM's.
+CROP_SCALE = FAMILY_CROP_SCALE | {"simmim": SIMMIM_CROP_SCALE}
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Native size below this: CIFAR-style recipes (pad-and-crop, plain resize); else ImageNet-style ones.
 LARGE_IMAGE_PX = 96
@@ -56,14 +57,11 @@ _INFO = {
     "cifar100": (100, 32, 3, 32),
     "stl10": (10, 96, 3, 96),
     "imagenet": (1000, 224, 3, None),  # None: varied sizes, "large"
-    "folder": (
-        None,
-        224,
-        3,
-        None,
-    ),  # classes counted from disk (none: unlabelled pre-training images)
+    # Classes counted from disk (none: unlabelled pre-training images).
+    "folder": (None, 224, 3, None),
+    # Generated at the requested size.
     "fake": (10, 32, 3, 32),
-}  # generated at the requested size
+}
 # torchvision's class for each archive (the class knows its folder, its files and their md5 sums).
 _TORCHVISION = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}
 
@@ -78,9 +76,8 @@ def dataset_info(name):
 
 def seed_for(*parts):
     """A seed per tuple of ints, e.g. (seed, epoch, index): hashed, so distinct tuples never collide."""
-    return (
-        int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-    )
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def check_enough(n_images, batch_size, accum_steps, world_size, name):
@@ -95,19 +92,21 @@ def check_enough(n_images, batch_size, accum_steps, world_size, name):
 
 # --- Transforms (§6 for pre-training; §7-style recipes scaled down for the small datasets)
 def build_transform(kind, img_size, *, family="cnn", large=True):
-    """uint8 [C, H, W] -> float [C, S, S] normalised; `large`: the ImageNet-style recipe (>= 96 px)."""
+    """uint8 [C, H, W] -> float [C, S, S] normalised; `large`: the ImageNet-style recipe (>= 96 px).
+    `family`: the encoder family whose pre-training crop to use, or "simmim" (CROP_SCALE)."""
     S = img_size
-    if kind == "pretrain":  # §6; also for 28/32-px data: a mild zoom keeps the small objects whole
+    if kind == "pretrain":
+        # §6; also for 28/32-px data: a mild zoom keeps the small objects whole.
         geometry = [v2.RandomResizedCrop(S, scale=CROP_SCALE[family]), v2.RandomHorizontalFlip()]
     elif kind == "finetune" and large:
         geometry = [v2.RandomResizedCrop(S, scale=(0.08, 1.0)), v2.RandomHorizontalFlip()]
-    elif (
-        kind == "finetune"
-    ):  # CIFAR-style 4-px pad-and-crop: the 0.08 crop would destroy 32-px images
+    elif kind == "finetune":
+        # CIFAR-style 4-px pad-and-crop: the 0.08 crop would destroy 32-px images.
         geometry = [v2.Resize(S), v2.RandomCrop(S, padding=4), v2.RandomHorizontalFlip()]
     elif kind == "eval" and large:
         geometry = [v2.Resize(int(S / 0.875)), v2.CenterCrop(S)]  # the usual 224-from-256 ratio
-    elif kind in ("eval", "none"):  # CenterCrop: a no-op on square data, squares the folder images
+    elif kind in ("eval", "none"):
+        # CenterCrop: a no-op on square data, squares the folder images.
         geometry = [v2.Resize(S), v2.CenterCrop(S)]
     else:
         raise ValueError(f"unknown transform {kind!r}; choose one of {', '.join(TRANSFORMS)}")
@@ -171,9 +170,8 @@ def _fashion_mnist(name, split, data_dir, download):
 
 def _torchvision_archive(name, split, data_dir, download):
     cls, root = _TORCHVISION[name], _root(data_dir, download)
-    if (
-        root.name == cls.base_folder and not (root / cls.base_folder).is_dir()
-    ):  # DIR is the unpacked folder
+    # DIR may be the unpacked folder itself.
+    if root.name == cls.base_folder and not (root / cls.base_folder).is_dir():
         root = root.parent
     folder, files = root / cls.base_folder, ", ".join(f for f, _ in cls.train_list + cls.test_list)
     if not (folder.is_dir() or download):
@@ -181,35 +179,25 @@ def _torchvision_archive(name, split, data_dir, download):
             f"{name} expects {files} in {folder} (the unpacked official archive; "
             f"pass download=True / --download to fetch it)"
         )
-    kw = (
-        {"split": "train" if split == "train" else "test"}
-        if name == "stl10"
-        else {"train": split == "train"}
-    )
-    try:  # RuntimeError: torchvision's "not found or corrupted" (a file missing or off its md5 sum)
+    if name == "stl10":
+        kw = {"split": "train" if split == "train" else "test"}
+    else:
+        kw = {"train": split == "train"}
+    # RuntimeError: torchvision's "not found or corrupted" (a file missing or off its md5 sum);
+    # the others: a bad pickle, no network.
+    try:
         ds = cls(str(root), download=download, **kw)
-    except (
-        RuntimeError,
-        OSError,
-        EOFError,
-        KeyError,
-        ValueError,
-    ) as err:  # also a bad pickle, no network
+    except (RuntimeError, OSError, EOFError, KeyError, ValueError) as err:
         raise DataError(
             f"{folder} does not hold an intact {name} ({files}; md5 sums checked by torchvision): "
             f"{type(err).__name__}: {err}"
         ) from None
     # CIFAR's data is [N, H, W, C]; STL-10's is [N, C, H, W] already, with labels shifted to 0..9.
-    images = (
-        torch.as_tensor(ds.data).permute(0, 3, 1, 2)
-        if name != "stl10"
-        else torch.as_tensor(ds.data)
-    )
-    return (
-        images.contiguous(),
-        torch.as_tensor(ds.labels if name == "stl10" else ds.targets),
-        folder,
-    )
+    if name == "stl10":
+        images, labels = torch.as_tensor(ds.data), torch.as_tensor(ds.labels)
+    else:
+        images, labels = torch.as_tensor(ds.data).permute(0, 3, 1, 2), torch.as_tensor(ds.targets)
+    return images.contiguous(), labels, folder
 
 
 # Ten well-separated class colours (RGB in 0..1) for the fake dataset; fixed so runs agree.
@@ -239,11 +227,8 @@ def _fake(split, size, S):
         grid_13hw = torch.rand(1, 3, 4, 4, generator=gen)  # the texture: a 4×4 grid upsampled
         texture_3hw = torch.nn.functional.interpolate(grid_13hw, size=(S, S), mode="bilinear")[0]
         image_3hw = 0.6 * _FAKE_COLOURS[i % 10, :, None, None] + 0.4 * texture_3hw
-        return (
-            ((image_3hw + 0.05 * torch.randn(3, S, S, generator=gen)).clamp(0, 1) * 255)
-            .round()
-            .byte()
-        )
+        noisy_3hw = (image_3hw + 0.05 * torch.randn(3, S, S, generator=gen)).clamp(0, 1)
+        return (noisy_3hw * 255).round().byte()
 
     return torch.stack([image(i) for i in range(size)]), torch.arange(size) % 10, "generated"
 
@@ -256,22 +241,11 @@ def _fake(split, size, S):
 # the folders do not read (UNREAD_IMAGE_EXTENSIONS), an image directly in DIR/<split>, a broken
 # symlink, a folder reached twice (a symlink loop, two links to one folder), a class folder of no image.
 IMAGE_EXTENSIONS = tvd.folder.IMG_EXTENSIONS
-UNREAD_IMAGE_EXTENSIONS = (
-    ".gif",
-    ".jfif",
-    ".jpe",
-    ".heic",
-    ".heif",
-    ".avif",
-    ".jxl",
-    ".jp2",
-    ".apng",
-    ".dng",
-)
-IGNORED_FOLDERS = (
-    "__MACOSX",
-    "@eaDir",
-)  # a zip's macOS resource forks, a Synology NAS's thumbnails
+# fmt: off
+UNREAD_IMAGE_EXTENSIONS = (".gif", ".jfif", ".jpe", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".apng", ".dng")
+# fmt: on
+# A zip's macOS resource forks, a Synology NAS's thumbnails.
+IGNORED_FOLDERS = ("__MACOSX", "@eaDir")
 
 
 def _visible(folder):
@@ -315,7 +289,7 @@ def _class_folders(split_dir):
     return classes
 
 
-def _images_under(class_dir, seen):
+def images_under(class_dir, seen):
     """Image paths under `class_dir` in torchvision's order (os.walk's folders sorted by path, files by
     name). `seen` maps the real path of every folder walked to its path: a second visit is refused."""
     files_of, todo = {}, [class_dir]
@@ -350,7 +324,7 @@ class _ImageFolder(tvd.ImageFolder):
         return [
             (path, i)
             for c, i in class_to_idx.items()
-            for path in _images_under(os.path.join(directory, c), seen)
+            for path in images_under(os.path.join(directory, c), seen)
         ]
 
 
@@ -430,7 +404,7 @@ def _to_rgb(img, path):
     return v2.functional.pil_to_tensor(img.convert("RGB"))
 
 
-def _load_rgb(path):
+def load_rgb(path):
     """ImageFolder's loader: uint8 [3, H, W]. A broken image is a DataError naming it, not skipped:
     skipping would silently change the dataset (and the sample order across runs)."""
     try:
@@ -459,9 +433,9 @@ class _UnlabelledImages(Dataset):
     classes (none), loader and transform; `num_classes` is None: there are no classes."""
 
     def __init__(self, folder, transform):
-        self.samples = [(path, 0) for path in _images_under(str(folder), {})]
+        self.samples = [(path, 0) for path in images_under(str(folder), {})]
         self.targets, self.classes, self.num_classes = [0] * len(self.samples), [], None
-        self.transform, self.loader, self.source = transform, _load_rgb, str(folder)
+        self.transform, self.loader, self.source = transform, load_rgb, str(folder)
 
     def __len__(self):
         return len(self.samples)
@@ -485,9 +459,9 @@ def _pretrain_folder(root):
         direct, has_folders = _split_layout(train)
         return None if has_folders and not direct else train
     if os.path.lexists(train) or (root / "val").is_dir():
-        what = (
-            "a val/ folder" if (root / "val").is_dir() else "an entry 'train' that is not a folder"
-        )
+        what = "an entry 'train' that is not a folder"
+        if (root / "val").is_dir():
+            what = "a val/ folder"
         raise DataError(
             f"{root} holds {what} but no train/ folder: pre-training reads {root}/train/ when "
             f"{root} is split into train/ and val/, else every image under {root}"
@@ -516,7 +490,7 @@ def _refuse_unlabelled(root, split_dir):
     elif root.name not in SPLITS and not any(os.path.lexists(root / s) for s in SPLITS):
         folder = root  # (DIR/train given for DIR has its own hint below)
         how = "but no train/ and val/ folders" if _split_layout(root)[1] else how
-    n = len(_images_under(str(folder), {})) if folder is not None else 0
+    n = len(images_under(str(folder), {})) if folder is not None else 0
     if n:
         raise DataError(
             f"evaluation needs labelled images: {root}/train/<class>/*.jpg and {root}/val/<class>/"
@@ -534,42 +508,47 @@ def _image_folder(name, split, data_dir, transform, pretrain=False):
             "DIR/train/<class>/*.jpg and DIR/val/<class>/*.jpg for evaluation"
         )
     layout = f"{data_dir or 'data/imagenet'}/{split}/<class>/*.jpg"
-    expects = (
-        " (folder pre-trains on the images under it)"
-        if unlabelled_ok
-        else f" ({name} expects {layout})"
-    )
+    if unlabelled_ok:
+        expects = " (folder pre-trains on the images under it)"
+    else:
+        expects = f" ({name} expects {layout})"
     root = _root(data_dir, False, "data/imagenet", expects=expects)
     split_dir = root / split
-    if unlabelled_ok and (folder := _pretrain_folder(root)) is not None:
-        return _unlabelled(root, folder, transform)
-    if name == "folder" and not unlabelled_ok:
+    if unlabelled_ok:
+        folder = _pretrain_folder(root)
+        if folder is not None:
+            return _unlabelled(root, folder, transform)
+    elif name == "folder":
         _refuse_unlabelled(root, split_dir)
     classes = _class_folders(split_dir) if split_dir.is_dir() else []
     if not classes:
-        inside_a_split = split_dir.parent.name in SPLITS  # DIR/train given for DIR
-        hint = (
-            f"; name the folder that holds {split}/, not {data_dir} itself"
-            if inside_a_split
-            else ""
-        )
+        hint = ""
+        if split_dir.parent.name in SPLITS:  # DIR/train given for DIR
+            hint = f"; name the folder that holds {split}/, not {data_dir} itself"
         raise DataError(
             f"{name} expects class folders of images at {layout}, found none in {split_dir}{hint}"
         )
     if split == "val":
         _check_val_classes(name, split_dir, classes)
-    dataset = _ImageFolder(str(split_dir), transform=transform, loader=_load_rgb, allow_empty=True)
-    have_images = set(dataset.targets)
-    if empty := [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in have_images]:
-        others = [e.name for e in _visible(empty[0]) if e.is_file()]
-        found = f" ({empty[0]} has {_some(others)})" if others else ""
-        raise DataError(
-            f"{name} expects images at {layout}, but {', '.join(empty)} "
-            f"hold{'s' * (len(empty) == 1)} none{found}; images are files named "
-            f"*{', *'.join(IMAGE_EXTENSIONS)}, hidden files are skipped"
-        )
+    dataset = _ImageFolder(str(split_dir), transform=transform, loader=load_rgb, allow_empty=True)
+    _check_every_class_has_images(name, layout, split_dir, dataset)
     dataset.num_classes, dataset.source = len(dataset.classes), str(split_dir)
     return dataset
+
+
+def _check_every_class_has_images(name, layout, split_dir, dataset):
+    """DataError naming the class folders of `dataset` that hold no image, and what the first holds."""
+    have_images = set(dataset.targets)
+    empty = [str(split_dir / c) for i, c in enumerate(dataset.classes) if i not in have_images]
+    if not empty:
+        return
+    others = [e.name for e in _visible(empty[0]) if e.is_file()]
+    found = f" ({empty[0]} has {_some(others)})" if others else ""
+    raise DataError(
+        f"{name} expects images at {layout}, but {', '.join(empty)} "
+        f"hold{'s' * (len(empty) == 1)} none{found}; images are files named "
+        f"*{', *'.join(IMAGE_EXTENSIONS)}, hidden files are skipped"
+    )
 
 
 class _TensorImages(Dataset):
@@ -586,9 +565,8 @@ class _TensorImages(Dataset):
     def __len__(self):
         return len(self.images)
 
-    def __getitem__(
-        self, index
-    ):  # a grey [1, H, W] image is replicated to the encoders' 3 channels
+    def __getitem__(self, index):
+        # A grey [1, H, W] image is replicated to the encoders' 3 channels.
         return self.transform(self.images[index].expand(3, -1, -1)), int(self.labels_n[index])
 
 
@@ -689,9 +667,8 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=train,
         persistent_workers=False,  # each epoch's workers start with a copy of the sampler's new epoch
-        generator=torch.Generator().manual_seed(
-            seed
-        ),  # else starting a pass draws from the global RNG
+        # Else starting a pass would draw from the global RNG.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -721,19 +698,14 @@ def random_resized_crop_params(
     u_2bt = torch.rand(2, batch_size, tries, generator=generator, device=device)
     area_bt = height * width * (scale[0] + (scale[1] - scale[0]) * u_2bt[0])
     aspect_bt = torch.exp(lo + (hi - lo) * u_2bt[1])
-    w_bt, h_bt = (
-        (area_bt * aspect_bt).sqrt().round().long(),
-        (area_bt / aspect_bt).sqrt().round().long(),
-    )
+    w_bt = (area_bt * aspect_bt).sqrt().round().long()
+    h_bt = (area_bt / aspect_bt).sqrt().round().long()
     fits_bt = (w_bt > 0) & (w_bt <= width) & (h_bt > 0) & (h_bt <= height)
-    first_b1, found_b = (
-        fits_bt.int().argmax(1, keepdim=True),
-        fits_bt.any(1),
-    )  # argmax: the first fit
-    fh, fw = (
-        min(height, round(width / min(ratio))),
-        min(width, round(height * max(ratio))),
-    )  # the fallback
+    first_b1 = fits_bt.int().argmax(1, keepdim=True)  # argmax: the first fit
+    found_b = fits_bt.any(1)
+    # The fallback: the central crop of the clamped aspect ratio.
+    fh = min(height, round(width / min(ratio)))
+    fw = min(width, round(height * max(ratio)))
     h_b = torch.where(found_b, h_bt.gather(1, first_b1)[:, 0], fh)
     w_b = torch.where(found_b, w_bt.gather(1, first_b1)[:, 0], fw)
     u_2b = torch.rand(2, batch_size, generator=generator, device=device)
@@ -793,22 +765,14 @@ class DeviceLoader:
         self.sampler = _Sampler(
             range(len(images_nchw)), num_replicas=world_size, rank=rank, seed=seed, drop_last=True
         )
-        self.images_nchw, self.labels_n, self.batch_size, self.img_size = (
-            images_nchw,
-            labels_n,
-            batch_size,
-            img_size,
-        )
+        self.images_nchw, self.labels_n = images_nchw, labels_n
+        self.batch_size, self.img_size = batch_size, img_size
         self.scale, self.num_classes, self.source = CROP_SCALE[family], num_classes, str(source)
         # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
-        std_3, mean_3 = (
-            torch.tensor(IMAGENET_STD)[:, None, None],
-            torch.tensor(IMAGENET_MEAN)[:, None, None],
-        )
-        self.mul_13, self.add_13 = (
-            (1 / (255 * std_3)).to(images_nchw.device),
-            (-mean_3 / std_3).to(images_nchw.device),
-        )
+        std_311 = torch.tensor(IMAGENET_STD)[:, None, None]
+        mean_311 = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        self.mul_13 = (1 / (255 * std_311)).to(images_nchw.device)
+        self.add_13 = (-mean_311 / std_311).to(images_nchw.device)
 
     def __len__(self):
         return len(self.sampler) // self.batch_size

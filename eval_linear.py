@@ -8,13 +8,12 @@
     python eval_linear.py --checkpoint vit_base_full.pth --export vit_b.pth --export-to timm   # a released file
     torchrun --nproc_per_node=8 eval_linear.py --checkpoint CKPT --data imagenet --data-dir /data/imagenet --finetune
 
-Settings: laptop default < checkpoint < §7's arch recipe (by itself on ImageNet or an image folder at
->= 192 px) < command line (`--print-config` shows each value's origin); lr = blr × global batch / 256.
+Settings: small-data default < checkpoint < §7's arch recipe (--data imagenet, or --preset official on any
+data) < command line (`--print-config` shows each value's origin); lr = blr × global batch / 256.
 """
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -34,88 +33,124 @@ from tqdm import tqdm
 import data
 import models
 import weights
-from a2mim import default_grid, interaction_strength, sample_pairs
+from interaction import default_grid, interaction_strength, sample_pairs
 from runtime import (
+    AT_LEAST_0,
+    FRACTION,
+    POSITIVE,
     PRECISIONS,
+    PRESETS,
+    SEED,
     CheckpointError,
+    ConfigError,
+    DataError,
     RunError,
+    Setting,
+    add_settings,
     append_line,
     autocast,
     channels_last,
-    cleanup_distributed,
+    check_settings,
+    command_line,
+    config_table,
+    entry_point,
     lr_at,
-    one_line,
     param_groups,
     read_jsonl,
     resolve_precision,
     set_lr,
     setup_distributed,
-    user_errors,
+    takes_paper_recipe,
 )
 
-DEFAULT_CHECKPOINT = os.path.join(
-    "out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt"
-)  # train.py's default run
-
-
-class EvalError(RunError):
-    """A run that must not start (conflicting settings, a diverged head): one sentence, exit 2."""
-
+# train.py's default run
+DEFAULT_CHECKPOINT = os.path.join("out", "a2mim_resnet18_fashion-mnist", "checkpoint.pt")
+MODES = ("probe", "finetune")
 
 # fmt: off
-# Settings, written once: the parser, --help and --print-config come from this table.
-SETTINGS = [  # name, type or choices, laptop default ({mode: value} where modes differ), valid range, meaning
-    ("data", str, None, None, f"dataset: {', '.join(data.DATASETS)} (default: the checkpoint's, else fashion-mnist)"),
-    ("data_dir", str, None, None, "where the dataset lives (see data.py)"),
-    ("img_size", int, None, "> 0", "training resolution (default: the encoder's)"),
-    ("test_size", int, None, "> 0", "evaluation centre crop (default: --img-size)"),
-    ("test_resize", int, None, "> 0", "resize before that crop (arch recipes; default test size / 0.875)"),
-    ("labels_per_class", int, None, "> 0", "train on K images per class (seeded, class-balanced)"),
-    ("subset_seed", int, 0, None, "seed of the --labels-per-class subset"),
-    ("epochs", int, dict(probe=30, finetune=5), "> 0", "training epochs"),
-    ("batch_size", int, dict(probe=256, finetune=128), "> 0",
-     "per process; global = this × world size (the cached probe: at most the train set)"),
-    ("optimizer", ("sgd", "adamw"), dict(probe="sgd", finetune="adamw"), None, "AdamW stands in for RSB's LAMB too"),
-    ("blr", float, dict(probe=0.1, finetune=1e-3), "> 0", "base lr per 256 images of global batch"),
-    ("momentum", float, 0.9, "in [0, 1)", "SGD momentum"),
-    ("weight_decay", float, dict(probe=0.0, finetune=0.05), ">= 0", "never on norms, biases, embeddings"),
-    ("schedule", ("cosine", "step"), "cosine", None, "per-step cosine, or ×0.1 at each of --milestones"),
-    ("milestones", "ints", None, "> 0", "epochs of the ×0.1 steps (schedule 'step')"),
-    ("warmup_epochs", float, dict(probe=0, finetune=1), ">= 0", "linear lr warm-up"),
-    ("min_lr", float, dict(probe=0.0, finetune=1e-6), ">= 0", "end of the cosine"),
-    ("clip_grad", float, 0.0, ">= 0", "max gradient norm (0 = no clipping)"),
-    ("layer_decay", float, None, "> 0", "layer-wise lr decay, ViT fine-tuning (laptop: 0.65 for a ViT)"),
-    ("drop_path", float, None, "in [0, 1)", "stochastic depth when fine-tuning a ViT / ConvNeXt (laptop: 0.1)"),
-    ("loss", ("ce", "bce"), "ce", None, "cross-entropy, or RSB's binary cross-entropy"),
-    ("label_smoothing", float, dict(probe=0.0, finetune=0.1), "in [0, 1)", "label smoothing"),
-    ("mixup", float, 0.0, ">= 0", "Mixup alpha, fine-tuning only (0 = off)"),
-    ("cutmix", float, 0.0, ">= 0", "CutMix alpha, fine-tuning only (0 = off)"),
-    ("rand_augment", int, 0, ">= 0", "RandAugment magnitude, 2 ops (0 = off; arch recipes)"),
-    ("random_erasing", float, 0.0, "in [0, 1)", "random erasing probability (arch recipes)"),
-    ("ema", float, 0.0, "in [0, 1)", "EMA decay of the fine-tuned weights, evaluated beside them (0 = off)"),
-    ("augment", bool, dict(probe=False, finetune=True), None, "augment training images (probe off: cached features)"),
-    ("head", ("bn", "fc"), "bn", None, "probe head: 'bn' = BatchNorm without affine + Linear (ours), 'fc' = §7's"),
-    ("precision", PRECISIONS, "auto", None, "auto = bf16 on GPU, fp32 on CPU"),
-    ("workers", int, None, ">= 0", "data loader workers per process (default: data.py's)"),
-    ("threads", int, None, "> 0", "torch CPU threads (default: torch's, but 1 for the cached probe's head)"),
-    ("interactions", int, 0, ">= 0", "after training, §9's J^(m) on this many val images per class (0 = off)"),
-    ("interaction_pairs", int, 50, "> 0", "J^(m): pairs (i, j) per image (the released tool's 50)"),
-    ("interaction_contexts", int, 50, "> 0", "J^(m): contexts S per pair and order (the released tool's 50)"),
-    ("seed", int, 0, None, "seed of the head, a random encoder, the data order and the J^(m) samples"),
-    ("results", str, os.path.join("out", "results.jsonl"), None, "JSONL file each result line is appended to"),
-]
+# Settings, written once: the parser, --help, the range checks and --print-config come from this list. The
+# defaults are the small-data ones ({mode: value} where probe and fine-tuning differ; None: see UNSET).
+SETTINGS = (
+    Setting(name="data", type=str, help=f"dataset: {', '.join(data.DATASETS)}"),
+    Setting(name="data_dir", type=str, help="where the dataset lives (see data.py)"),
+    Setting(name="img_size", type=int, range=POSITIVE, help="training resolution"),
+    Setting(name="test_size", type=int, range=POSITIVE, help="evaluation centre crop"),
+    Setting(name="test_resize", type=int, range=POSITIVE, help="resize before that crop (arch recipes)"),
+    Setting(name="labels_per_class", type=int, range=POSITIVE, help="train on K images per class (seeded)"),
+    Setting(name="subset_seed", default=0, range=SEED, help="seed of the --labels-per-class subset"),
+    Setting(name="epochs", default=dict(probe=30, finetune=5), type=int, range=POSITIVE, help="training epochs"),
+    Setting(name="batch_size", default=dict(probe=256, finetune=128), type=int, range=POSITIVE,
+            help="per process; global = this × world size (the cached probe: at most the train set)"),
+    Setting(name="optimizer", default=dict(probe="sgd", finetune="adamw"), choices=("sgd", "adamw"),
+            help="AdamW stands in for RSB's LAMB too"),
+    Setting(name="blr", default=dict(probe=0.1, finetune=1e-3), type=float, range=POSITIVE,
+            help="base lr per 256 images of global batch"),
+    Setting(name="momentum", default=0.9, range=FRACTION, help="SGD momentum"),
+    Setting(name="weight_decay", default=dict(probe=0.0, finetune=0.05), type=float, range=AT_LEAST_0,
+            help="never on norms, biases, embeddings"),
+    Setting(name="schedule", default="cosine", choices=("cosine", "step"),
+            help="per-step cosine, or ×0.1 at each of --milestones"),
+    Setting(name="milestones", type=int, nargs="+", range=POSITIVE, help="epochs of the ×0.1 steps (schedule 'step')"),
+    Setting(name="warmup_epochs", default=dict(probe=0, finetune=1), type=float, range=AT_LEAST_0,
+            help="linear lr warm-up"),
+    Setting(name="min_lr", default=dict(probe=0.0, finetune=1e-6), type=float, range=AT_LEAST_0,
+            help="end of the cosine"),
+    Setting(name="clip_grad", default=0.0, range=AT_LEAST_0, help="max gradient norm (0 = no clipping)"),
+    Setting(name="layer_decay", type=float, range=POSITIVE, help="layer-wise lr decay, ViT fine-tuning"),
+    Setting(name="drop_path", type=float, range=FRACTION, help="stochastic depth when fine-tuning a ViT / ConvNeXt"),
+    Setting(name="loss", default="ce", choices=("ce", "bce"), help="cross-entropy, or RSB's binary cross-entropy"),
+    Setting(name="label_smoothing", default=dict(probe=0.0, finetune=0.1), type=float, range=FRACTION,
+            help="label smoothing"),
+    Setting(name="mixup", default=0.0, range=AT_LEAST_0, help="Mixup alpha, fine-tuning only (0 = off)"),
+    Setting(name="cutmix", default=0.0, range=AT_LEAST_0, help="CutMix alpha, fine-tuning only (0 = off)"),
+    Setting(name="rand_augment", default=0, range=AT_LEAST_0,
+            help="RandAugment magnitude, 2 ops (0 = off; arch recipes)"),
+    Setting(name="random_erasing", default=0.0, range=FRACTION, help="random erasing probability (arch recipes)"),
+    Setting(name="ema", default=0.0, range=FRACTION,
+            help="EMA decay of the fine-tuned weights, evaluated beside them (0 = off)"),
+    Setting(name="augment", default=dict(probe=False, finetune=True), type=bool,
+            help="augment training images (probe off: cached features)"),
+    Setting(name="head", default="bn", choices=("bn", "fc"),
+            help="probe head: 'bn' = BatchNorm without affine + Linear (ours), 'fc' = §7's"),
+    Setting(name="precision", default="auto", choices=PRECISIONS, help="auto = bf16 on GPU, fp32 on CPU"),
+    Setting(name="workers", type=int, range=AT_LEAST_0, help="data loader workers per process"),
+    Setting(name="threads", type=int, range=POSITIVE, help="torch CPU threads"),
+    Setting(name="interactions", default=0, range=AT_LEAST_0,
+            help="after training, §9's J^(m) on this many val images per class (0 = off)"),
+    Setting(name="interaction_pairs", default=50, range=POSITIVE,
+            help="J^(m): pairs (i, j) per image (the released tool's 50)"),
+    Setting(name="interaction_contexts", default=50, range=POSITIVE,
+            help="J^(m): contexts S per pair and order (the released tool's 50)"),
+    Setting(name="seed", default=0, range=SEED,
+            help="seed of the head, a random encoder, the data order and the J^(m) samples"),
+    Setting(name="results", default=os.path.join("out", "results.jsonl"),
+            help="JSONL file each result line is appended to"),
+)
+# What a setting left unset (None) means, for --help.
+UNSET = dict(
+    data="the checkpoint's, else fashion-mnist", data_dir="data.py's place for the dataset", img_size="the encoder's",
+    test_size="--img-size", test_resize="--test-size / 0.875", labels_per_class="every image", milestones="none",
+    layer_decay="off; 0.65 when fine-tuning a ViT", drop_path="off; 0.1 when fine-tuning a ViT or ConvNeXt",
+    workers="data.py's", threads="torch's, but 1 for the cached probe's head",
+)
 # fmt: on
-RANGES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in [0, 1)": lambda v: 0 <= v < 1}
-DEFAULTS = {
-    m: {n: d[m] if isinstance(d, dict) else d for n, _, d, _, _ in SETTINGS}
-    for m in ("probe", "finetune")
-}
-# DEFAULTS (reproduce.py's budgets read them) and the laptop fine-tuning ones that depend on the encoder:
-LAPTOP_FINETUNE = {
+# The small-data fine-tuning defaults that depend on the encoder's kind (UNSET above says them in --help).
+SMALL_FINETUNE = {
     "vit": dict(layer_decay=0.65, drop_path=0.1),
     "convnext": dict(drop_path=0.1),
     "resnet": {},
 }
+
+
+def mode_default(setting, mode):
+    """A setting's small-data default in `mode` ("probe" or "finetune")."""
+    if isinstance(setting.default, dict):
+        return setting.default[mode]
+    return setting.default
+
+
+# reproduce.py's budgets and the tests read these.
+DEFAULTS = {mode: {s.name: mode_default(s, mode) for s in SETTINGS} for mode in MODES}
 
 # fmt: off
 # §7 as released (openmixup's configs/benchmarks/classification/imagenet/<name>.py); batch sizes per process of 8.
@@ -149,18 +184,25 @@ RECIPES["finetune"] |= dict(  # per arch, over its family's: ViT-S/B/L epochs, E
 # fmt: on
 
 
-def recipe_applies(preset, data_name, img_size):
-    """ImageNet-size data gets the released recipe of its arch, the small datasets our laptop one."""
-    return (
-        preset == "official"
-        if preset != "auto"
-        else data_name in ("imagenet", "folder") and img_size >= 192
-    )
+def describe_default(setting):
+    """--help's "(default: …)": the small-data value (of each mode), or what unset means; then the range."""
+    if isinstance(setting.default, dict):
+        shown = ", ".join(f"{mode} {value}" for mode, value in setting.default.items())
+    elif setting.default is None:
+        shown = UNSET.get(setting.name, "none")
+    else:
+        shown = setting.default
+    if setting.range is None:
+        return shown
+    return f"{shown}; valid: {setting.range}"
 
 
 def get_parser():
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults shown are the small-data ones; §7's arch recipe (--data imagenet or --preset "
+        "official) and the checkpoint may set others: --print-config shows each value and its origin.",
     )
     a = p.add_argument
     a(
@@ -187,9 +229,10 @@ def get_parser():
     a("--finetune", action="store_true", help="fine-tune all weights instead of a linear probe")
     a(
         "--preset",
-        choices=("auto", "official", "laptop"),
+        choices=PRESETS,
         default="auto",
-        help="§7's arch recipe: auto = on ImageNet-size data (default), official = always, laptop = never",
+        help="§7's arch recipe: auto = on --data imagenet (default), official = on any data, "
+        "small = never (the small-data settings)",
     )
     a(
         "--export",
@@ -199,8 +242,7 @@ def get_parser():
     a(
         "--export-to",
         choices=weights.EXPORTS,
-        help="the library whose model loads --export strictly "
-        "(default torchvision; a ViT: timm, as its BEiT)",
+        help="the library whose model loads --export strictly (default torchvision; a ViT: timm, as its BEiT)",
     )
     a("--overwrite", action="store_true", help="let --export replace an existing file")
     a(
@@ -208,49 +250,33 @@ def get_parser():
         action="store_true",
         help="print each resolved setting and where it came from, then exit",
     )
-    for name, kind, default, valid, text in SETTINGS:
-        shown = (
-            ", ".join(f"{m} {v}" for m, v in default.items())
-            if isinstance(default, dict)
-            else default,
-            f"; valid: {valid}" if valid else "",
-        )
-        kw = (
-            dict(choices=kind)
-            if isinstance(kind, tuple)
-            else dict(action=argparse.BooleanOptionalAction)
-            if kind is bool
-            else dict(type=int, nargs="+")
-            if kind == "ints"
-            else dict(type=kind)
-        )
-        a(
-            "--" + name.replace("_", "-"),
-            help=f"{text} [laptop default: {shown[0]}{shown[1]}]",
-            **kw,
-        )
+    add_settings(p, SETTINGS, describe_default)
     return p
 
 
 def resolve_config(args, source, world_size):
-    """All settings, later layers winning; cfg["origin"][name] says which layer (or "derived")."""
-    mode, arch = "finetune" if args.finetune else "probe", source["encoder_kwargs"]["arch"]
-    cli = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS[mode]}
-    same_data = (
-        cli.get("data", source["data"]) == source["data"]
-    )  # else the checkpoint's data dir is another's
+    """All settings, later layers winning: small-data default < checkpoint (or the dataset's, for a random
+    encoder) < §7's arch recipe < command line; cfg["origin"][name] says which layer (or "derived")."""
+    mode = "finetune" if args.finetune else "probe"
+    arch = source["encoder_kwargs"]["arch"]
+    kind = models.arch_kind(arch)
+    cli = command_line(args, SETTINGS)
+    # the checkpoint's data folder belongs to its own dataset: not to another --data
+    same_data = cli.get("data", source["data"]) == source["data"]
     found = dict(
         data=source["data"],
         data_dir=source["data_dir"] if same_data else None,
         img_size=source["encoder_kwargs"]["img_size"],
     )
-    kind = models.arch_kind(arch)
+    small = DEFAULTS[mode]
+    if mode == "finetune":
+        small = small | SMALL_FINETUNE[kind]
     layers = [
-        ("laptop default", DEFAULTS[mode] | (LAPTOP_FINETUNE[kind] if mode == "finetune" else {})),
-        ("checkpoint" if source["kind"] != "random" else "dataset", found),
+        ("small-data default", small),
+        ("dataset" if source["kind"] == "random" else "checkpoint", found),
         ("command line", cli),
     ]
-    recipe = recipe_applies(args.preset, cli.get("data", found["data"]), found["img_size"])
+    recipe = takes_paper_recipe(args.preset, cli.get("data", found["data"]))
     if recipe:
         layers.insert(2, ("arch recipe", RECIPES[mode][kind] | RECIPES[mode].get(arch, {})))
     cfg, origin = {}, {}
@@ -278,115 +304,141 @@ def resolve_config(args, source, world_size):
     return cfg
 
 
+def the_other_recipe(cfg):
+    """How to get the recipe this run did not take: for the start line."""
+    if cfg["recipe"]:
+        return "--preset small: the small-data settings"
+    return f"--preset official: §7's {models.arch_kind(cfg['arch'])} recipe"
+
+
 def check_config(cfg):
-    """Values out of range and combinations that cannot work, each as one sentence."""
-    for name, _, _, valid, _ in SETTINGS:
-        values = [
-            v for v in (cfg[name] if isinstance(cfg[name], list) else [cfg[name]]) if v is not None
-        ]
-        if any(
-            isinstance(v, float) and not math.isfinite(v) for v in values
-        ):  # argparse takes "inf" and "nan"
-            raise EvalError(
-                f"--{name.replace('_', '-')} must be a finite number {valid}, got {cfg[name]}"
-            )
-        if valid and not all(RANGES[valid](v) for v in values):
-            raise EvalError(f"--{name.replace('_', '-')} must be {valid}, got {cfg[name]}")
+    """Values out of range and combinations that cannot work, each as one sentence (ConfigError)."""
+    check_settings(SETTINGS, cfg)
     if cfg["min_lr"] > cfg["lr"]:  # the cosine would climb from the lr to --min-lr
-        raise EvalError(
+        raise ConfigError(
             f"--min-lr {cfg['min_lr']:g} is above the peak lr {cfg['lr']:.3g} (--blr × global batch / "
             "256); lower --min-lr or raise --blr"
         )
     if cfg["schedule"] == "step" and not cfg["milestones"]:
-        raise EvalError("schedule 'step' needs --milestones (epochs of the ×0.1 steps, e.g. 60 80)")
+        raise ConfigError(
+            "schedule 'step' needs --milestones (epochs of the ×0.1 steps, e.g. 60 80)"
+        )
     if cfg["layer_decay"] is not None and cfg["family"] != "vit":
-        raise EvalError(
+        raise ConfigError(
             f"layer-wise lr decay is defined for ViT blocks, not for {cfg['arch']}; drop --layer-decay"
         )
-    if cfg["drop_path"] and cfg["arch"].startswith("resnet"):
-        raise EvalError("torchvision's ResNet has no drop path; drop --drop-path")
+    if cfg["drop_path"] and models.arch_kind(cfg["arch"]) == "resnet":
+        raise ConfigError("torchvision's ResNet has no drop path; drop --drop-path")
     if cfg["mode"] == "probe" and cfg["head"] == "bn" and cfg["batch_size"] < 2:
-        raise EvalError(
+        raise ConfigError(
             "the probe's BatchNorm head needs --batch-size >= 2 (it normalises over the batch); "
             "or pass --head fc"
         )
     if cfg["mode"] == "probe" and (cfg["mixup"] or cfg["cutmix"]):
-        raise EvalError("Mixup/CutMix are fine-tuning options; add --finetune or drop them")
+        raise ConfigError("Mixup/CutMix are fine-tuning options; add --finetune or drop them")
     if not cfg["recipe"] and (cfg["rand_augment"] or cfg["random_erasing"] or cfg["test_resize"]):
-        raise EvalError(
+        raise ConfigError(
             "RandAugment, random erasing and --test-resize are §7's; add --preset official or drop them"
         )
 
 
+# --- Where the encoder comes from: load_source → {kind: "checkpoint" (train.py's) / "openmixup" (a
+# released file) / "torchvision" / "random", path, weights, encoder_kwargs, method, data, data_dir}.
+def default_data(args):
+    """--data, else the paper's ImageNet under --preset official, else fashion-mnist."""
+    if args.data:
+        return args.data
+    if args.preset == "official":
+        return "imagenet"
+    return "fashion-mnist"
+
+
 def load_source(args):
-    """{kind: "checkpoint" (train.py's) / "openmixup" (a released file) / "torchvision" / "random", path, weights,
-    encoder_kwargs, method, data, data_dir}. Without a config: --arch, --data, its size (a released ViT: the size
-    of its position embedding); a random CNN is 16 wide unless the arch recipe applies."""
-    name = args.data or ("imagenet" if args.preset == "official" else "fashion-mnist")
+    """The encoder to evaluate, without building it. Without a config: --arch, --data, its size (a released
+    ViT: the size of its position embedding); a random CNN is 16 wide unless the arch recipe applies."""
+    name = default_data(args)
     plain = dict(
         arch=args.arch or "resnet18", img_size=args.img_size or data.dataset_info(name)["img_size"]
     )
     if args.init == "random":
-        if args.checkpoint:
-            raise EvalError("pass either --checkpoint or --init random, not both")
-        if models.arch_family(plain["arch"]) == "cnn":
-            plain["width"] = args.width or (
-                None if recipe_applies(args.preset, name, plain["img_size"]) else 16
-            )
-        return dict(
-            kind="random",
-            path=None,
-            weights=None,
-            method=None,
-            encoder_kwargs=plain,
-            data=name,
-            data_dir=None,
-        )
-    path = args.checkpoint or DEFAULT_CHECKPOINT
-    if os.path.isdir(path):
-        raise EvalError(
-            f"--checkpoint {path} is a folder; name the file in it (train.py writes "
-            f"{os.path.join(path, 'checkpoint.pt')})"
-        )
-    if args.checkpoint is None and not os.path.isfile(path):
-        raise EvalError(
-            f"no --checkpoint given and {path} does not exist; run `python3 train.py` first, or pass "
-            "--init random for the random-encoder baseline"
-        )
+        return random_source(args, name, plain)
+    path = checkpoint_path(args)
     found = weights.load_pretrained(
         path, arch=args.arch
     )  # ours, a released OpenMixup file, or torchvision's
     if found["unused"]:
         print(
-            f"note: {path}: {len(found['unused'])} tensors outside the encoder, mask token and decoder are not "
-            f"used ({found['unused'][0]}, ...)",
+            f"note: {path}: {len(found['unused'])} tensors outside the encoder, mask token and decoder are "
+            f"not used ({found['unused'][0]}, ...)",
             file=sys.stderr,
         )
-    kw = dict(found["encoder_kwargs"])
     if found["kind"] == "checkpoint":
-        if args.width is not None and kw.get("width") != args.width:
-            raise CheckpointError(
-                f"{path} holds a {kw['arch']} of width {kw.get('width')}, but --width is "
-                f"{args.width}"
-            )
-        config = found["config"]
-        return dict(
-            kind="checkpoint",
-            path=path,
-            weights=found["encoder"],
-            encoder_kwargs=kw,
-            method=config.get("method"),
-            data=config.get("data", "fashion-mnist"),
-            data_dir=config.get("data_dir"),
+        return trained_source(args, path, found)
+    return outside_source(args, path, found, name, plain)
+
+
+def random_source(args, name, plain):
+    """A random encoder of --arch for --data (a CNN: 16 wide in the small-data settings)."""
+    if args.checkpoint:
+        raise ConfigError("pass either --checkpoint or --init random, not both")
+    if models.arch_family(plain["arch"]) == "cnn":
+        plain["width"] = args.width
+        if args.width is None and not takes_paper_recipe(args.preset, name):
+            plain["width"] = 16
+    return dict(
+        kind="random",
+        path=None,
+        weights=None,
+        method=None,
+        encoder_kwargs=plain,
+        data=name,
+        data_dir=None,
+    )
+
+
+def checkpoint_path(args):
+    """--checkpoint, or train.py's default run: a file that exists (else one sentence on what to do)."""
+    path = args.checkpoint or DEFAULT_CHECKPOINT
+    if os.path.isdir(path):
+        raise CheckpointError(
+            f"--checkpoint {path} is a folder; name the file in it (train.py writes "
+            f"{os.path.join(path, 'checkpoint.pt')})"
         )
-    if (
-        models.arch_family(kw["arch"]) == "cnn"
-    ):  # a CNN takes any size: the data's, as a random encoder
+    if args.checkpoint is None and not os.path.isfile(path):
+        raise CheckpointError(
+            f"no --checkpoint given and {path} does not exist; run `python3 train.py` first, or pass "
+            "--init random for the random-encoder baseline"
+        )
+    return path
+
+
+def trained_source(args, path, found):
+    """A train.py checkpoint: its encoder, pre-training method and dataset (the probe's default data)."""
+    kw = dict(found["encoder_kwargs"])
+    if args.width is not None and kw.get("width") != args.width:
+        raise CheckpointError(
+            f"{path} holds a {kw['arch']} of width {kw.get('width')}, but --width is {args.width}"
+        )
+    config = found["config"]
+    return dict(
+        kind="checkpoint",
+        path=path,
+        weights=found["encoder"],
+        encoder_kwargs=kw,
+        method=config.get("method"),
+        data=config.get("data", "fashion-mnist"),
+        data_dir=config.get("data_dir"),
+    )
+
+
+def outside_source(args, path, found, name, plain):
+    """A released OpenMixup file or a torchvision state dict: a CNN takes the data's size, as a random
+    encoder; a ViT's position embedding fixes its size."""
+    kw = dict(found["encoder_kwargs"])
+    if models.arch_family(kw["arch"]) == "cnn":
         kw["img_size"] = plain["img_size"]
-    elif (
-        args.img_size is not None and args.img_size != kw["img_size"]
-    ):  # its position embedding fixes the size
-        raise EvalError(
+    elif args.img_size is not None and args.img_size != kw["img_size"]:
+        raise ConfigError(
             f"{path} holds a {kw['arch']} for {kw['img_size']}-px images; pass --img-size "
             f"{kw['img_size']} or leave it out"
         )
@@ -404,7 +456,7 @@ def load_source(args):
 def build_loaded_encoder(source, cfg):
     """build_encoder from the source's kwargs, then its weights (strict: same keys and shapes)."""
     kw = dict(source["encoder_kwargs"])
-    if cfg["mode"] == "finetune" and not cfg["arch"].startswith("resnet"):
+    if cfg["mode"] == "finetune" and models.arch_kind(cfg["arch"]) != "resnet":
         kw["drop_path"] = cfg["drop_path"]  # changes no shape, so the weights still load
     encoder = models.build_encoder(**kw)
     if source["weights"] is not None:  # in our names already (weights.load_pretrained)
@@ -418,88 +470,86 @@ def build_loaded_encoder(source, cfg):
     return encoder
 
 
+# --- Data: data.py's datasets, §7's transforms under an arch recipe, the low-label subset.
 def build_data(cfg):
     """(train set, maybe a class-balanced subset; val set; class count)."""
     kw = dict(data_dir=cfg["data_dir"], family=cfg["family"])
+    train_transform = "finetune" if cfg["augment"] else "eval"
     train_set = data.build_dataset(
-        cfg["data"],
-        "train",
-        img_size=cfg["img_size"],
-        transform="finetune" if cfg["augment"] else "eval",
-        **kw,
+        cfg["data"], "train", img_size=cfg["img_size"], transform=train_transform, **kw
     )
     val_set = data.build_dataset(
         cfg["data"], "val", img_size=cfg["test_size"], transform="eval", **kw
     )
-    if cfg[
-        "recipe"
-    ]:  # §7's transforms instead of data.py's (each dataset applies its `.transform`), bicubic
-        bicubic = v2.InterpolationMode.BICUBIC  # as BEiT, timm and RSB
-        first = [
-            v2.ToImage(),
-            v2.RGB(),
-        ]  # any dataset's image (uint8 tensor or PIL, grey or colour) → [3, H, W]
-        last = [
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-        ]
-        val_set.transform = v2.Compose(
-            [
-                *first,
-                v2.Resize(
-                    cfg["test_resize"] or round(cfg["test_size"] / 0.875), interpolation=bicubic
-                ),
-                v2.CenterCrop(cfg["test_size"]),
-                *last,
-            ]
-        )
-        train = [
-            v2.RandomResizedCrop(cfg["img_size"], interpolation=bicubic),
-            v2.RandomHorizontalFlip(),
-        ]
-        if cfg[
-            "rand_augment"
-        ]:  # 2 ops as timm's rand-m9-mstd0.5 (without its magnitude noise); bilinear on tensors
-            train.append(
-                v2.RandAugment(2, cfg["rand_augment"], interpolation=v2.InterpolationMode.BILINEAR)
-            )
-        if cfg["random_erasing"]:  # timm's "pixel" mode: per-pixel noise, on the normalised image
-            last.append(v2.RandomErasing(cfg["random_erasing"], value="random"))
-        train_set.transform = (
-            v2.Compose(first + train + last) if cfg["augment"] else val_set.transform
-        )
+    if cfg["recipe"]:
+        recipe_transforms(train_set, val_set, cfg)
     num_classes = data.dataset_info(cfg["data"])["num_classes"] or train_set.num_classes
     if val_set.num_classes != num_classes:
-        raise data.DataError(
+        raise DataError(
             f"{cfg['data']} has {num_classes} training classes but {val_set.num_classes} in val"
         )
     if cfg["labels_per_class"]:
         idx = class_balanced_subset(
             labels_of(train_set), cfg["labels_per_class"], cfg["subset_seed"], num_classes
         )
-        train_set = torch.utils.data.Subset(
-            train_set, idx.tolist()
-        )  # plain ints: datasets may not take tensor indices
+        # plain ints: datasets may not take tensor indices
+        train_set = torch.utils.data.Subset(train_set, idx.tolist())
     return train_set, val_set, num_classes
 
 
+def recipe_transforms(train_set, val_set, cfg):
+    """§7's transforms instead of data.py's (each dataset applies its `.transform`): bicubic, as BEiT,
+    timm and RSB; the val image resized to --test-resize, then centre-cropped."""
+    bicubic = v2.InterpolationMode.BICUBIC
+    # any dataset's image (uint8 tensor or PIL, grey or colour) → [3, H, W]
+    first = [v2.ToImage(), v2.RGB()]
+    last = [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+    ]
+    resize = cfg["test_resize"] or round(cfg["test_size"] / 0.875)
+    test = [v2.Resize(resize, interpolation=bicubic), v2.CenterCrop(cfg["test_size"])]
+    val_set.transform = v2.Compose(first + test + last)
+    train = [
+        v2.RandomResizedCrop(cfg["img_size"], interpolation=bicubic),
+        v2.RandomHorizontalFlip(),
+    ]
+    if cfg["rand_augment"]:
+        # 2 ops as timm's rand-m9-mstd0.5 (without its magnitude noise); bilinear on tensors
+        bilinear = v2.InterpolationMode.BILINEAR
+        train.append(v2.RandAugment(2, cfg["rand_augment"], interpolation=bilinear))
+    if cfg["random_erasing"]:  # timm's "pixel" mode: per-pixel noise, on the normalised image
+        last.append(v2.RandomErasing(cfg["random_erasing"], value="random"))
+    if cfg["augment"]:
+        train_set.transform = v2.Compose(first + train + last)
+    else:
+        train_set.transform = val_set.transform
+
+
 def labels_of(dataset):
-    labels = getattr(
-        dataset, "labels_n", getattr(dataset, "targets", None)
-    )  # without decoding images
-    return [dataset[i][1] for i in range(len(dataset))] if labels is None else labels  # e.g. "fake"
+    """Every image's label, without decoding the images where the dataset holds them ("fake" does not)."""
+    labels = getattr(dataset, "labels_n", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [dataset[i][1] for i in range(len(dataset))]
+    return labels
 
 
 def class_balanced_subset(
     labels, k, seed, num_classes=None, *, split="training", flag="--labels-per-class"
 ):
     """Sorted indices of exactly `k` images per class, the same for (labels, k, seed) on every rank; too few
-    images in a class is an EvalError naming the `split` and the `flag` that asked for `k`."""
-    labels, gen, picks = torch.as_tensor(labels), torch.Generator().manual_seed(seed), []
-    for c in range(num_classes or int(labels.max()) + 1):
+    images in a class is a DataError naming the `split` and the `flag` that asked for `k`."""
+    labels = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1
+    picks = []
+    for c in range(num_classes):
         idx = (labels == c).nonzero().flatten()
         if len(idx) < k:
-            raise EvalError(f"class {c} has only {len(idx)} {split} images, fewer than {flag} {k}")
+            raise DataError(f"class {c} has only {len(idx)} {split} images, fewer than {flag} {k}")
         picks.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
     return torch.cat(picks).sort().values
 
@@ -510,16 +560,24 @@ def interleave_shards(parts, n):
     return rearrange(torch.stack(parts), "w m ... -> (m w) ...")[:n]
 
 
+def no_bar(env):
+    """tqdm's `disable`: progress on rank 0 only, and there None: on a terminal only (tqdm's check), not as
+    pages of text in a log file or a notebook."""
+    if env.is_main:
+        return None
+    return True
+
+
 @torch.no_grad()
 def run_over(dataset, fn, cfg, env, desc):
     """`fn(images)` for every image, each rank on its shard → all (rows, labels) in dataset order, on the CPU."""
     loader = data.build_loader(
         dataset, cfg["batch_size"], train=False, distributed=env.enabled, workers=cfg["workers"]
     )
-    prec, outs, labels = resolve_precision(cfg["precision"], env.device), [], []
-    for img, y in tqdm(
-        loader, desc=desc, disable=not env.is_main or None, dynamic_ncols=True, leave=False
-    ):
+    prec = resolve_precision(cfg["precision"], env.device)
+    outs, labels = [], []
+    bar = tqdm(loader, desc=desc, disable=no_bar(env), dynamic_ncols=True, leave=False)
+    for img, y in bar:
         with autocast(env.device, prec):
             outs.append(fn(img.to(env.device, non_blocking=True)).float())
         labels.append(y.to(env.device))
@@ -532,6 +590,7 @@ def run_over(dataset, fn, cfg, env, desc):
     return rows[0].cpu(), rows[1].cpu()
 
 
+# --- The models: a linear head on pooled features (probe), or the whole classifier (fine-tuning).
 def pool(feat_bchw):
     """[B, C, h, w] → [B, C]: global average pool; for a ViT exactly the mean patch token."""
     return feat_bchw.mean(dim=(2, 3))
@@ -543,9 +602,9 @@ def linear_head(channels, num_classes, kind="fc"):
     fc = nn.Linear(channels, num_classes)
     nn.init.trunc_normal_(fc.weight, std=0.01)  # MAE's / MoCo v3's probe init: near-uniform start
     nn.init.zeros_(fc.bias)
-    return (
-        fc if kind == "fc" else nn.Sequential(nn.BatchNorm1d(channels, affine=False, eps=1e-6), fc)
-    )
+    if kind == "fc":
+        return fc
+    return nn.Sequential(nn.BatchNorm1d(channels, affine=False, eps=1e-6), fc)
 
 
 class Classifier(nn.Module):
@@ -567,6 +626,7 @@ class Classifier(nn.Module):
         return self.head(self.fc_norm(pool(self.encoder(x_bchw))))
 
 
+# --- Optimisation: groups, layer decay, the lr schedule, the loss, the training loop.
 def layer_decay_fn(depth, decay):
     """BEiT's layer-wise lr decay around a ViT of `depth` blocks, as param_groups' lr_scale_fn: block
     k gets decay^(depth − k), patch/position embedding and cls token decay^(depth + 1), the rest 1."""
@@ -574,22 +634,22 @@ def layer_decay_fn(depth, decay):
     def scale(name):
         if name.startswith("encoder.blocks."):
             return decay ** (depth - int(name.split(".")[2]))
-        embedding = name.startswith(
-            ("encoder.patch_embed", "encoder.pos_embed", "encoder.cls_token")
-        )
-        return decay ** (depth + 1) if embedding else 1.0
+        embedding = ("encoder.patch_embed", "encoder.pos_embed", "encoder.cls_token")
+        if name.startswith(embedding):
+            return decay ** (depth + 1)
+        return 1.0
 
     return scale
 
 
 def build_optimizer(module, cfg, lr_scale_fn=None):
-    # param_groups: no weight decay on norms, biases, embeddings; lr_scale for layer decay.
+    """SGD or AdamW over param_groups: no weight decay on norms, biases, embeddings; lr_scale for layer
+    decay."""
     groups = param_groups(module, weight_decay=cfg["weight_decay"], lr_scale_fn=lr_scale_fn)
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=cfg["lr"], momentum=cfg["momentum"])
-    return torch.optim.AdamW(
-        groups, lr=cfg["lr"], betas=(0.9, 0.999)
-    )  # also for RSB's LAMB: not in torch
+    # also for RSB's LAMB: not in torch
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(0.9, 0.999))
 
 
 def lr_for_step(step, cfg, steps_per_epoch):
@@ -623,23 +683,19 @@ def fit(
     cfg,
     env,
     num_classes,
-    after_step=lambda: None,
+    after_step=None,
 ):
-    """Train `trainable` (a probe head, or the classifier) on `batches(epoch)`: (features or images, labels)."""
+    """Train `trainable` (a probe head, or the classifier) on `batches(epoch)`: (features or images, labels);
+    `after_step()` after each optimiser step (the EMA's update)."""
     prec = resolve_precision(cfg["precision"], env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=prec == "fp16")
-    mixers = [
-        mix(alpha=cfg[k], num_classes=num_classes)
-        for k, mix in (("mixup", v2.MixUp), ("cutmix", v2.CutMix))
-        if cfg[k]
-    ]  # one of the two at random per batch, as timm
-    # Progress on rank 0, on a terminal only (None: tqdm's check), not as pages of text in a log file or a notebook.
-    bar = tqdm(
-        total=cfg["epochs"] * steps_per_epoch,
-        desc=cfg["mode"],
-        disable=not env.is_main or None,
-        dynamic_ncols=True,
-    )
+    mixers = []  # one of the two at random per batch, as timm
+    if cfg["mixup"]:
+        mixers.append(v2.MixUp(alpha=cfg["mixup"], num_classes=num_classes))
+    if cfg["cutmix"]:
+        mixers.append(v2.CutMix(alpha=cfg["cutmix"], num_classes=num_classes))
+    total = cfg["epochs"] * steps_per_epoch
+    bar = tqdm(total=total, desc=cfg["mode"], disable=no_bar(env), dynamic_ncols=True)
     for epoch in range(cfg["epochs"]):
         trainable.train()  # for a probe: the head only; the encoder stays in eval mode
         loss_sum = torch.zeros((), device=env.device)
@@ -657,13 +713,12 @@ def fit(
                 nn.utils.clip_grad_norm_(trainable.parameters(), cfg["clip_grad"])
             scaler.step(optimizer)
             scaler.update()
-            after_step()
+            if after_step is not None:
+                after_step()
             loss_sum += loss.detach()
             bar.update(1)
         if not loss_sum.isfinite():  # one host sync per epoch
-            raise EvalError(
-                f"the training loss became non-finite in epoch {epoch + 1}; lower --blr"
-            )
+            raise RunError(f"the training loss became non-finite in epoch {epoch + 1}; lower --blr")
         bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum.item() / steps_per_epoch:.4f}")
     bar.close()
 
@@ -678,7 +733,28 @@ def loader_epochs(dataset, cfg, env):
         workers=cfg["workers"],
         seed=cfg["seed"],
     )
-    return (lambda epoch: data.set_epoch(loader, epoch) or iter(loader)), len(loader)
+
+    def batches(epoch):
+        data.set_epoch(loader, epoch)
+        return iter(loader)
+
+    return batches, len(loader)
+
+
+def feature_epochs(train_set, features, cfg, env):
+    """(batches(epoch), steps per epoch) of the cached probe: features once, each rank its shard; every rank
+    then steps through all of them in the same seeded order, in batches of the global batch (at most all of
+    them: fit_batch_to_data), the last partial batch dropped (BatchNorm)."""
+    x_nc, y_n = run_over(train_set, features, cfg, env, "train features")
+    batch = cfg["global_batch"]
+    steps = len(x_nc) // batch
+
+    def batches(epoch):
+        gen = torch.Generator().manual_seed(cfg["seed"] + epoch)
+        order = torch.randperm(len(x_nc), generator=gen)
+        return ((x_nc[idx], y_n[idx]) for idx in order[: steps * batch].split(batch))
+
+    return batches, steps
 
 
 def for_ranks(module, env):
@@ -686,75 +762,64 @@ def for_ranks(module, env):
     if not env.enabled:
         return module, module
     cuda = env.device.type == "cuda"
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module) if cuda else module
-    return module, nn.parallel.DistributedDataParallel(
-        module, device_ids=[env.local_rank] if cuda else None
-    )
+    if cuda:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    device_ids = [env.local_rank] if cuda else None
+    return module, nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
 def probe(encoder, train_set, val_set, cfg, env, num_classes):
-    """Linear probe: the encoder in eval mode without gradients (its weights and BN statistics stay put)."""
+    """Linear probe: the encoder in eval mode without gradients (its weights and BN statistics stay put).
+    Returns ({"": (val logits, labels)}, the classifier: images → logits)."""
     encoder.eval().requires_grad_(False)
-    features = torch.no_grad()(lambda img: pool(encoder(img)).float())
-    head, threads = (
-        linear_head(encoder.out_channels, num_classes, cfg["head"]).to(env.device),
-        torch.get_num_threads(),
-    )
+
+    @torch.no_grad()
+    def features(img):
+        return pool(encoder(img)).float()
+
+    head = linear_head(encoder.out_channels, num_classes, cfg["head"]).to(env.device)
+    threads = torch.get_num_threads()
     if cfg["augment"]:  # §7's: features of every augmented batch, the head under DDP
         head, trainable = for_ranks(head, env)
-        forward, (batches, steps) = (
-            (lambda img: trainable(features(img))),
-            loader_epochs(train_set, cfg, env),
-        )
-    else:  # ours: features once, each rank its shard; all ranks train the same head on all of them
-        x_nc, y_n = run_over(train_set, features, cfg, env, "train features")
-        batch = cfg["global_batch"]  # at most len(x_nc): fit_batch_to_data
-        trainable, forward, steps = (
-            head,
-            head,
-            len(x_nc) // batch,
-        )  # drop the last partial batch (BatchNorm)
+        batches, steps = loader_epochs(train_set, cfg, env)
 
-        def batches(epoch):
-            order = torch.randperm(
-                len(x_nc), generator=torch.Generator().manual_seed(cfg["seed"] + epoch)
-            )
-            return ((x_nc[idx], y_n[idx]) for idx in order[: steps * batch].split(batch))
+        def forward(img):
+            return trainable(features(img))
 
-        if (
-            env.device.type == "cpu" and cfg["threads"] is None
-        ):  # a hack: with 2 threads a head step
-            torch.set_num_threads(1)  # ran 70× slower (46 vs 0.6 ms) on a busy 2-core machine
+    else:  # ours: features once; all ranks train the same head on all of them
+        batches, steps = feature_epochs(train_set, features, cfg, env)
+        trainable = forward = head
+        if env.device.type == "cpu" and cfg["threads"] is None:
+            # a hack: with 2 threads a head step ran 70× slower (46 vs 0.6 ms) on a busy 2-core machine
+            torch.set_num_threads(1)
     fit(forward, trainable, build_optimizer(head, cfg), batches, steps, cfg, env, num_classes)
     torch.set_num_threads(threads)
-    classifier = lambda img: head.eval()(features(img))  # noqa: E731
+
+    def classifier(img):
+        return head.eval()(features(img))
+
     return {"": run_over(val_set, classifier, cfg, env, "val")}, classifier
 
 
 def finetune(encoder, train_set, val_set, cfg, env, num_classes):
-    """Every weight trains (BatchNorm statistics update, drop path on); with --ema their EMA is evaluated too."""
+    """Every weight trains (BatchNorm statistics update, drop path on); with --ema their EMA is evaluated too.
+    Returns ({"": (val logits, labels), maybe "ema_": ...}, the classifier)."""
     model, trainable = for_ranks(Classifier(encoder, num_classes).to(env.device), env)
-    scale_fn = (
-        layer_decay_fn(len(encoder.blocks), cfg["layer_decay"]) if cfg["layer_decay"] else None
-    )
+    scale_fn = None
+    if cfg["layer_decay"]:
+        scale_fn = layer_decay_fn(len(encoder.blocks), cfg["layer_decay"])
     optimizer = build_optimizer(model, cfg, scale_fn)  # names without DDP's "module." prefix
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema"]), use_buffers=True)
-        if cfg["ema"]
-        else None
-    )
+    ema = None
+    if cfg["ema"]:
+        ema_fn = get_ema_multi_avg_fn(cfg["ema"])
+        ema = AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+
+    def update_ema():
+        ema.update_parameters(model)
+
     batches, steps = loader_epochs(train_set, cfg, env)
-    fit(
-        trainable,
-        trainable,
-        optimizer,
-        batches,
-        steps,
-        cfg,
-        env,
-        num_classes,
-        after_step=(lambda: ema.update_parameters(model)) if ema else (lambda: None),
-    )
+    after_step = update_ema if ema is not None else None
+    fit(trainable, trainable, optimizer, batches, steps, cfg, env, num_classes, after_step)
     out = {"": run_over(val_set, model.eval(), cfg, env, "val")}
     if ema is not None:
         out["ema_"] = run_over(val_set, ema.module.eval(), cfg, env, "val (EMA)")
@@ -772,59 +837,79 @@ def fit_batch_to_data(cfg, num_train):
         check_config(cfg)  # --min-lr against the lower lr
 
 
+# --- One evaluation: train the chosen way, then top-1 / top-5 (and §9's J^(m)) on the val split.
 def evaluate(encoder, cfg, env):
     """Train the chosen way, then top-1/top-5 over the whole val split (also of the EMA weights)."""
     train_set, val_set, num_classes = build_data(cfg)
     fit_batch_to_data(cfg, len(train_set))
-    picked = None  # §9's val images, picked before training: too few in a class, or too many pairs, is said now
+    # §9's val images, picked before training: too few in a class, or too many pairs, is said now
+    picked = None
     if cfg["interactions"]:
-        picked = class_balanced_subset(
-            labels_of(val_set),
-            cfg["interactions"],
-            cfg["seed"],
-            num_classes,
-            split="val",
-            flag="--interactions",
-        )
-        try:
-            sample_pairs(default_grid(cfg["test_size"]), cfg["interaction_pairs"])
-        except models.ConfigError as e:  # more pairs than the grid of this image size has
-            raise EvalError(
-                f"--interaction-pairs {cfg['interaction_pairs']} is too many at {cfg['test_size']} px: "
-                f"{e}"
-            ) from None
+        picked = pick_interaction_images(val_set, cfg, num_classes)
     if env.is_main:
-        recipe = f"the {cfg['recipe']} recipe of §7" if cfg["recipe"] else "laptop settings"
-        batch = f"global batch {cfg['global_batch']}"
-        if cfg["origin"]["global_batch"].endswith("train images)"):
-            batch += " (every train image: fewer than the batch asked for)"
-        print(
-            f"{cfg['mode']} of {cfg['arch']} ({cfg['checkpoint'] or 'random init'}) on {cfg['data']}, {recipe}: "
-            f"{len(train_set)} train / {len(val_set)} val images, {env.world_size} process(es) on {env.device.type}, "
-            f"{cfg['optimizer']} lr {cfg['lr']:.3g}, {batch}, {cfg['epochs']} epochs"
-        )
+        print_start(cfg, env, len(train_set), len(val_set))
     way = finetune if cfg["mode"] == "finetune" else probe
     result = dict(num_train=len(train_set), num_val=len(val_set), num_classes=num_classes)
     outputs, classifier = way(encoder, train_set, val_set, cfg, env, num_classes)
     for prefix, (logits_nk, labels_n) in outputs.items():
-        hit_nk = (
-            logits_nk.topk(min(5, num_classes), dim=1).indices == labels_n[:, None]
-        )  # top-5 of ≥ 5 classes
-        for k in (1, 5):
-            result[f"{prefix}top{k}"] = round(
-                100.0 * hit_nk[:, :k].any(dim=1).float().mean().item(), 3
-            )
+        for k, accuracy in top_k(logits_nk, labels_n).items():
+            result[f"{prefix}top{k}"] = accuracy
     if picked is not None and env.is_main:
         result["interactions"] = interactions(classifier, val_set, picked, cfg, env.device)
     return result
 
 
+def top_k(logits_nk, labels_n):
+    """{1: top-1 %, 5: top-5 %} (top-5 of fewer than 5 classes: of all of them), rounded to 3 places."""
+    k_max = min(5, logits_nk.shape[1])
+    hit_nk = logits_nk.topk(k_max, dim=1).indices == labels_n[:, None]
+    return {k: round(100.0 * hit_nk[:, :k].any(dim=1).float().mean().item(), 3) for k in (1, 5)}
+
+
+def pick_interaction_images(val_set, cfg, num_classes):
+    """--interactions val images per class (seeded, class-balanced), after checking that the grid of this
+    size holds --interaction-pairs pairs."""
+    picked = class_balanced_subset(
+        labels_of(val_set),
+        cfg["interactions"],
+        cfg["seed"],
+        num_classes,
+        split="val",
+        flag="--interactions",
+    )
+    try:
+        sample_pairs(default_grid(cfg["test_size"]), cfg["interaction_pairs"])
+    except ConfigError as e:  # more pairs than the grid of this image size has
+        raise ConfigError(
+            f"--interaction-pairs {cfg['interaction_pairs']} is too many at {cfg['test_size']} px: {e}"
+        ) from None
+    return picked
+
+
+def print_start(cfg, env, num_train, num_val):
+    """One line: what is evaluated, on what, with which recipe (and how to get the other), lr and batch."""
+    if cfg["recipe"]:
+        recipe = f"the {cfg['recipe']} recipe of §7"
+    else:
+        recipe = "small-data settings"
+    batch = f"global batch {cfg['global_batch']}"
+    if cfg["origin"]["global_batch"].endswith("train images)"):
+        batch += " (every train image: fewer than the batch asked for)"
+    encoder = cfg["checkpoint"] or "random init"
+    print(
+        f"{cfg['mode']} of {cfg['arch']} ({encoder}) on {cfg['data']}, {recipe} ({the_other_recipe(cfg)}): "
+        f"{num_train} train / {num_val} val images, {env.world_size} process(es) on {env.device.type}, "
+        f"{cfg['optimizer']} lr {cfg['lr']:.3g}, {batch}, {cfg['epochs']} epochs"
+    )
+
+
 def interactions(classifier, val_set, idx, cfg, device):
     """§9's J^(m) of the trained classifier on the val images `idx` (K per class: seeded, class-balanced), by the
-    released protocol (a2mim.interaction_strength) at --interaction-pairs × --interaction-contexts; the baseline is
-    the mean colour of those images (the dataset mean of §9). I^(m) is kept per image, for a bootstrap over images."""
+    released protocol (interaction.interaction_strength) at --interaction-pairs × --interaction-contexts; the
+    baseline is the mean colour of those images (the dataset mean of §9). I^(m) is kept per image, for a
+    bootstrap over images."""
     start = time.time()
-    images, labels = zip(*[val_set[i] for i in idx.tolist()])
+    images, labels = zip(*[val_set[i] for i in idx.tolist()], strict=True)
     img_bchw, labels_b = torch.stack(images).to(device), torch.tensor(labels, device=device)
     baseline_c11 = img_bchw.mean(dim=(0, 2, 3))[:, None, None]
     out = interaction_strength(
@@ -846,9 +931,12 @@ def interactions(classifier, val_set, idx, cfg, device):
     )
 
 
+# --- The result: printed, then appended to --results.
 def report(cfg, result, seconds):
     """Print the result, then append it as one JSON line with its configuration (never losing the accuracy)."""
-    ema = f"; EMA weights top-1 {result['ema_top1']:.2f} %" if "ema_top1" in result else ""
+    ema = ""
+    if "ema_top1" in result:
+        ema = f"; EMA weights top-1 {result['ema_top1']:.2f} %"
     print(
         f"{cfg['mode']}: top-1 {result['top1']:.2f} %, top-5 {result['top5']:.2f} % on {result['num_val']} "
         f"val images{ema} ({seconds:.0f} s); appending it to {cfg['results']}",
@@ -870,9 +958,8 @@ def report(cfg, result, seconds):
         append_line(cfg["results"], json.dumps(record))  # a failed append leaves the file as it was
     except (OSError, RunError) as e:
         why = getattr(e, "strerror", None) or str(e)
-        raise EvalError(
-            f"cannot append the result to {cfg['results']} ({why}); "
-            "the accuracy above is not recorded"
+        raise RunError(
+            f"cannot append the result to {cfg['results']} ({why}); the accuracy above is not recorded"
         ) from None
 
 
@@ -880,99 +967,93 @@ def check_results_file(path):
     """Before any training: --results must name a file, and one that holds only JSON lines (a damaged file would
     take the new line with it, and reproduce.py refuses to read it)."""
     if os.path.isdir(path) or not os.path.basename(path):
-        raise EvalError(
+        raise ConfigError(
             f"--results must name a JSONL file, not a folder (got {path!r}; e.g. "
             f"{os.path.join(path, 'results.jsonl')})"
         )
-    if os.path.exists(path) and not os.path.isfile(
-        path
-    ):  # append_line replaces the file: never a device's node
-        raise EvalError(f"--results must name a regular JSONL file, got {path}")
+    # append_line replaces the file: never a device's node
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ConfigError(f"--results must name a regular JSONL file, got {path}")
     read_jsonl(path)  # JsonlError naming the bad line
 
 
+def check_export(args):
+    """Before anything is read or written: --export names a new regular file (or --overwrite), never the
+    checkpoint being read, and comes without the flags of an evaluation."""
+    read = args.checkpoint or DEFAULT_CHECKPOINT
+    if args.init == "random":
+        raise ConfigError(
+            "--export writes a checkpoint's encoder; pass --checkpoint, not --init random"
+        )
+    if (
+        args.finetune or args.interactions
+    ):  # export writes the checkpoint's weights as they are, then exits
+        raise ConfigError(
+            "--export writes the checkpoint's encoder as it is and exits; run --finetune / "
+            "--interactions without --export"
+        )
+    if os.path.isdir(args.export) or not os.path.basename(args.export):
+        raise ConfigError(
+            f"--export {args.export} is a folder; name the file to write in it, e.g. "
+            f"{os.path.join(args.export, 'encoder.pth')}"
+        )
+    if not os.path.exists(args.export):
+        return
+    if not os.path.isfile(args.export):  # atomic_save would replace it
+        raise ConfigError(f"--export must name a regular file to write, got {args.export}")
+    if os.path.exists(read) and os.path.samefile(args.export, read):
+        raise ConfigError(
+            f"--export {args.export} is the checkpoint being read; export to another file"
+        )
+    if not args.overwrite:
+        raise ConfigError(f"{args.export} already exists; pass --overwrite to replace it")
+
+
+def export(encoder, args, cfg, env):
+    """--export: the encoder as a state dict that `--export-to`'s model loads with strict=True."""
+    if not env.is_main:
+        return
+    to = args.export_to or "torchvision"
+    how = weights.export(encoder, args.export, to)
+    print(
+        f"wrote {cfg['arch']} from {cfg['checkpoint']} as a {to} state dict to {args.export}; "
+        f"it loads with strict=True into {how}"
+    )
+
+
+@entry_point
 def main(argv=None):
     args = get_parser().parse_args(argv)
     start = time.time()
-    try:
-        env = setup_distributed()
-        if args.export_to and not args.export:
-            raise EvalError(
-                "--export-to names the library of --export; add --export OUT.pth or drop it"
-            )
-        if (
-            args.export
-        ):  # before anything is read or written: never the checkpoint being read, nor another file
-            read = args.checkpoint or DEFAULT_CHECKPOINT  # that exists, unless --overwrite
-            if args.init == "random":
-                raise EvalError(
-                    "--export writes a checkpoint's encoder; pass --checkpoint, not --init random"
-                )
-            if (
-                args.finetune or args.interactions
-            ):  # export writes the checkpoint's weights as they are, then exits
-                raise EvalError(
-                    "--export writes the checkpoint's encoder as it is and exits; run --finetune / "
-                    "--interactions without --export"
-                )
-            if os.path.isdir(args.export) or not os.path.basename(args.export):
-                raise EvalError(
-                    f"--export {args.export} is a folder; name the file to write in it, e.g. "
-                    f"{os.path.join(args.export, 'encoder.pth')}"
-                )
-            if os.path.exists(args.export) and not os.path.isfile(
-                args.export
-            ):  # atomic_save would replace it
-                raise EvalError(f"--export must name a regular file to write, got {args.export}")
-            if (
-                os.path.exists(args.export)
-                and os.path.exists(read)
-                and os.path.samefile(args.export, read)
-            ):
-                raise EvalError(
-                    f"--export {args.export} is the checkpoint being read; export to another file"
-                )
-            if os.path.exists(args.export) and not args.overwrite:
-                raise EvalError(f"{args.export} already exists; pass --overwrite to replace it")
-        else:
-            check_results_file(args.results or DEFAULTS["probe"]["results"])
-        source = load_source(args)
-        if args.export:  # before the encoder is built: a ViT has no torchvision model
-            weights.check_export(source["encoder_kwargs"]["arch"], args.export_to or "torchvision")
-        cfg = resolve_config(args, source, env.world_size)
-        if cfg["threads"]:
-            torch.set_num_threads(cfg["threads"])
-        if args.print_config:
-            print(
-                "\n".join(
-                    f"{k:16} {json.dumps(v):24} {cfg['origin'][k]}"
-                    for k, v in cfg.items()
-                    if k != "origin"
-                )
-            )
-            return 0
-        torch.manual_seed(cfg["seed"])  # a random encoder and the head start the same on every rank
-        encoder = build_loaded_encoder(source, cfg)
-        if args.export:
-            if env.is_main:
-                to = args.export_to or "torchvision"
-                how = weights.export(encoder, args.export, to)
-                print(
-                    f"wrote {cfg['arch']} from {cfg['checkpoint']} as a {to} state dict to {args.export}; "
-                    f"it loads with strict=True into {how}"
-                )
-            return 0
-        # channels_last weights make every conv's output channels_last too (faster under bf16)
-        result = evaluate(
-            channels_last(encoder.to(env.device), cfg["family"], env.device), cfg, env
+    env = setup_distributed()
+    if args.export_to and not args.export:
+        raise ConfigError(
+            "--export-to names the library of --export; add --export OUT.pth or drop it"
         )
-        if env.is_main:
-            report(cfg, result, time.time() - start)
-    except user_errors() as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    finally:
-        cleanup_distributed()
+    if args.export:
+        check_export(args)
+    else:
+        check_results_file(args.results or DEFAULTS["probe"]["results"])
+    source = load_source(args)
+    if args.export:  # before the encoder is built: a ViT has no torchvision model
+        weights.check_export(source["encoder_kwargs"]["arch"], args.export_to or "torchvision")
+    cfg = resolve_config(args, source, env.world_size)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if args.print_config:
+        settings = {k: v for k, v in cfg.items() if k != "origin"}
+        print("\n".join(config_table(settings, cfg["origin"])))
+        return 0
+    torch.manual_seed(cfg["seed"])  # a random encoder and the head start the same on every rank
+    encoder = build_loaded_encoder(source, cfg)
+    if args.export:
+        export(encoder, args, cfg, env)
+        return 0
+    # channels_last weights make every conv's output channels_last too (faster under bf16)
+    encoder = channels_last(encoder.to(env.device), cfg["family"], env.device)
+    result = evaluate(encoder, cfg, env)
+    if env.is_main:
+        report(cfg, result, time.time() - start)
     return 0
 
 

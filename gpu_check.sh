@@ -88,14 +88,15 @@ sigterm_resume() {  # SIGTERM mid-run: exit 143 with a checkpoint; the same comm
   echo "train.py exited with $rc after SIGTERM"
   [ "$rc" = 143 ] && test -s "$RUNS/sigterm/checkpoint.pt" || return 1
   grep -q "stopped by SIGTERM" "$LOGS/sigterm_resume.log" || return 1  # train.py's own exit, not a kill
-  step=$(py -c "import sys, runtime; print(runtime.load_checkpoint(sys.argv[1])['step'])" "$RUNS/sigterm/checkpoint.pt")
+  step=$(py -c "import sys, runtime; print(runtime.load_checkpoint(sys.argv[1]).step)" "$RUNS/sigterm/checkpoint.pt")
   echo "checkpoint at step $step; resuming to step $((step + 5))"
   train "${args[@]}" --max-steps $((step + 5)) | tee "$WORK/resume.out" && grep -q "resuming at" "$WORK/resume.out" &&
-    py -c "import sys, runtime; s = runtime.load_checkpoint(sys.argv[1])['step']; print('final step', s); assert s == $step + 5" \
+    py -c "import sys, runtime; s = runtime.load_checkpoint(sys.argv[1]).step; print('final step', s); assert s == $step + 5" \
       "$RUNS/sigterm/checkpoint.pt"
 }
 
-EVAL=(--checkpoint "$RUNS/dataloader_224/checkpoint.pt" --data-dir "$IMAGES" --epochs 1 --batch-size 32 --workers 4 \
+# --preset official: §7's arch recipes (RSB's BCE, RandAugment, the 160/224 crops); a folder alone takes the small-data ones.
+EVAL=(--checkpoint "$RUNS/dataloader_224/checkpoint.pt" --data-dir "$IMAGES" --preset official --epochs 1 --batch-size 32 --workers 4 \
       --results "$WORK/results.jsonl")
 probe() { py eval_linear.py "${EVAL[@]}"; }
 finetune() { py eval_linear.py "${EVAL[@]}" --finetune; }

@@ -35,8 +35,9 @@ RESNET_LAYERS = {
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
     "resnet101": (Bottleneck, [3, 4, 23, 3]),
     "resnet152": (Bottleneck, [3, 8, 36, 3]),
+    # Not in torchvision: the same blocks, deeper stages 2-3.
     "resnet200": (Bottleneck, [3, 24, 36, 3]),
-}  # not in torchvision; same blocks, deeper stages 2-3
+}
 
 
 class ResNet(torchvision.models.ResNet):
@@ -47,9 +48,8 @@ class ResNet(torchvision.models.ResNet):
 
     family = "cnn"
     default_token_site = "layer4"
-    mask_token_std = (
-        0.02  # T ~ trunc-normal, as released (mim_resnet.py: trunc_normal_ on the tensor)
-    )
+    # T ~ trunc-normal, as released (mim_resnet.py: trunc_normal_ on the tensor).
+    mask_token_std = 0.02
 
     def __init__(self, arch, *, width=64, small_stem=False):
         block, layers = RESNET_LAYERS[arch]
@@ -67,10 +67,9 @@ class ResNet(torchvision.models.ResNet):
             elif isinstance(m, BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
-        chans = [width] + [
-            width * block.expansion * 2**k for k in range(4)
-        ]  # the stem's, then each stage's output
-        # The input of layer{k+1} is the output of layer{k} (layer1's: the stem's).
+        # Channels of the stem's output, then of each stage's. The input of layer{k+1} is the
+        # output of layer{k} (layer1's: the stem's).
+        chans = [width] + [width * block.expansion * 2**k for k in range(4)]
         strides, self.out_stride = _site_strides(arch, small_stem=small_stem)
         self.token_sites = {
             name: (chans[k], stride) for k, (name, stride) in enumerate(strides.items())
@@ -104,9 +103,9 @@ class ResNet(torchvision.models.ResNet):
 
 
 # --- ConvNeXt (the paper's third family): torchvision's ConvNeXt, token after the last downsampling
-CONVNEXT_DEPTHS = {
+CONVNEXT_DEPTHS = {  # depths, first-stage width
     "convnext_tiny": ((3, 3, 9, 3), 96),
-    "convnext_small": ((3, 3, 27, 3), 96),  # depths, width
+    "convnext_small": ((3, 3, 27, 3), 96),
     "convnext_base": ((3, 3, 27, 3), 128),
 }
 
@@ -312,16 +311,21 @@ def token_site(encoder, token_at=None):
 ARCHS = tuple(RESNET_LAYERS) + tuple(VIT_CONFIGS) + tuple(CONVNEXT_DEPTHS)
 
 
-def arch_family(arch):
-    """ "vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
-    return "vit" if arch in VIT_CONFIGS else "cnn"
-
-
 def arch_kind(arch):
-    """ "resnet", "convnext" or "vit": the family whose recipes and foreign key names (weights.py) an arch follows."""
+    """ "resnet", "convnext" or "vit": the kind of encoder an arch builds, whose recipes and
+    foreign key names (weights.py) it follows. The one place that tells an arch's kind."""
     if arch in RESNET_LAYERS:
         return "resnet"
-    return "convnext" if arch in CONVNEXT_DEPTHS else "vit"
+    if arch in CONVNEXT_DEPTHS:
+        return "convnext"
+    return "vit"
+
+
+def arch_family(arch):
+    """ "vit" or "cnn": what an arch's encoder reports as `.family`, known without building it."""
+    if arch_kind(arch) == "vit":
+        return "vit"
+    return "cnn"
 
 
 def _check_arch(arch):
@@ -329,10 +333,7 @@ def _check_arch(arch):
         raise ConfigError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
 
 
-def _encoder_class(arch):
-    if arch in RESNET_LAYERS:
-        return ResNet
-    return ConvNeXt if arch in CONVNEXT_DEPTHS else ViT
+ENCODER_CLASSES = {"resnet": ResNet, "convnext": ConvNeXt, "vit": ViT}
 
 
 def _site_strides(arch, *, small_stem=False, patch_size=16):
@@ -340,19 +341,24 @@ def _site_strides(arch, *, small_stem=False, patch_size=16):
     ResNet: the stem divides by 4 (7×7/2 conv, 3×3/2 max-pool; CIFAR-style: 1), layers 2–4 by 2 each.
     ConvNeXt: the stem by 4 (4×4/4 patchify; CIFAR-style: 1), each later stage's downsampling by 2.
     ViT: every block at the patch size."""
-    if arch in RESNET_LAYERS:
-        s = 1 if small_stem else 4
-        return {f"layer{k + 1}": s * 2 ** max(k - 1, 0) for k in range(4)}, s * 8
-    if arch in CONVNEXT_DEPTHS:
-        s = 1 if small_stem else 4
-        return {f"stage{k + 1}": s * 2**k for k in range(4)}, s * 8
+    kind = arch_kind(arch)
+    stem = 1 if small_stem else 4
+    if kind == "resnet":
+        return {f"layer{k + 1}": stem * 2 ** max(k - 1, 0) for k in range(4)}, stem * 8
+    if kind == "convnext":
+        return {f"stage{k + 1}": stem * 2**k for k in range(4)}, stem * 8
     return {f"block{k}": patch_size for k in range(VIT_CONFIGS[arch][0])}, patch_size
 
 
-def _stem_and_patch(img_size, small_stem, patch_size):
-    """build_encoder's defaults: a CIFAR-style stem and 4-px ViT patches up to SMALL_INPUT px."""
+def stem_and_patch(img_size, small_stem, patch_size):
+    """(small_stem, patch_size) with build_encoder's defaults for the ones given as None: a
+    CIFAR-style stem and 4-px ViT patches up to SMALL_INPUT px, else the standard stem and 16 px."""
     small = img_size <= SMALL_INPUT
-    return (small if small_stem is None else small_stem), (patch_size or (4 if small else 16))
+    if small_stem is None:
+        small_stem = small
+    if not patch_size:
+        patch_size = 4 if small else 16
+    return small_stem, patch_size
 
 
 def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
@@ -362,7 +368,7 @@ def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
     names the accepted sizes nearest to img_size."""
 
     def stride_at(size):
-        stem, patch = _stem_and_patch(size, small_stem, patch_size)
+        stem, patch = stem_and_patch(size, small_stem, patch_size)
         return _site_strides(arch, small_stem=stem, patch_size=patch)[1]
 
     _check_arch(arch)
@@ -378,10 +384,8 @@ def check_img_size(arch, img_size, *, small_stem=None, patch_size=None):
     # The accepted sizes either side of img_size lie within two of the larger stride.
     window = range(max(1, img_size - 2 * max(small, large)), img_size + 2 * max(small, large) + 1)
     accepted = [n for n in window if n % stride_at(n) == 0]
-    below, above = (
-        [n for n in accepted if n < img_size][-2:],
-        [n for n in accepted if n > img_size][:2],
-    )
+    below = [n for n in accepted if n < img_size][-2:]
+    above = [n for n in accepted if n > img_size][:2]
     near = below + above + ["…"]
     if below and below[0] > stride_at(1):  # the smallest size taken is one stride
         near.insert(0, "…")
@@ -397,9 +401,10 @@ def token_site_stride(arch, img_size, token_at=None, *, small_stem=None, patch_s
     encoder: what the default mask block needs before any model exists. ConfigError for a size the
     encoder refuses (`check_img_size`) or an unknown site."""
     check_img_size(arch, img_size, small_stem=small_stem, patch_size=patch_size)
-    small_stem, patch_size = _stem_and_patch(img_size, small_stem, patch_size)
+    small_stem, patch_size = stem_and_patch(img_size, small_stem, patch_size)
     strides, _ = _site_strides(arch, small_stem=small_stem, patch_size=patch_size)
-    return strides[_resolve_site(strides, _encoder_class(arch).default_token_site, token_at)]
+    default_site = ENCODER_CLASSES[arch_kind(arch)].default_token_site
+    return strides[_resolve_site(strides, default_site, token_at)]
 
 
 # --- The one entry point
@@ -414,13 +419,13 @@ def build_encoder(
     * `drop_path`   ViT default 0.1 (§4), ConvNeXt default 0.
     Raises ConfigError naming the choices for an unknown arch, and naming the sizes it takes for an
     image size the encoder cannot tile exactly (`check_img_size`: the decoder must give back the input size)."""
-    check_img_size(
-        arch, img_size, small_stem=small_stem, patch_size=patch_size
-    )  # first: an unknown arch
-    small_stem, patch_size = _stem_and_patch(img_size, small_stem, patch_size)
-    if arch in RESNET_LAYERS:
+    # First, so that an unknown arch gets its sentence.
+    check_img_size(arch, img_size, small_stem=small_stem, patch_size=patch_size)
+    small_stem, patch_size = stem_and_patch(img_size, small_stem, patch_size)
+    kind = arch_kind(arch)
+    if kind == "resnet":
         encoder = ResNet(arch, width=width or 64, small_stem=small_stem)
-    elif arch in CONVNEXT_DEPTHS:
+    elif kind == "convnext":
         encoder = ConvNeXt(arch, width=width, small_stem=small_stem, drop_path=drop_path or 0.0)
     else:
         dp = 0.1 if drop_path is None else drop_path

@@ -3,11 +3,12 @@
     python reconstruct.py --checkpoint out/a2mim_resnet18_fashion-mnist/checkpoint.pt photos/ cat.jpg
     python reconstruct.py --checkpoint a2mim_r50_l3_sz224_init_8xb256_cos_ep300_full.pth photos/ --out r50.png
 
-Rows of original | model input | prediction | prediction pasted into the visible pixels (save_reconstructions, also used by train.py),
-one per image: files in the order given, folders walked as data.py walks an image folder (sorted, hidden files
-skipped). Each image is resized and centre-cropped to the model's size; the masks come from --seed alone (the same
-on every machine), so the same command writes the same bytes. The model needs its decoder: a train.py checkpoint or a released *_full.pth
-(weights.load_pretrained reads both), not a backbone-only or torchvision file. Runs on the CPU, in eval mode.
+Rows of original | model input | prediction | prediction pasted into the visible pixels (save_reconstructions,
+also used by train.py), one per image: files in the order given, folders walked as data.py walks an image folder
+(sorted, hidden files skipped). Each image is resized and centre-cropped to the model's size; the masks come from
+--seed alone (the same on every machine), so the same command writes the same bytes. The model needs its decoder:
+a train.py checkpoint or a released *_full.pth (weights.load_pretrained reads both), not a backbone-only or
+torchvision file. Runs on the CPU, in eval mode.
 """
 
 import argparse
@@ -30,26 +31,28 @@ import models
 import runtime
 import weights
 from a2mim import A2MIM, mask_blocks, resize_mask
-from runtime import CheckpointError, RunError
+from runtime import (
+    AT_LEAST_1,
+    SEED,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    Range,
+    RunError,
+    Setting,
+)
 
 NO_DECODER = (
     "{} has no decoder: the picture needs a pre-trained A²MIM/SimMIM model (train.py checkpoint or a "
     "released *_full.pth)"
 )
-PICTURE_OPTIONS = (
-    "fill",
-    "token_at",
-    "token_mode",
-)  # of a train.py run's settings, those that change the picture
+# Of a train.py run's settings, those that change the picture.
+PICTURE_OPTIONS = ("fill", "token_at", "token_mode")
 
 
 # --- The picture: the one that train.py writes during training, and this script for any model.
-RECON_COLUMNS = (
-    "original",
-    "input",
-    "prediction",
-    "pasted",
-)  # left to right; train.py names its files by them
+# Left to right; train.py names its files by them.
+RECON_COLUMNS = ("original", "input", "prediction", "pasted")
 
 
 def save_reconstructions(path, img_bchw, out, n=8):
@@ -64,9 +67,8 @@ def save_reconstructions(path, img_bchw, out, n=8):
     seen = out.get("input", img_bchw)[:n].detach().float().cpu()
     m = resize_mask(mask, pred.shape[-1]).float()
     rows = torch.stack([img_bchw[:n].float().cpu(), seen, pred, seen * (1 - m) + pred * m], dim=1)
-    rows = rows * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(
-        data.IMAGENET_MEAN
-    ).view(3, 1, 1)
+    std, mean = torch.tensor(data.IMAGENET_STD), torch.tensor(data.IMAGENET_MEAN)
+    rows = rows * std.view(3, 1, 1) + mean.view(3, 1, 1)
 
     # 2. Tiles of 96 to 256 px, 2-px black lines between them, 4 to a row: uint8 [H, W, 3] as save_image rounds.
     size = pred.shape[-1]
@@ -92,55 +94,57 @@ def save_reconstructions(path, img_bchw, out, n=8):
     runtime.atomic_save(path, png.getvalue())
 
 
+# fmt: off
+SETTINGS = (
+    Setting(name="checkpoint", help="train.py's checkpoint.pt, or a released OpenMixup *_full.pth", type=str),
+    Setting(name="out", default="recon.png", help="the PNG to write"),
+    Setting(name="overwrite", default=False, help="replace --out if it exists"),
+    Setting(name="seed", default=0, help="seed of the masks", range=SEED),
+    Setting(name="n", default=8, help="rows: the first N images", range=AT_LEAST_1),
+    Setting(name="img_size", help="the model's input size", range=AT_LEAST_1, type=int),
+    Setting(name="mask_ratio", help="fraction of the mask blocks masked", type=float,
+            range=Range(0, 1, lo_open=True, hi_open=True)),
+    Setting(name="method", help="A²MIM's mask token or SimMIM's", choices=("a2mim", "simmim")),
+    Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int),
+)
+# What an unset setting means, where None would not say it.
+UNSET = {"checkpoint": "none; required", "img_size": "the checkpoint's; a CNN takes others",
+         "mask_ratio": "the checkpoint's, else 0.6", "threads": "torch's own choice",
+         "method": "the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits"}
+# fmt: on
+
+
 def get_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    a = p.add_argument
-    a("images", nargs="*", metavar="IMAGES_OR_FOLDER", help="image files and folders of images")
-    a("--checkpoint", help="train.py's checkpoint.pt, or a released OpenMixup *_full.pth")
-    a("--out", default="recon.png", help="the PNG to write (default recon.png)")
-    a("--overwrite", action="store_true", help="replace --out if it exists")
-    a("--seed", type=int, default=0, help="seed of the masks (default 0)")
-    a("--n", type=int, default=8, help="rows: the first N images (default 8)")
-    a(
-        "--img-size",
-        type=int,
-        help="the model's input size (default: the checkpoint's; a CNN takes others)",
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGES_OR_FOLDER", help="image files and folders of images"
     )
-    a(
-        "--mask-ratio",
-        type=float,
-        help="fraction of the mask blocks masked (default: the checkpoint's, else 0.6)",
-    )
-    a(
-        "--method",
-        choices=("a2mim", "simmim"),
-        help="default: the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits",
-    )
-    a("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    runtime.add_settings(p, SETTINGS, describe_default=lambda s: UNSET.get(s.name, s.default))
     return p
 
 
-def check_args(args):
-    """Everything that needs no file read: ConfigError / RunError, one sentence, before anything runs."""
-    if args.checkpoint is None or not args.images:
-        raise models.ConfigError(
+def resolve(args):
+    """The settings (defaults < command line) and the images, checked before anything runs: ConfigError /
+    RunError, one sentence, for everything that needs no file read."""
+    cfg = {s.name: s.default for s in SETTINGS} | runtime.command_line(args, SETTINGS)
+    c = argparse.Namespace(images=args.images, **cfg)
+    if c.checkpoint is None or not c.images:
+        raise ConfigError(
             "name a checkpoint and the images: python reconstruct.py --checkpoint FILE "
             "IMAGES_OR_FOLDER... (train.py's checkpoint.pt or a released *_full.pth)"
         )
-    if args.n < 1:
-        raise models.ConfigError(f"--n must be at least 1, got {args.n}")
-    if args.threads is not None and args.threads < 1:
-        raise models.ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if not args.out.lower().endswith(".png"):
-        raise RunError(f"--out {args.out} must name a .png file")
-    if os.path.isdir(args.out):
-        raise RunError(f"--out {args.out} is a folder; name the .png file to write")
-    if os.path.lexists(args.out) and not args.overwrite:
+    runtime.check_settings(SETTINGS, cfg)
+    if not c.out.lower().endswith(".png"):
+        raise RunError(f"--out {c.out} must name a .png file")
+    if os.path.isdir(c.out):
+        raise RunError(f"--out {c.out} is a folder; name the .png file to write")
+    if os.path.lexists(c.out) and not c.overwrite:
         raise RunError(
-            f"--out {args.out} exists; pass --overwrite to replace it, or name another file"
+            f"--out {c.out} exists; pass --overwrite to replace it, or name another file"
         )
+    return c
 
 
 def image_paths(names):
@@ -150,52 +154,62 @@ def image_paths(names):
     paths, named = [], f"*{', *'.join(data.IMAGE_EXTENSIONS)}"
     for name in names:
         if os.path.isdir(name):
-            found = data._images_under(name, {})
+            found = data.images_under(name, {})
             if not found:
-                raise data.DataError(
+                raise DataError(
                     f"{name} holds no images (files named {named}; hidden files are skipped)"
                 )
             paths += found
         elif not os.path.isfile(name):
-            raise data.DataError(f"{name} does not exist")
+            raise DataError(f"{name} does not exist")
         elif not name.lower().endswith(data.IMAGE_EXTENSIONS):
-            raise data.DataError(f"{name} is not an image file (expected a file named {named})")
+            raise DataError(f"{name} is not an image file (expected a file named {named})")
         else:
             paths.append(name)
     return paths
 
 
-def load_model(path, *, img_size=None, mask_ratio=None, method=None):
-    """(a2mim.A2MIM in eval mode holding the file's encoder, mask token and decoder, the file's kind).
-    CheckpointError, one sentence, for a file without a decoder or whose token fits neither method."""
+def load_with_decoder(path):
+    """weights.load_pretrained(path), for a file that holds a decoder; else CheckpointError, one sentence."""
     try:
         found = weights.load_pretrained(path)
     except (
         weights.PlainStateDictError
-    ):  # a plain (torchvision) state dict: an encoder alone, whatever its arch
+    ):  # a plain (torchvision) state dict: an encoder alone, any arch
         raise CheckpointError(NO_DECODER.format(path)) from None
     if not found["decoder"]:
         raise CheckpointError(NO_DECODER.format(path))
-    kw, config = dict(found["encoder_kwargs"]), found["config"]
-    trained_size = kw["img_size"]
-    if img_size is not None and img_size != trained_size:
-        if models.arch_family(kw["arch"]) == "vit":  # its position embedding fixes the size
-            raise models.ConfigError(
-                f"{path} holds a {kw['arch']} for {trained_size}-px images; pass --img-size "
-                f"{trained_size} or leave it out"
-            )
-        # A CNN takes any size, with the stem its weights were trained with.
-        kw |= dict(
-            img_size=img_size,
-            small_stem=models._stem_and_patch(trained_size, kw.get("small_stem"), None)[0],
+    return found
+
+
+def encoder_at(path, kw, img_size):
+    """The file's encoder (its encoder_kwargs `kw`), for `img_size` px images (None: the file's size)."""
+    arch, trained_size = kw["arch"], kw["img_size"]
+    if img_size is None or img_size == trained_size:
+        return models.build_encoder(**kw)
+    if models.arch_kind(arch) == "vit":  # its position embedding fixes the size
+        raise ConfigError(
+            f"{path} holds a {arch} for {trained_size}-px images; pass --img-size "
+            f"{trained_size} or leave it out"
         )
-    encoder = models.build_encoder(**kw)
+    # A CNN takes any size, with the stem its weights were trained with.
+    small_stem, _ = models.stem_and_patch(trained_size, kw.get("small_stem"), None)
+    return models.build_encoder(**(kw | dict(img_size=img_size, small_stem=small_stem)))
+
+
+def load_model(path, *, img_size=None, mask_ratio=None, method=None):
+    """(a2mim.A2MIM in eval mode holding the file's encoder, mask token and decoder, the file's kind).
+    CheckpointError, one sentence, for a file without a decoder or whose token fits neither method."""
+    found = load_with_decoder(path)
+    config = found["config"]
+    encoder = encoder_at(path, found["encoder_kwargs"], img_size)
 
     # The run's own options; its mask block only at its own size (else the default block of this size).
     options = {k: config[k] for k in PICTURE_OPTIONS if config.get(k) is not None}
-    if kw["img_size"] == trained_size and config.get("mask_patch_size"):
+    if encoder.img_size == found["encoder_kwargs"]["img_size"] and config.get("mask_patch_size"):
         options["mask_patch_size"] = config["mask_patch_size"]
     options["mask_ratio"] = config.get("mask_ratio", 0.6) if mask_ratio is None else mask_ratio
+
     # A released file does not say its method: A²MIM's token (a ResNet's: with γ, at layer4) is tried first,
     # then SimMIM's (at the stem, without γ). Where both fit (a ViT's), --method decides.
     methods = [method or config.get("method")]
@@ -206,57 +220,50 @@ def load_model(path, *, img_size=None, mask_ratio=None, method=None):
         if weights.load_into(model, found) == ["encoder", "mask_token", "decoder"]:
             return model.eval(), found["kind"]
     raise CheckpointError(
-        f"{path}: its mask token or decoder does not fit a {' or '.join(methods)} {kw['arch']} "
+        f"{path}: its mask token or decoder does not fit a {' or '.join(methods)} {encoder.arch} "
         "model (another token site, mode or stride); pass --method"
     )
 
 
-def reconstruct(args):
-    """Check, read, run, write: → the line saying what was written."""
-    check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    found = image_paths(args.images)
-    if os.path.realpath(args.out) in {os.path.realpath(p) for p in [args.checkpoint, *found]}:
-        raise RunError(f"--out {args.out} is one of the files read; name another file")
-    paths = found[: args.n]
-    images = [
-        data._load_rgb(p) for p in paths
-    ]  # uint8 [3, H, W]; before the checkpoint: a bad image fails fast
+def reconstruct(c):
+    """Read, run, write (`c`: resolve's settings): → the line saying what was written."""
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    found = image_paths(c.images)
+    if os.path.realpath(c.out) in {os.path.realpath(p) for p in [c.checkpoint, *found]}:
+        raise RunError(f"--out {c.out} is one of the files read; name another file")
+    paths = found[: c.n]
+    # uint8 [3, H, W]; before the checkpoint: a bad image fails fast
+    images = [data.load_rgb(p) for p in paths]
     model, kind = load_model(
-        args.checkpoint, img_size=args.img_size, mask_ratio=args.mask_ratio, method=args.method
+        c.checkpoint, img_size=c.img_size, mask_ratio=c.mask_ratio, method=c.method
     )
     size = model.encoder.img_size
     transform = data.build_transform("none", size)  # resize the short side, centre-crop, normalise
     img_bchw = torch.stack([transform(image) for image in images])
 
     # The masks from the seed alone, drawn on the CPU's generator: the same masks on any machine.
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(c.seed)
     mask = mask_blocks(
         len(paths), size, model.mask_patch_size, model.mask_ratio, generator=generator
     )
     with torch.no_grad():
         out = model(img_bchw, mask)
-    save_reconstructions(args.out, img_bchw, out, n=len(paths))
-    shown = (
-        f"{len(paths)} of {len(found)} images"
-        if len(found) > len(paths)
-        else f"{len(paths)} images"
-    )
+    save_reconstructions(c.out, img_bchw, out, n=len(paths))
+
+    shown = f"{len(paths)} images"
+    if len(found) > len(paths):
+        shown = f"{len(paths)} of {len(found)} images"
     return (
-        f"wrote {args.out}: {shown} at {size} px ({' | '.join(RECON_COLUMNS)}), {model.method} "
-        f"{model.encoder.arch} from {args.checkpoint} ({kind}), masks of seed {args.seed}: "
+        f"wrote {c.out}: {shown} at {size} px ({' | '.join(RECON_COLUMNS)}), {model.method} "
+        f"{model.encoder.arch} from {c.checkpoint} ({kind}), masks of seed {c.seed}: "
         f"{model.mask_patch_size}-px blocks, ratio {model.mask_ratio}"
     )
 
 
+@runtime.entry_point
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        print(reconstruct(args))
-    except runtime.user_errors() as e:
-        print(f"error: {runtime.one_line(e)}", file=sys.stderr)
-        return 2
+    print(reconstruct(resolve(get_parser().parse_args(argv))))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Invariants of A²MIM (METHOD.md §2–§5, §9) and of its encoders. Run: python3 -m pytest -q
+"""Invariants of A²MIM (METHOD.md §2–§6) and of its encoders (§9's analysis: test_interaction.py).
 
 Each test name states one invariant of the method; the test fails if that invariant breaks.
 Everything runs on CPU in well under a minute: tiny encoders at 32 px (4-px mask blocks → 8×8
@@ -11,6 +11,8 @@ import re
 import pytest
 import torch
 import torchvision
+
+import runtime
 
 from a2mim import (
     A2MIM,
@@ -32,14 +34,13 @@ from a2mim import (
 )
 from models import (
     ARCHS,
-    CONVNEXT_DEPTHS,
-    RESNET_LAYERS,
-    ConfigError,
+    arch_kind,
     build_encoder,
     check_img_size,
     token_site,
     token_site_stride,
 )
+from runtime import ConfigError
 from weights import torchvision_state_dict
 
 
@@ -173,9 +174,8 @@ def test_a_ratio_or_block_that_masks_every_block_or_none_is_refused_naming_grid_
 ):
     with pytest.raises(ConfigError, match=expect):
         mask_blocks(2, input_size, block, ratio)
-    with pytest.raises(
-        ConfigError, match=expect
-    ):  # and when the model is built, before any step runs
+    # and when the model is built, before any step runs
+    with pytest.raises(ConfigError, match=expect):
         A2MIM(
             build_encoder("resnet18", input_size, width=4), mask_patch_size=block, mask_ratio=ratio
         )
@@ -186,9 +186,8 @@ def test_the_refusal_names_the_largest_ratio_that_works_and_it_leaves_exactly_on
         mask_blocks(2, 224, 32, 0.999)
     for ratio in (48 / 49, 0.9795):
         assert (mask_blocks(8, 224, 32, ratio, generator=gen(0)).sum(dim=(1, 2)) == 48).all()
-    assert (
-        mask_blocks(8, 224, 32, 1e-3, generator=gen(0)).sum(dim=(1, 2)) == 1
-    ).all()  # ceil(0.049): one
+    # ceil(0.049): one
+    assert (mask_blocks(8, 224, 32, 1e-3, generator=gen(0)).sum(dim=(1, 2)) == 1).all()
 
 
 def test_fractional_mask_block_size_is_refused_not_a_float_grid():
@@ -204,37 +203,20 @@ def test_fractional_mask_block_size_is_refused_not_a_float_grid():
     ],
 )
 def test_train_py_refuses_a_mask_that_hides_every_block_before_writing_anything(
-    tmp_path, capsys, argv, expect
+    tmp_path, capsys, folder_state, argv, expect
 ):
     import train
 
     out = tmp_path / "out"
     (out / "earlier_run").mkdir(parents=True)
     (out / "earlier_run" / "log.jsonl").write_text('{"step": 0}\n')
-    before = {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
-    argv = [
-        "--data",
-        "fake",
-        "--arch",
-        "resnet18",
-        "--width",
-        "4",
-        "--img-size",
-        "32",
-        "--mask-patch-size",
-        "4",
-        "--workers",
-        "0",
-        "--max-steps",
-        "1",
-        "--out-dir",
-        str(out),
-        *argv,
-    ]
+    before = folder_state(tmp_path)
+    flags = "--data fake --arch resnet18 --width 4 --img-size 32 --mask-patch-size 4 --workers 0"
+    argv = [*flags.split(), "--max-steps", "1", "--out-dir", str(out), *argv]
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
-    assert {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    assert folder_state(tmp_path) == before
     assert sorted(p.name for p in out.iterdir()) == ["earlier_run"]  # no run folder made either
 
 
@@ -395,9 +377,8 @@ def test_a_zero_token_in_gate_mode_leaves_masked_convnext_features_near_zero_at_
             model.encoder, randn(2, 3, 32, 32) * 3, lambda f: model.mask_token(f, mask)
         )
     m = resize_mask(mask, feat_in.shape[-1]).bool().expand_as(feat_in)
-    assert (
-        feat_out[m].abs().max() <= 1e-6 * feat_in.abs().max()
-    )  # γ·x + 0: the masked cells are ≈ 0
+    # γ·x + 0: the masked cells are ≈ 0
+    assert feat_out[m].abs().max() <= 1e-6 * feat_in.abs().max()
     assert torch.equal(feat_out[~m], feat_in[~m])
 
 
@@ -818,9 +799,8 @@ def test_fourier_term_per_arch_follows_the_released_table(arch, lam, form, w):
 )
 def test_resnet152_200_and_every_convnext_have_no_fourier_term_by_default(arch):
     assert method_defaults(arch)["fft_weight"] == 0.0
-    assert (
-        method_defaults(arch, loss_recipe="paper")["fft_weight"] > 0
-    )  # the paper-text variant has one
+    # the paper-text variant has one
+    assert method_defaults(arch, loss_recipe="paper")["fft_weight"] > 0
 
 
 def test_resnet152_loss_has_no_fourier_part():
@@ -833,11 +813,8 @@ def test_resnet152_loss_has_no_fourier_part():
 def test_paper_loss_recipe_puts_the_focal_frequency_term_on_every_cnn():
     for arch in ("resnet18", "resnet101", "resnet200", "convnext_base"):
         d = method_defaults(arch, loss_recipe="paper")
-        assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == (
-            0.5,
-            "focal_frequency",
-            1e-3,
-        ), arch
+        released_r50 = (0.5, "focal_frequency", 1e-3)
+        assert (d["fft_weight"], d["fft_loss"], d["fft_unmask_weight"]) == released_r50, arch
 
 
 def test_resnet101_model_uses_the_spectral_focal_l1_form_on_the_mixed_image():
@@ -873,9 +850,8 @@ def test_encoder_input_is_mean_filled_for_a2mim_and_equals_the_image_for_simmim(
     img = randn(2, 3, 32, 32) + 1.0
     out = model(img, generator=gen(0))
     assert torch.equal(seen["x"], fill(img, out["mask"]))
-    assert torch.equal(
-        out["input"], seen["x"]
-    )  # what forward returns as `input` is what the encoder saw
+    # what forward returns as `input` is what the encoder saw
+    assert torch.equal(out["input"], seen["x"])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vit_tiny"])
@@ -1000,13 +976,11 @@ def test_a_fourier_option_given_while_the_fourier_term_is_off_is_refused(arch, k
 
 
 def test_a_fourier_option_equal_to_its_default_is_accepted_with_the_term_off():
-    model = A2MIM(
-        tiny("resnet18"), mask_patch_size=4, fft_weight=0.0, fft_unmask_weight=1e-3
-    )  # ResNet's own w
+    # ResNet's own w
+    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.0, fft_unmask_weight=1e-3)
     assert model.cfg["fft_weight"] == 0.0
-    model = A2MIM(
-        tiny("resnet18"), mask_patch_size=4, fft_weight=0.1, fft_unmask_weight=0.5
-    )  # λ > 0: takes effect
+    # λ > 0: takes effect
+    model = A2MIM(tiny("resnet18"), mask_patch_size=4, fft_weight=0.1, fft_unmask_weight=0.5)
     assert model.cfg["fft_unmask_weight"] == 0.5
 
 
@@ -1065,16 +1039,13 @@ TAKES = re.compile(
 )
 
 
+# The tiny member of each kind of encoder.
+TINY_OF_KIND = {"resnet": "resnet18", "convnext": "convnext_tiny", "vit": "vit_tiny"}
+
+
 def site_names(arch):
-    """Every token site of `arch`, from a tiny member of its family (all ViT blocks share one stride)."""
-    small = (
-        "resnet18"
-        if arch in RESNET_LAYERS
-        else "convnext_tiny"
-        if arch in CONVNEXT_DEPTHS
-        else "vit_tiny"
-    )
-    return [None, "stem", *tiny(small).token_sites]
+    """Every token site of `arch`, from a tiny member of its kind (all ViT blocks share one stride)."""
+    return [None, "stem", *tiny(TINY_OF_KIND[arch_kind(arch)]).token_sites]
 
 
 def test_released_configs_keep_32_px_blocks_at_224_and_the_small_recipe_its_4_px_at_32():
@@ -1267,12 +1238,10 @@ def test_convnext_tiny_weights_load_strictly_into_torchvision_and_give_the_same_
             tv.classifier[0](tv.avgpool(theirs)),
         )
     assert theirs.shape == (1, 768, 2, 2)
-    torch.testing.assert_close(
-        ours, encoder.norm(theirs), rtol=0, atol=0
-    )  # same stages, then our final norm
-    torch.testing.assert_close(
-        pooled_ours, pooled_theirs, rtol=0, atol=0
-    )  # the final norm became classifier.0
+    # same stages, then our final norm
+    torch.testing.assert_close(ours, encoder.norm(theirs), rtol=0, atol=0)
+    # the final norm became classifier.0
+    torch.testing.assert_close(pooled_ours, pooled_theirs, rtol=0, atol=0)
 
 
 def test_resnet50_encoder_has_23_5M_parameters():
@@ -1398,204 +1367,8 @@ def test_a_few_adamw_steps_lower_the_a2mim_loss_on_a_fixed_batch(arch):
 
 
 # ---------------------------------------------------------------------------------------------
-# §9 Multi-order interaction strength
-# ---------------------------------------------------------------------------------------------
-
-from a2mim import default_grid, interaction_strength, log_odds, sample_pairs  # noqa: E402
-
-
-def _present_bn(x_bchw, grid=8):
-    """Which of the grid cells of an all-ones image are kept (1) or set to the 0 baseline."""
-    return torch.nn.functional.adaptive_avg_pool2d(x_bchw.mean(1, keepdim=True), grid).flatten(1)
-
-
-def _toy_model(pair_w_nn, triple_b):
-    """v(S) = Σ_{i<j ∈ S} w_ij + b·C(|S|, 3), as the logit of class 0 against a 0 logit, so the
-    log-odds is exactly v. Then Δv(i, j, S) = w_ij + b·|S| for every context S, so
-    I^(m)(i, j) = w_ij + b·m exactly."""
-
-    def model(x_bchw):
-        x_bn = _present_bn(x_bchw)
-        pairs_b = 0.5 * ((x_bn @ pair_w_nn) * x_bn).sum(1)  # w symmetric with zero diagonal
-        k = x_bn.sum(1)
-        v = pairs_b + triple_b * k * (k - 1) * (k - 2) / 6
-        return torch.stack([v, torch.zeros_like(v)], dim=1)
-
-    return model
-
-
-def _symmetric_weights(n, seed):
-    w = torch.randn(n, n, generator=gen(seed), dtype=torch.float64).float() * 0.3
-    w = (w + w.T) / 2
-    return w.fill_diagonal_(0)
-
-
-def _all_neighbour_pairs(grid, radius):
-    cells = [(y, x) for y in range(grid) for x in range(grid)]
-    return torch.tensor(
-        [
-            (a * grid + b, c * grid + d)
-            for a, b in cells
-            for c, d in cells
-            if (a, b) < (c, d) and max(abs(a - c), abs(b - d)) <= radius
-        ]
-    )
-
-
-def test_log_odds_of_a_two_class_model_is_the_logit_difference():
-    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
-    torch.testing.assert_close(log_odds(logits, torch.tensor([0, 1])), torch.tensor([3.0, 0.0]))
-
-
-def test_interaction_strength_matches_analytic_values_of_a_toy_model():
-    n, b = 64, 0.01
-    w = _symmetric_weights(n, 0)
-    images, labels = torch.ones(2, 3, 32, 32), torch.zeros(2, dtype=torch.long)
-    pairs = _all_neighbour_pairs(8, 2)
-    out = interaction_strength(
-        _toy_model(w, b), images, labels, grid=8, pairs=pairs, contexts=3, generator=gen(0)
-    )
-    m = torch.floor(out["orders"] * (n - 2) + 1e-6)
-    expected = torch.stack([(w[pairs[:, 0], pairs[:, 1]] + b * mi).abs().mean() for mi in m])
-    torch.testing.assert_close(out["I_abs"], expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(out["J"], expected / expected.mean(), rtol=1e-4, atol=1e-4)
-    # Per image (for a bootstrap over images): both images are the same, so both rows are the expected values.
-    torch.testing.assert_close(out["I_abs_bm"], expected.expand(2, -1), rtol=1e-4, atol=1e-4)
-
-
-def test_interaction_strength_is_invariant_to_the_order_in_which_players_are_listed():
-    w = _symmetric_weights(64, 1)
-    model, images, labels = (
-        _toy_model(w, -0.02),
-        torch.ones(1, 3, 32, 32),
-        torch.zeros(1, dtype=torch.long),
-    )
-    pairs = torch.tensor([[0, 1], [9, 18], [20, 27], [35, 44], [50, 60]])
-    listed = interaction_strength(model, images, labels, pairs=pairs, contexts=4, generator=gen(0))
-    shuffled = pairs[torch.randperm(len(pairs), generator=gen(3))].flip(
-        1
-    )  # other order, (j, i) for (i, j)
-    relisted = interaction_strength(
-        model, images, labels, pairs=shuffled, contexts=4, generator=gen(7)
-    )
-    torch.testing.assert_close(listed["J"], relisted["J"], rtol=1e-4, atol=1e-5)
-
-
-def test_interaction_strength_of_a_real_encoder_is_finite_and_normalised():
-    encoder = tiny("resnet18")
-    head = torch.nn.Linear(encoder.out_channels, 10)
-    model = lambda x: head(encoder(x).mean((2, 3)))  # noqa: E731
-    encoder.eval()
-    out = interaction_strength(
-        model,
-        randn(2, 3, 32, 32),
-        torch.tensor([1, 2]),
-        orders=(0.0, 0.5, 1.0),
-        pairs=4,
-        contexts=4,
-        generator=gen(0),
-    )
-    assert torch.isfinite(out["J"]).all() and out["J"].mean().item() == pytest.approx(1.0)
-
-
-def test_interaction_defaults_are_the_released_protocol():
-    import inspect
-
-    params = inspect.signature(interaction_strength).parameters
-    assert params["orders"].default == (
-        0.0,
-        0.05,
-        0.1,
-        0.2,
-        0.3,
-        0.4,
-        0.5,
-        0.6,
-        0.7,
-        0.8,
-        0.9,
-        0.95,
-        1.0,
-    )
-    assert (params["pairs"].default, params["contexts"].default) == (50, 50)
-    assert (default_grid(224), default_grid(32), default_grid(28)) == (14, 8, 14)
-
-
-def test_order_m_is_floor_of_n_minus_2_times_the_ratio():
-    # v(S) = |S|³ gives Δv = (m+2)³ − 2(m+1)³ + m³ = 6m + 6 for every pair and every context of size m.
-    def cube_of_kept(x_bchw):
-        k = _present_bn(x_bchw).sum(1)
-        return torch.stack([k**3, torch.zeros_like(k)], dim=1)
-
-    ratios = (0.0, 0.05, 0.3, 0.95, 1.0)
-    out = interaction_strength(
-        cube_of_kept,
-        torch.ones(1, 3, 32, 32),
-        torch.zeros(1, dtype=torch.long),
-        grid=8,
-        orders=ratios,
-        pairs=3,
-        contexts=2,
-        generator=gen(0),
-    )
-    m = (out["I_abs"] - 6) / 6
-    torch.testing.assert_close(
-        m, torch.tensor([math.floor(62 * r + 1e-9) for r in ratios], dtype=m.dtype)
-    )
-
-
-def test_sampled_pairs_are_distinct_neighbours_within_chebyshev_distance_2():
-    pairs = sample_pairs(14, 50, generator=gen(0))
-    assert pairs.shape == (50, 2)
-    yi, xi, yj, xj = pairs[:, 0] // 14, pairs[:, 0] % 14, pairs[:, 1] // 14, pairs[:, 1] % 14
-    assert ((yi - yj).abs().maximum((xi - xj).abs()) <= 2).all() and (
-        pairs[:, 0] != pairs[:, 1]
-    ).all()
-    unordered = {tuple(sorted(p)) for p in pairs.tolist()}
-    assert len(unordered) == 50  # no pair twice, in either order
-    # corner cells clamp their neighbour to the border instead of leaving the grid
-    assert (pairs >= 0).all() and (pairs < 196).all()
-
-
-@pytest.mark.parametrize("grid, count", [(1, 1), (2, 7)])
-def test_more_pairs_than_the_grid_holds_is_refused_instead_of_drawing_forever(grid, count):
-    with pytest.raises(ConfigError, match=f"a {grid}×{grid} grid has only"):
-        sample_pairs(grid, count, generator=gen(0))
-    assert (
-        len(sample_pairs(3, 36, generator=gen(0))) == 36
-    )  # all C(9, 2) pairs of a 3×3 grid are within 2
-
-
-def test_interaction_grid_0_is_refused_not_taken_for_the_default():
-    with pytest.raises(ConfigError, match="interaction grid 0"):
-        interaction_strength(torch.nn.Flatten(), randn(1, 3, 8, 8), torch.tensor([0]), grid=0)
-
-
-def test_interaction_strength_is_the_same_in_train_and_eval_mode_and_restores_the_mode():
-    torch.manual_seed(0)
-    encoder = tiny("resnet18")
-    _randomise_norms_(encoder)
-    model = torch.nn.Sequential(
-        encoder, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)
-    )
-    model[0].layer1.train(False)  # a mixed state that must survive the call
-    args = (randn(1, 3, 32, 32), torch.tensor([3]))
-    kw = dict(orders=(0.0, 0.5, 1.0), pairs=3, contexts=3)
-    modes = [m.training for m in model.modules()]
-    in_train = interaction_strength(model.train(), *args, generator=gen(0), **kw)
-    model[0].layer1.train(False)
-    in_eval = interaction_strength(model.eval(), *args, generator=gen(0), **kw)
-    torch.testing.assert_close(in_train["J"], in_eval["J"])
-    model.train()
-    model[0].layer1.train(False)
-    interaction_strength(model, *args, generator=gen(0), **kw)
-    assert [m.training for m in model.modules()] == modes
-
-
-# ---------------------------------------------------------------------------------------------
 # §6 The lr schedule (runtime.lr_at): the released mmcv hooks, warm-up included
 # ---------------------------------------------------------------------------------------------
-import runtime  # noqa: E402
 
 
 def test_warmup_and_schedule_equal_the_released_mmcv_hooks_at_every_printed_step():
@@ -1628,7 +1401,9 @@ def test_warmup_and_schedule_equal_the_released_mmcv_hooks_at_every_printed_step
 def test_warmup_scales_each_groups_own_cosine_value_towards_the_same_absolute_min_lr():
     # mmcv warms each group up from its own regular lr (peak × lr_mult annealed to the absolute min_lr).
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
-    opt = torch.optim.AdamW([{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1))])
+    opt = torch.optim.AdamW(
+        [{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1), strict=True)]
+    )
     sched = dict(lr=1.2e-3, total_steps=30000, warmup_steps=1000, min_lr=1e-5)
     runtime.set_scheduled_lr(opt, 500, **sched)
     regular = [

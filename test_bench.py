@@ -62,38 +62,19 @@ def test_one_fft_of_the_batch_mean_equals_averaging_per_image_spectra_value_and_
 
 
 # One thread: on a busy 2-core machine, two threads per op can wait on each other for ages.
-TINY = [
-    "--arch",
-    "resnet18",
-    "--img-size",
-    "32",
-    "--width",
-    "8",
-    "--batch-size",
-    "4",
-    "--warmup",
-    "1",
-    "--repeats",
-    "2",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-]
+# fmt: off
+TINY = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size", "4", "--warmup", "1",
+        "--repeats", "2", "--device", "cpu", "--threads", "1"]
+# fmt: on
 
 
 def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(capsys):
     assert bench.main(TINY + ["--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "machine:" in out and "torch" in out
-    rows = {
-        line.split()[0]: line.split()[1:]
-        for line in out.splitlines()
-        if line.startswith(bench.VARIANTS)
-    }
-    assert (
-        float(rows["supervised"][2]) > 0 and float(rows["a2mim"][2]) > 0
-    )  # median ms, min ms, img/s
+    rows = [line.split() for line in out.splitlines() if line.startswith(bench.VARIANTS)]
+    rates = {row[0]: float(row[3]) for row in rows}  # name, median ms, min ms, img/s
+    assert rates.keys() == set(bench.VARIANTS) and all(r > 0 for r in rates.values())
     assert "ratio a2mim / supervised: step time" in out
     assert "| resnet18 w8 | 32 | 4 | fp32 | cpu |" in out
 
@@ -106,26 +87,27 @@ def test_bench_reports_the_peak_memory_of_each_step_and_their_ratio(capsys):
     assert float(out.split("peak memory ")[1].split()[0]) > 0.5  # the ratio
 
 
+def resolved(*argv):
+    return bench.resolve(bench.get_parser().parse_args(argv))
+
+
 def tiny_cfg(*extra):
-    return bench.resolve(bench.get_parser().parse_args(TINY + list(extra)))
+    return resolved(*TINY, *extra)
 
 
 def test_cpu_peak_memory_grows_with_the_batch_as_activations_do():
-    peaks = [
-        bench.peak_memory(
-            *bench.make_step("supervised", tiny_cfg("--batch-size", str(b))), torch.device("cpu")
-        )
-        for b in (4, 32)
-    ]
+    peaks = []
+    for b in (4, 32):
+        step, model = bench.make_step("supervised", tiny_cfg("--batch-size", str(b)))
+        peaks.append(bench.peak_memory(step, model, torch.device("cpu")))
     assert 2 * peaks[0] < peaks[1]
 
 
 def test_cpu_peak_memory_holds_weights_gradients_and_both_adamw_moments_at_least():
     step, model = bench.make_step("a2mim", tiny_cfg())
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert (
-        bench.peak_memory(step, model, torch.device("cpu")) >= 4 * param_bytes
-    )  # weights, grads, exp_avg, exp_avg_sq
+    # weights, grads, exp_avg, exp_avg_sq
+    assert bench.peak_memory(step, model, torch.device("cpu")) >= 4 * param_bytes
 
 
 def test_cpu_peak_memory_counts_a_temporary_freed_inside_the_step_but_not_what_existed_before():
@@ -166,10 +148,8 @@ def test_both_variants_train_on_the_same_batch_from_the_same_encoder_weights():
     (sup_step, sup), (ours_step, ours) = (bench.make_step(v, tiny_cfg()) for v in bench.VARIANTS)
     sup_img, ours_img = (inspect.getclosurevars(s).nonlocals["img"] for s in (sup_step, ours_step))
     assert torch.equal(sup_img, ours_img)
-    sup_weights, ours_weights = (
-        sup[0].state_dict(),
-        ours.encoder.state_dict(),
-    )  # Sequential(encoder, pool, …)
+    sup_weights = sup[0].state_dict()  # Sequential(encoder, pool, …)
+    ours_weights = ours.encoder.state_dict()
     assert sup_weights.keys() == ours_weights.keys()
     assert all(torch.equal(sup_weights[k], ours_weights[k]) for k in sup_weights)
 
@@ -201,62 +181,51 @@ def test_bench_number_out_of_its_range_is_one_sentence_and_exit_2_before_anythin
     capsys, flag, value, want
 ):
     threads = torch.get_num_threads()
-    assert (
-        bench.main(
-            TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1), flag, value]
-        )
-        == 2
-    )
+    argv = TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1)]
+    assert bench.main([*argv, flag, value]) == 2
     out, err = capsys.readouterr()
     assert err == f"error: {flag} must be {want}, got {value}\n"
-    assert (
-        out == "" and torch.get_num_threads() == threads
-    )  # no header printed, no thread count set
+    # no header printed, no thread count set
+    assert out == "" and torch.get_num_threads() == threads
 
 
 def test_bench_range_boundaries_are_accepted_and_an_unset_width_is_16_up_to_64_px():
     assert tiny_cfg("--warmup", "0", "--workers", "0", "--width", "1").width == 1
-    unset = [
-        bench.resolve(bench.get_parser().parse_args(["--device", "cpu", "--img-size", px]))
-        for px in ("64", "96")
-    ]
-    assert [c.width for c in unset] == [16, None]
+    widths = [resolved("--device", "cpu", "--img-size", px).width for px in ("64", "96")]
+    assert widths == [16, None]
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "vit_base", "convnext_tiny"])
 def test_bench_default_mask_block_fits_the_encoders_token_site_at_96_px(arch):
     # The earlier img_size / 8 (12 px) mapped onto none of their 6×6 or 3×3 token sites.
-    c = bench.resolve(
-        bench.get_parser().parse_args(["--arch", arch, "--img-size", "96", "--device", "cpu"])
-    )
-    assert c.mask_patch_size == 16
+    assert resolved("--arch", arch, "--img-size", "96", "--device", "cpu").mask_patch_size == 16
 
 
 def test_bench_size_the_encoder_refuses_names_the_sizes_it_takes_before_anything_runs(capsys):
     threads = torch.get_num_threads()
-    assert (
-        bench.main(
-            TINY
-            + [
-                "--no-memory",
-                "--threads",
-                str(threads + 1),
-                "--arch",
-                "vit_base",
-                "--img-size",
-                "100",
-            ]
-        )
-        == 2
-    )
+    argv = TINY + ["--no-memory", "--threads", str(threads + 1)]
+    assert bench.main([*argv, "--arch", "vit_base", "--img-size", "100"]) == 2
     out, err = capsys.readouterr()
     assert err == (
         "error: image size 100 is not divisible by the vit_base patch size 16: vit_base takes multiples of 4 "
         "up to 64 px and of 16 above (…, 80, 96, 112, 128, …)\n"
     )
-    assert (
-        out == "" and torch.get_num_threads() == threads
-    )  # no header printed, no thread count set
+    # no header printed, no thread count set
+    assert out == "" and torch.get_num_threads() == threads
+
+
+def test_print_config_prints_each_resolved_setting_and_its_origin_and_runs_nothing(capsys):
+    threads = torch.get_num_threads()
+    assert bench.main(["--device", "cpu", "--threads", str(threads + 1), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    table = {line.split()[0]: line.split(maxsplit=2)[1:] for line in out.splitlines()}
+    assert set(table) == {s.name for s in bench.SETTINGS} | {"mask_patch_size"}
+    assert table["device"] == ['"cpu"', "command line"]
+    assert table["batch_size"] == ["32", "default"]
+    assert table["width"] == ["16", "default (up to 64 px)"]  # what an unset width means at 32 px
+    assert table["mask_patch_size"] == ["4", "train.py's default block (§2)"]
+    # no header printed, no thread count set
+    assert "bench:" not in out and torch.get_num_threads() == threads
 
 
 def busy_children_of(parent):
@@ -287,18 +256,15 @@ def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends
         return time_steps(*args, **kwargs)
 
     monkeypatch.setattr(bench, "time_steps", recording_time_steps)
-    monkeypatch.setenv(
-        "OMP_WAIT_POLICY", "PASSIVE"
-    )  # named in the header: it decides how much the busy ones cost
+    # named in the header: it decides how much the busy ones cost
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     assert bench.main(TINY + ["--no-memory", "--busy", "2"]) == 0
     assert len(seen) == 1 and len(seen[0]) == 2
     assert not busy_children()  # killed and reaped
     out = capsys.readouterr().out
-    assert (
-        "OpenMP wait OMP_WAIT_POLICY=PASSIVE; busy-looping processes beside the timed steps: 2"
-        in out
-    )
+    said = "OpenMP wait OMP_WAIT_POLICY=PASSIVE; busy-looping processes beside the timed steps: 2"
+    assert said in out
 
 
 def test_bench_busy_processes_end_when_a_timed_step_raises(monkeypatch):
@@ -334,28 +300,13 @@ def test_a_busy_process_ends_when_bench_is_killed_without_a_chance_to_end_it():
     assert hog is not None, "bench ended before it started its busy process"
     bench_proc.kill()
     bench_proc.wait()
-    for _ in range(
-        600
-    ):  # it sees its parent gone at its next turn of the loop: up to a minute of a busy machine
+    # It sees its parent gone at its next turn of the loop: up to a minute of a busy machine.
+    for _ in range(600):
         if not running(hog):
             return
         time.sleep(0.1)
     os.kill(hog, 9)
     pytest.fail("the busy process outlived bench")
-
-
-# Imports a script in a fresh process and prints the OpenMP wait settings at the moment torch is first imported:
-# libgomp reads them then, once.
-OPENMP_WAIT_AT_TORCH_IMPORT = """
-import os, sys
-class Spy:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and not hasattr(Spy, "seen"):
-            Spy.seen = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-sys.meta_path.insert(0, Spy())
-import SCRIPT
-print(Spy.seen)
-"""
 
 
 @pytest.mark.parametrize("script", ["bench", "train", "eval_linear"])
@@ -368,14 +319,14 @@ print(Spy.seen)
     ],
 )
 def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(
-    script, user, seen
+    openmp_probe, script, user, seen
 ):
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-    } | user
-    code = OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", script)
+    # A fresh process imports the script and prints the OpenMP wait settings at the moment torch is first
+    # imported: libgomp reads them then, once.
+    chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in chosen} | user
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", openmp_probe(script)],
         env=env,
         cwd=Path(bench.__file__).parent,
         capture_output=True,
@@ -424,9 +375,8 @@ def test_device_loader_yields_normalised_3_channel_float_batches_resized_from_28
     batches = list(loader)
     assert len(loader) == len(batches) == 2  # 40 // 16, the last 8 dropped
     img, labels = batches[0]
-    assert (
-        img.shape == (16, 3, 32, 32) and img.dtype == torch.float32 and labels.dtype == torch.long
-    )
+    assert img.shape == (16, 3, 32, 32) and img.dtype == torch.float32
+    assert labels.dtype == torch.long
     pixels = img * STD + MEAN  # back to 0..1
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     torch.testing.assert_close(pixels[:, 0], pixels[:, 2])  # grey replicated to three channels
@@ -441,7 +391,7 @@ def test_device_loader_is_the_same_for_the_same_seed_and_epoch_and_differs_for_a
     def epoch(e, seed=0):
         loader = device_loader("fashion-mnist", "train", 8, "cpu", data_dir=tmp_path, seed=seed)
         data.set_epoch(loader, e)  # the DataLoader helper works for this loader too
-        return [torch.cat(parts) for parts in zip(*loader)]
+        return [torch.cat(parts) for parts in zip(*loader, strict=True)]  # images, labels
 
     (img0, lab0), (img0b, lab0b), (img1, _) = epoch(0), epoch(0), epoch(1)
     assert torch.equal(img0, img0b) and torch.equal(lab0, lab0b)
@@ -475,10 +425,10 @@ def test_device_loader_shards_of_two_ranks_are_disjoint_cover_the_epoch_and_matc
     assert not set(shards[0]) & set(shards[1])
     assert len(set(shards[0]) | set(shards[1])) == 40  # all but the one sample drop_last leaves out
     # with the dataset divisible by world × batch, the two shards cover every sample
-    covered = [numbered_loader(48, 4, world_size=2, rank=r) for r in range(2)]
-    assert sorted(sum((torch.cat([lab for _, lab in ld]).tolist() for ld in covered), [])) == list(
-        range(48)
-    )
+    seen = []
+    for rank in range(2):
+        seen += [i for _, labels in numbered_loader(48, 4, world_size=2, rank=rank) for i in labels]
+    assert sorted(int(i) for i in seen) == list(range(48))
 
 
 def test_crop_of_the_whole_image_without_flip_is_the_plain_bilinear_resize():
@@ -495,12 +445,8 @@ def test_crop_of_the_whole_image_without_flip_is_the_plain_bilinear_resize():
 
 def test_crop_of_a_box_is_the_bilinear_resize_of_that_box_alone_not_of_its_neighbours():
     img = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    top, left, h, w = (
-        torch.tensor([3, 0]),
-        torch.tensor([5, 9]),
-        torch.tensor([25, 32]),
-        torch.tensor([27, 21]),
-    )
+    top, left = torch.tensor([3, 0]), torch.tensor([5, 9])
+    h, w = torch.tensor([25, 32]), torch.tensor([27, 21])
     out = resized_crop(img, top, left, h, w, 32)
     for b in range(2):
         box = img[b : b + 1, :, top[b] : top[b] + h[b], left[b] : left[b] + w[b]].float()
@@ -522,20 +468,12 @@ def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop(fa
     torch.manual_seed(0)
     tv = v2.RandomResizedCrop(32, scale=scale)
     image = torch.zeros(1, 28, 28)
-    ref = torch.tensor(
-        [list(tv.make_params([image]).values()) for _ in range(4000)]
-    )  # top, left, h, w
-    ours = torch.stack(
-        random_resized_crop_params(
-            20000, 28, 28, scale, generator=torch.Generator().manual_seed(1)
-        ),
-        1,
-    )
-    assert (
-        ours.min() >= 0
-        and ((ours[:, 0] + ours[:, 2]) <= 28).all()
-        and ((ours[:, 1] + ours[:, 3]) <= 28).all()
-    )
+    # rows of (top, left, h, w)
+    ref = torch.tensor([list(tv.make_params([image]).values()) for _ in range(4000)])
+    generator = torch.Generator().manual_seed(1)
+    ours = torch.stack(random_resized_crop_params(20000, 28, 28, scale, generator=generator), 1)
+    assert ours.min() >= 0
+    assert ((ours[:, 0] + ours[:, 2]) <= 28).all() and ((ours[:, 1] + ours[:, 3]) <= 28).all()
     for k in range(4):  # each coordinate's histogram within sampling noise of torchvision's
         hist_ref = torch.bincount(ref[:, k], minlength=29).float() / len(ref)
         hist_ours = torch.bincount(ours[:, k], minlength=29).float() / len(ours)
@@ -547,14 +485,11 @@ def test_crop_boxes_have_the_distribution_of_torchvisions_random_resized_crop(fa
 def test_device_loader_flips_half_of_the_images():
     half = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
     half[..., 14:] = 255  # right half white
-    loader = DeviceLoader(
-        half.expand(4000, -1, -1, -1), torch.zeros(4000, dtype=torch.long), 4000, img_size=32
-    )
+    images, labels = half.expand(4000, -1, -1, -1), torch.zeros(4000, dtype=torch.long)
+    loader = DeviceLoader(images, labels, 4000, img_size=32)
     img = loader.augment(loader.images_nchw, torch.Generator().manual_seed(0))
-    flipped = (
-        (img[:, 0, :, :16].mean(dim=(1, 2)) > img[:, 0, :, 16:].mean(dim=(1, 2))).float().mean()
-    )
-    assert 0.46 < flipped < 0.54
+    left, right = img[:, 0, :, :16].mean(dim=(1, 2)), img[:, 0, :, 16:].mean(dim=(1, 2))
+    assert 0.46 < (left > right).float().mean() < 0.54
 
 
 def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
@@ -573,6 +508,17 @@ def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
 TORCHRUN_FLAGS = {"--standalone", "--nproc_per_node"}
 
 
+def script_of(code):
+    """Which script a line of gpu_check.sh passes its flags to, by the names in it (None: no known one)."""
+    if re.search(r"eval_linear|EVAL", code):
+        return "eval_linear"
+    if "bench.py" in code:
+        return "bench"
+    if re.search(r"\btrain\b|train\.py|SMALL=|args=\(", code):
+        return "train"
+    return None
+
+
 def test_gpu_check_script_parses_and_every_flag_it_passes_exists_in_that_scripts_help():
     import eval_linear
     import train
@@ -584,22 +530,13 @@ def test_gpu_check_script_parses_and_every_flag_it_passes_exists_in_that_scripts
         for name, module in (("train", train), ("eval_linear", eval_linear), ("bench", bench))
     }
     checked = {name: 0 for name in known}
-    for line in (
-        script.read_text().replace("\\\n", " ").splitlines()
-    ):  # logical lines, comments cut off
+    # logical lines (continuations joined), comments cut off
+    for line in script.read_text().replace("\\\n", " ").splitlines():
         code = "" if line.lstrip().startswith("#") else line.split(" # ")[0]
         flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", code)) - TORCHRUN_FLAGS
         if not flags:
             continue
-        owner = (
-            "eval_linear"
-            if re.search(r"eval_linear|EVAL", code)
-            else "bench"
-            if "bench.py" in code
-            else "train"
-            if re.search(r"\btrain\b|train\.py|SMALL=|args=\(", code)
-            else None
-        )
+        owner = script_of(code)
         assert owner, f"flags {sorted(flags)} in a line of no known script: {code.strip()}"
         assert flags <= known[owner], (
             f"{owner}.py has no {sorted(flags - known[owner])}: {code.strip()}"

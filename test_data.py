@@ -8,12 +8,13 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets as tvd
 from PIL import Image
 
-import torchvision.datasets as tvd
-
 import data
-from data import DataError, build_dataset, build_loader, set_epoch
+import runtime
+from data import build_dataset, build_loader, set_epoch
+from runtime import DataError
 
 MEAN = torch.tensor(data.IMAGENET_MEAN)[:, None, None]
 STD = torch.tensor(data.IMAGENET_STD)[:, None, None]
@@ -339,9 +340,8 @@ def test_missing_cifar_error_names_the_expected_files_and_folder(tmp_path, monke
     (tmp_path / "nowhere").mkdir()
     with pytest.raises(DataError, match=r"data_batch_1.*nowhere/cifar-10-batches-py.*download"):
         build_dataset("cifar10", "train", data_dir=tmp_path / "nowhere")
-    with pytest.raises(
-        DataError, match=r"test_batch.* data/cifar-10-batches-py"
-    ):  # no data_dir: ./data
+    # no data_dir: ./data
+    with pytest.raises(DataError, match=r"test_batch.* data/cifar-10-batches-py"):
         build_dataset("cifar10", "val")
 
 
@@ -358,9 +358,8 @@ def test_stl10_column_major_images_are_transposed_and_labels_shifted_to_zero(tmp
     image, label = ds[1]
     pixels = unnormalise(image)
     assert image.shape == (3, 96, 96) and label == 9 and ds[0][1] == 0
-    assert (
-        pixels[:, 0, :].min() > 250 and pixels[:, 1:, 0].max() < 5
-    )  # top row white, left column not
+    # top row white, left column not
+    assert pixels[:, 0, :].min() > 250 and pixels[:, 1:, 0].max() < 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,10 +432,11 @@ def test_val_class_folders_named_differently_from_train_are_refused_naming_each_
 ):
     write_classes(tmp_path, "train", ["c0", "c1"])
     write_classes(tmp_path, "val", ["c0", "zz"])
+    # train alone is fine
     assert build_dataset(name, "train", data_dir=tmp_path).classes == [
         "c0",
         "c1",
-    ]  # train alone is fine
+    ]
     with pytest.raises(DataError) as err:
         build_dataset(name, "val", data_dir=tmp_path)
     message = str(err.value)
@@ -455,32 +455,16 @@ def test_a_val_split_missing_one_of_trains_classes_is_refused_too(tmp_path):
 
 
 def test_eval_linear_refuses_differing_val_classes_before_writing_anything(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, folder_state
 ):
     import eval_linear
-    from test_eval import folder_state
 
     monkeypatch.chdir(tmp_path)
     write_classes(tmp_path / "d", "train", ["c0", "c1"], n=4)
     write_classes(tmp_path / "d", "val", ["c0", "zz"], n=4)
     before = folder_state(tmp_path)
-    assert (
-        eval_linear.main(
-            [
-                "--init",
-                "random",
-                "--data",
-                "folder",
-                "--data-dir",
-                str(tmp_path / "d"),
-                "--img-size",
-                "32",
-                "--workers",
-                "0",
-            ]
-        )
-        == 2
-    )
+    flags = "--init random --data folder --img-size 32 --workers 0".split()
+    assert eval_linear.main([*flags, "--data-dir", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and ": zz" in err and ": c1;" in err
     assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
@@ -498,9 +482,8 @@ def test_val_class_folders_that_are_links_to_trains_are_refused(tmp_path):
 def test_a_val_split_of_one_class_is_refused_while_pretraining_takes_one_class(tmp_path):
     write_classes(tmp_path, "train", ["all"], n=3)
     write_classes(tmp_path, "val", ["all"])
-    assert (
-        len(build_dataset("folder", "train", data_dir=tmp_path)) == 3
-    )  # unlabelled images in one folder
+    # unlabelled images in one folder
+    assert len(build_dataset("folder", "train", data_dir=tmp_path)) == 3
     with pytest.raises(
         DataError, match=r"holds one class folder \(all\): an accuracy needs at least two"
     ):
@@ -544,9 +527,8 @@ def write_messy_folder(root):
         "train/cat/labels.csv",
     ]:
         (root / litter).write_bytes(b"\x00\x01 not an image")
-    (root / "train" / "cat" / "._0.jpg").write_bytes(
-        b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
-    )  # AppleDouble
+    # AppleDouble
+    (root / "train" / "cat" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     return [str(p) for p in images]
 
 
@@ -564,29 +546,9 @@ def test_train_py_prints_the_number_of_real_images_of_a_messy_folder(tmp_path, c
     import train
 
     write_messy_folder(tmp_path / "d")
-    assert (
-        train.main(
-            [
-                "--data",
-                "folder",
-                "--data-dir",
-                str(tmp_path / "d"),
-                "--img-size",
-                "32",
-                "--batch-size",
-                "2",
-                "--workers",
-                "0",
-                "--max-steps",
-                "1",
-                "--vis-every",
-                "0",
-                "--out-dir",
-                str(tmp_path / "out"),
-            ]
-        )
-        == 0
-    )
+    flags = "--data folder --img-size 32 --batch-size 2 --workers 0 --max-steps 1 --vis-every 0"
+    paths = ["--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "out")]
+    assert train.main([*flags.split(), *paths]) == 0
     assert f"(4 images from {tmp_path / 'd' / 'train'}" in capsys.readouterr().out
 
 
@@ -618,9 +580,8 @@ def test_a_symlink_loop_is_refused_naming_the_link_instead_of_counting_images_ag
         DataError, match=r"again \(a symlink loop or two links to one folder\)"
     ) as err:
         build_dataset("folder", "train", data_dir=tmp_path)
-    assert str(err.value).startswith(
-        str(tmp_path / link)
-    )  # the link, or a folder reached through it
+    # the link, or a folder reached through it
+    assert str(err.value).startswith(str(tmp_path / link))
 
 
 def test_two_class_folders_linked_to_one_folder_are_refused(tmp_path):
@@ -655,9 +616,8 @@ def test_a_broken_symlink_is_refused_naming_it_instead_of_losing_a_class_or_an_i
 
 def test_an_image_directly_in_the_split_folder_is_refused_naming_it(tmp_path):
     write_folder(tmp_path)
-    write_jpeg(
-        tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3)
-    )  # ImageNet's val comes flat
+    # ImageNet's val comes flat
+    write_jpeg(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG", (1, 2, 3))
     with pytest.raises(
         DataError, match=r"ILSVRC2012_val_00000001.JPEG lies directly in \S*val: images go in class"
     ):
@@ -694,9 +654,8 @@ def test_a_folder_that_cannot_be_listed_is_named_not_taken_as_empty(tmp_path, mo
             raise PermissionError(13, "Permission denied", str(path))
         return scandir(path)
 
-    monkeypatch.setattr(
-        data.os, "scandir", refuse_dog
-    )  # as root, chmod 000 would not stop the tests
+    # as root, chmod 000 would not stop the tests
+    monkeypatch.setattr(data.os, "scandir", refuse_dog)
     with pytest.raises(DataError, match=f"cannot list the folder {locked} \\(Permission denied\\)"):
         build_dataset("folder", "train", data_dir=tmp_path)
 
@@ -724,27 +683,9 @@ def write_photos(root, names):
 
 
 def tiny_pretraining(data_dir, out, *more):
-    return [
-        "--data",
-        "folder",
-        "--data-dir",
-        str(data_dir),
-        "--img-size",
-        "32",
-        "--width",
-        "4",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "2",
-        "--threads",
-        "1",
-        "--vis-every",
-        "0",
-        "--out-dir",
-        str(out),
-        *more,
-    ]
+    flags = "--data folder --img-size 32 --width 4 --batch-size 4 --max-steps 2 --threads 1"
+    paths = ["--data-dir", str(data_dir), "--out-dir", str(out)]
+    return [*flags.split(), "--vis-every", "0", *paths, *more]
 
 
 def test_an_unlabelled_flat_folder_pretrains_end_to_end_and_its_checkpoint_evaluates_on_class_folders(
@@ -757,34 +698,16 @@ def test_an_unlabelled_flat_folder_pretrains_end_to_end_and_its_checkpoint_evalu
     write_photos(
         tmp_path / "photos", [f"IMG_{k:04d}.jpg" for k in range(6)] + ["scan.png", "old.bmp"]
     )
-    assert (
-        train.main(tiny_pretraining(tmp_path / "photos", tmp_path / "out", "--workers", "1")) == 0
-    )
+    argv = tiny_pretraining(tmp_path / "photos", tmp_path / "out", "--workers", "1")
+    assert train.main(argv) == 0
     assert f"(8 images from {tmp_path / 'photos'}, 32 px)" in capsys.readouterr().out
     checkpoint = tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt"
-    assert train.load_checkpoint(checkpoint)["step"] == 2
-    write_folder(
-        tmp_path / "labelled"
-    )  # the class layout still evaluates, here the unlabelled run's encoder
-    assert (
-        eval_linear.main(
-            [
-                "--checkpoint",
-                str(checkpoint),
-                "--data-dir",
-                str(tmp_path / "labelled"),
-                "--epochs",
-                "1",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--threads",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert runtime.load_checkpoint(checkpoint).step == 2
+    # The class layout still evaluates, here the unlabelled run's encoder.
+    write_folder(tmp_path / "labelled")
+    flags = "--epochs 1 --batch-size 4 --workers 0 --threads 1".split()
+    paths = ["--checkpoint", str(checkpoint), "--data-dir", str(tmp_path / "labelled")]
+    assert eval_linear.main([*paths, *flags]) == 0
     assert "top-1" in capsys.readouterr().out
 
 
@@ -815,9 +738,8 @@ def test_a_nested_unlabelled_folder_yields_every_image_under_it_in_sorted_order_
     assert [tuple(ds[i][0].shape) for i in range(6)] == [(3, 16, 16)] * 6 and {
         ds[i][1] for i in range(6)
     } == {0}
-    assert (
-        build_dataset("folder", "train", data_dir=tmp_path).samples == ds.samples
-    )  # the same order every run
+    # the same order every run
+    assert build_dataset("folder", "train", data_dir=tmp_path).samples == ds.samples
     Image.new("P", (4, 4)).save(tmp_path / "2023" / "05" / "anim.gif")
     with pytest.raises(DataError, match=r"2023/05/anim.gif is a \.gif image"):
         build_dataset("folder", "train", data_dir=tmp_path)
@@ -863,10 +785,9 @@ def test_a_folder_without_any_image_names_what_pretraining_reads(tmp_path):
 
 @pytest.mark.parametrize("layout", ["flat", "nested", "flat_splits"])
 def test_eval_linear_on_an_unlabelled_folder_says_the_layout_it_needs_in_one_sentence_and_writes_nothing(
-    tmp_path, capsys, monkeypatch, layout
+    tmp_path, capsys, monkeypatch, folder_state, layout
 ):
     import eval_linear
-    from test_eval import folder_state
 
     monkeypatch.chdir(tmp_path)
     d = tmp_path / "d"
@@ -882,34 +803,16 @@ def test_eval_linear_on_an_unlabelled_folder_says_the_layout_it_needs_in_one_sen
         "flat_splits": f"{d}/train holds 3 images without class folders",
     }[layout]
     before = folder_state(tmp_path)
-    assert (
-        eval_linear.main(
-            [
-                "--init",
-                "random",
-                "--data",
-                "folder",
-                "--data-dir",
-                str(d),
-                "--img-size",
-                "32",
-                "--workers",
-                "0",
-                "--threads",
-                "1",
-            ]
-        )
-        == 2
-    )
+    flags = "--init random --data folder --img-size 32 --workers 0 --threads 1".split()
+    assert eval_linear.main([*flags, "--data-dir", str(d)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: evaluation needs labelled images: {d}/train/<class>/*.jpg "
         f"and {d}/val/<class>/*.jpg; {held} (fine for pre-training)"
     )
     assert folder_state(tmp_path) == before and not (tmp_path / "out").exists()
     with pytest.raises(DataError, match=r"evaluation needs labelled images"):
-        build_dataset(
-            "folder", "val", data_dir=d, transform="pretrain"
-        )  # val: evaluation's, whatever the transform
+        # val: evaluation's, whatever the transform
+        build_dataset("folder", "val", data_dir=d, transform="pretrain")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -955,9 +858,8 @@ def uniform(pixels_3hw):
 def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path, name):
     def write(path):
         fmt = {".png": "PNG", ".jpg": "PNG", ".tif": "TIFF", ".pgm": "PPM"}[path.suffix]
-        Image.fromarray(np.full((6, 5), 0x8000, dtype=np.uint16)).save(
-            path, format=fmt
-        )  # a PNG named .jpg too
+        # a PNG named .jpg too
+        Image.fromarray(np.full((6, 5), 0x8000, dtype=np.uint16)).save(path, format=fmt)
 
     assert uniform(decoded(tmp_path, name, write)) == [128, 128, 128]  # 32768 / 257 = 127.5
 
@@ -981,9 +883,8 @@ def test_16_bit_rgb_png_keeps_its_colour(tmp_path):
 def test_alpha_is_composited_on_the_stated_white_background(tmp_path, mode, value, expected):
     assert data.ALPHA_BACKGROUND == (255, 255, 255)
     pixels = decoded(tmp_path, "a.png", lambda p: Image.new(mode, (4, 4), value).save(p))
-    assert (
-        max(abs(got - want) for got, want in zip(uniform(pixels), expected)) <= 1
-    )  # alpha_composite's rounding
+    # alpha_composite's rounding
+    assert max(abs(got - want) for got, want in zip(uniform(pixels), expected, strict=True)) <= 1
 
 
 def test_a_palette_pngs_transparent_colour_becomes_the_background(tmp_path):
@@ -1016,9 +917,10 @@ def test_cmyk_jpeg_1_bit_and_a_16_bit_grey_alpha_png_decode_to_their_colours(tmp
 
 
 def test_an_exif_rotated_phone_photo_is_turned_upright(tmp_path):
+    # stored 40 wide, 20 high: left half red, right half blue; EXIF 6: turn 90° clockwise
     def write(
         path,
-    ):  # stored 40 wide, 20 high: left half red, right half blue; EXIF 6: turn 90° clockwise
+    ):
         image = Image.new("RGB", (40, 20), (0, 0, 255))
         image.paste((255, 0, 0), (0, 0, 20, 20))
         exif = Image.Exif()
@@ -1027,9 +929,8 @@ def test_an_exif_rotated_phone_photo_is_turned_upright(tmp_path):
 
     pixels = decoded(tmp_path, "IMG_0001.jpg", write).int()
     assert pixels.shape == (3, 40, 20)  # as shown: 20 wide, 40 high
-    assert (
-        pixels[:, 5, 10].tolist()[0] > 240 and pixels[:, 35, 10].tolist()[2] > 240
-    )  # red on top, blue below
+    # red on top, blue below
+    assert pixels[:, 5, 10].tolist()[0] > 240 and pixels[:, 35, 10].tolist()[2] > 240
 
 
 @pytest.mark.parametrize(
@@ -1202,6 +1103,10 @@ def test_pretrain_crop_scale_follows_paper_section_6():
     cnn = data.build_transform("pretrain", 224, family="cnn").transforms[0]
     vit = data.build_transform("pretrain", 224, family="vit").transforms[0]
     assert tuple(cnn.scale) == (0.8, 1.0) and tuple(vit.scale) == (0.67, 1.0)
+    # SimMIM's released recipe crops as the ViTs do (§3), and is one of the crops a run may name.
+    simmim = data.build_transform("pretrain", 224, family="simmim").transforms[0]
+    assert tuple(simmim.scale) == data.SIMMIM_CROP_SCALE == (0.67, 1.0)
+    assert tuple(data.CROP_SCALE) == (*data.FAMILY_CROP_SCALE, "simmim") == ("cnn", "vit", "simmim")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1343,29 +1248,28 @@ def test_starting_at_batch_k_yields_batches_k_on_of_the_same_epoch_without_readi
         assert len(loader) == len(whole)  # still the full epoch's length
         assert CountingDataset.reads == 4 * (len(whole) - 2)  # batches 0 and 1 never read
         assert [t.tolist() for t in tail] == [w.tolist() for w in whole[2:]]
-        assert [t.tolist() for t in batches(loader, 2)] == [
-            w.tolist() for w in whole
-        ]  # the next pass: whole
+        # the next pass: whole
+        assert [t.tolist() for t in batches(loader, 2)] == [w.tolist() for w in whole]
 
 
 def test_random_crops_of_a_resumed_epoch_equal_the_uninterrupted_ones_with_any_worker_count():
     ds = build_dataset("fake", "train", fake_size=24, transform="pretrain")
     whole = batches(build_loader(ds, 4, workers=0, seed=1), 3)
-    assert not torch.equal(
-        whole[0], batches(build_loader(ds, 4, workers=0, seed=1), 4)[0]
-    )  # epochs differ
+    # epochs differ
+    assert not torch.equal(whole[0], batches(build_loader(ds, 4, workers=0, seed=1), 4)[0])
     for workers in (0, 2):
         tail = batches(build_loader(ds, 4, workers=workers, seed=1), 3, start_batch=4)
-        assert len(tail) == 2 and all(torch.equal(t, w) for t, w in zip(tail, whole[4:]))
+        assert len(tail) == 2 and all(
+            torch.equal(t, w) for t, w in zip(tail, whole[4:], strict=True)
+        )
 
 
 def test_loading_a_training_batch_leaves_the_global_rng_untouched():
     loader = build_loader(build_dataset("fake", "train", fake_size=8), 4, workers=0)
     state = torch.get_rng_state()
     batches(loader, 0)
-    assert torch.equal(
-        torch.get_rng_state(), state
-    )  # drop path / masks draw the same as without data
+    # drop path / masks draw the same as without data
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_device_loader_started_at_batch_k_gives_the_uninterrupted_epochs_crops_and_skips_the_rest():
@@ -1378,12 +1282,17 @@ def test_device_loader_started_at_batch_k_gives_the_uninterrupted_epochs_crops_a
         )
         set_epoch(loader, 1)
         whole = list(loader)
-        calls, augment = [], loader.augment
-        loader.augment = lambda img_bchw, gen: calls.append(1) or augment(img_bchw, gen)
+        calls = []
+
+        def counted_augment(img_bchw, gen, calls=calls, augment=loader.augment):
+            calls.append(1)
+            return augment(img_bchw, gen)
+
+        loader.augment = counted_augment
         set_epoch(loader, 1, start_batch=3)
         tail = list(loader)
         assert len(loader) == 5 and len(tail) == len(calls) == 2  # batches 0..2 never augmented
-        for (img, labels), (img_whole, labels_whole) in zip(tail, whole[3:]):
+        for (img, labels), (img_whole, labels_whole) in zip(tail, whole[3:], strict=True):
             assert torch.equal(img, img_whole) and torch.equal(labels, labels_whole)
     with pytest.raises(ValueError, match="start_batch"):
         set_epoch(loader, 1, start_batch=6)

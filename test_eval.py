@@ -15,9 +15,8 @@ import torchvision
 import data
 import eval_linear as E
 import runtime
-from a2mim import A2MIM
 from models import build_encoder
-from runtime import Dist, save_checkpoint, set_lr
+from runtime import Dist, set_lr
 
 SMALL = ["--data", "fake", "--workers", "0", "--precision", "fp32"]
 
@@ -26,20 +25,6 @@ SMALL = ["--data", "fake", "--workers", "0", "--precision", "fp32"]
 def small_and_fast(monkeypatch):
     """200 fake images per split (20 a class) instead of 512 (and one thread: conftest.py)."""
     monkeypatch.setattr(data, "build_dataset", functools.partial(data.build_dataset, fake_size=200))
-
-
-def make_checkpoint(path, arch="resnet18", img_size=32, width=8, data_name="fake"):
-    """A checkpoint in train.py's format (see train.checkpoint_state), built in-process."""
-    kw = dict(arch=arch, img_size=img_size) | ({} if arch.startswith("vit") else dict(width=width))
-    torch.manual_seed(1)
-    model = A2MIM(build_encoder(**kw))  # the default mask block of this size and token site
-    save_checkpoint(
-        path,
-        dict(
-            model=model.state_dict(), encoder_kwargs=kw, config=dict(data=data_name, method="a2mim")
-        ),
-    )
-    return model.encoder
 
 
 def prepared(argv):
@@ -147,7 +132,8 @@ def test_label_subset_has_exactly_k_per_class_and_is_seed_stable():
 def test_label_subset_refuses_a_class_with_fewer_than_k_images():
     labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 10)
     with pytest.raises(
-        E.EvalError, match="class 1 has only 3 training images, fewer than --labels-per-class 5"
+        runtime.DataError,
+        match="class 1 has only 3 training images, fewer than --labels-per-class 5",
     ):
         E.class_balanced_subset(labels, 5, seed=0)
 
@@ -168,9 +154,11 @@ def test_gathered_shards_count_every_val_sample_exactly_once_in_order():
 # Export to torchvision.
 
 
-def test_exported_resnet_loads_strictly_into_torchvision_and_gives_the_same_features(tmp_path):
+def test_exported_resnet_loads_strictly_into_torchvision_and_gives_the_same_features(
+    tmp_path, train_checkpoint
+):
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "resnet18.pth"
-    encoder = make_checkpoint(ckpt, img_size=224, width=64).eval()  # standard stem and width
+    encoder = train_checkpoint(ckpt, img_size=224, width=64).eval()  # standard stem and width
     assert E.main(["--checkpoint", str(ckpt), "--export", str(out)]) == 0
 
     tv = torchvision.models.resnet18()
@@ -194,9 +182,11 @@ def test_exported_resnet_loads_strictly_into_torchvision_and_gives_the_same_feat
         ("vit_tiny", None, "export vit_tiny with --export-to timm"),
     ],
 )
-def test_export_refuses_encoders_without_a_torchvision_twin(tmp_path, capsys, arch, width, why):
+def test_export_refuses_encoders_without_a_torchvision_twin(
+    tmp_path, capsys, arch, width, why, train_checkpoint
+):
     ckpt = tmp_path / "ckpt.pt"
-    make_checkpoint(ckpt, arch=arch, width=width)  # 32 px: small stem; or a ViT
+    train_checkpoint(ckpt, arch=arch, width=width)  # 32 px: small stem; or a ViT
     assert E.main(["--checkpoint", str(ckpt), "--export", str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and why in err
@@ -207,9 +197,11 @@ def test_export_refuses_encoders_without_a_torchvision_twin(tmp_path, capsys, ar
 # Accuracy on learnable data (fake classes differ in mean colour), and the results file.
 
 
-def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(tmp_path, capsys):
+def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(
+    tmp_path, capsys, train_checkpoint
+):
     ckpt, results = tmp_path / "ckpt.pt", tmp_path / "results.jsonl"
-    make_checkpoint(ckpt)
+    train_checkpoint(ckpt)
     argv = [
         "--checkpoint",
         str(ckpt),
@@ -221,7 +213,10 @@ def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(tmp_path
         "64",
     ]
     assert E.main(argv) == 0  # data "fake" comes from the checkpoint's config
-    assert "top-1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "top-1" in out
+    # the start line names the recipe taken and the flag for the other one
+    assert "on fake, small-data settings (--preset official: §7's resnet recipe):" in out
     (line,) = results.read_text().splitlines()
     rec = json.loads(line)
     assert rec["checkpoint"] == str(ckpt) and rec["mode"] == "probe" and rec["data"] == "fake"
@@ -278,18 +273,18 @@ def test_a_few_epochs_of_finetuning_beat_chance(tmp_path):
 # Bad inputs: one sentence on stderr, exit code 2.
 
 
-def not_a_checkpoint(tmp_path):
+def not_a_checkpoint(tmp_path, train_checkpoint):
     path = tmp_path / "notes.pth"
     path.write_text("hello")
     return ["--checkpoint", str(path)]
 
 
-def other_arch(tmp_path):
-    make_checkpoint(tmp_path / "r18.pt")
+def other_arch(tmp_path, train_checkpoint):
+    train_checkpoint(tmp_path / "r18.pt")
     return ["--checkpoint", str(tmp_path / "r18.pt"), "--arch", "resnet50"]
 
 
-def plain_dict_of_another_arch(tmp_path):
+def plain_dict_of_another_arch(tmp_path, train_checkpoint):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "tv.pth")
     return ["--checkpoint", str(tmp_path / "tv.pth"), "--arch", "resnet34"]
 
@@ -301,15 +296,15 @@ def plain_dict_of_another_arch(tmp_path):
         (other_arch, "holds a resnet18 model, but --arch is resnet50"),
         (plain_dict_of_another_arch, "does not fit a resnet34 encoder"),
         (
-            lambda p: ["--init", "random", "--data", "folder", "--data-dir", str(p / "missing")],
+            lambda p, _: ["--init", "random", "--data", "folder", "--data-dir", str(p / "missing")],
             "does not exist",
         ),
         (
-            lambda p: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)],
+            lambda p, _: ["--init", "random", "--data", "cifar10", "--data-dir", str(p)],
             "cifar10 expects",
         ),
         (
-            lambda p: [
+            lambda p, _: [
                 "--init",
                 "random",
                 "--arch",
@@ -322,9 +317,11 @@ def plain_dict_of_another_arch(tmp_path):
         ),
     ],
 )
-def test_bad_inputs_exit_2_with_one_sentence(tmp_path, capsys, monkeypatch, argv_of, message):
+def test_bad_inputs_exit_2_with_one_sentence(
+    tmp_path, capsys, monkeypatch, train_checkpoint, argv_of, message
+):
     monkeypatch.chdir(tmp_path)  # no ./data to fall back on
-    assert E.main(argv_of(tmp_path)) == 2
+    assert E.main(argv_of(tmp_path, train_checkpoint)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and message in err
 
@@ -333,13 +330,6 @@ def test_no_arguments_without_a_trained_run_says_what_to_do(tmp_path, capsys, mo
     monkeypatch.chdir(tmp_path)
     assert E.main([]) == 2
     assert "run `python3 train.py` first, or pass --init random" in capsys.readouterr().err
-
-
-def folder_state(path):
-    """{relative path: bytes} of every file under `path`: what a refused command must leave as it was."""
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,34 +464,41 @@ def test_official_probe_is_avgpool_fc_on_augmented_crops_with_sgd(arch, expected
     numbers = {k: v for k, v in expected.items() if k not in lists}
     assert {k: cfg[k] for k in numbers} == pytest.approx(numbers)
     assert {k: cfg[k] for k in lists} == lists  # milestones: whole epochs, compared exactly
-    assert isinstance(
-        E.linear_head(8, 10, cfg["head"]), torch.nn.Linear
-    )  # avgpool + fc: no BatchNorm
+    # avgpool + fc: no BatchNorm
+    assert isinstance(E.linear_head(8, 10, cfg["head"]), torch.nn.Linear)
 
 
 @pytest.mark.parametrize(
     "data_name,img_size,argv,recipe",
     [
+        # §7's arch recipe: on --data imagenet, or with --preset official on any data
         ("imagenet", 224, [], "resnet"),
-        ("folder", 192, [], "resnet"),
-        ("folder", 128, [], None),  # an image folder below 192 px: the laptop settings
+        ("fake", 32, ["--preset", "official"], "resnet"),
+        ("folder", 224, ["--preset", "official"], "resnet"),
+        # the small-data settings everywhere else: an image folder of any size too, as in train.py
+        ("folder", 224, [], None),
+        ("folder", 192, [], None),
+        ("folder", 128, [], None),
         ("fashion-mnist", 32, [], None),
-        (
-            "fake",
-            32,
-            ["--preset", "official"],
-            "resnet",
-        ),  # the flag stays accepted and forces the recipe
-        ("imagenet", 224, ["--preset", "laptop"], None),
+        ("imagenet", 224, ["--preset", "small"], None),
     ],
 )
-def test_recipe_follows_arch_and_data_without_needing_the_preset_flag(
+def test_the_arch_recipe_is_taken_on_imagenet_or_with_preset_official_never_for_a_folders_size(
     data_name, img_size, argv, recipe
 ):
     cfg = resolved("resnet50", argv, world_size=1, data_name=data_name, img_size=img_size)
     assert cfg["recipe"] == recipe
-    assert cfg["origin"]["blr"] == ("arch recipe" if recipe else "laptop default")
+    assert cfg["origin"]["blr"] == ("arch recipe" if recipe else "small-data default")
     assert cfg["blr"] == (30.0 if recipe else E.DEFAULTS["probe"]["blr"])
+    assert (recipe is not None) == runtime.takes_paper_recipe(cfg["preset"], data_name)
+
+
+def test_the_presets_are_train_pys(capsys):
+    (preset,) = [a for a in E.get_parser()._actions if a.dest == "preset"]
+    assert tuple(preset.choices) == runtime.PRESETS
+    with pytest.raises(SystemExit):
+        E.get_parser().parse_args(["--preset", "laptop"])
+    assert "invalid choice: 'laptop'" in capsys.readouterr().err
 
 
 def test_random_encoder_on_imagenet_is_the_standard_width(tmp_path, monkeypatch):
@@ -510,24 +507,28 @@ def test_random_encoder_on_imagenet_is_the_standard_width(tmp_path, monkeypatch)
         ["--init", "random", "--arch", "resnet50", "--data", "imagenet"]
     )
     assert E.load_source(args)["encoder_kwargs"] == dict(arch="resnet50", img_size=224, width=None)
-    args = E.get_parser().parse_args(
-        ["--init", "random", "--arch", "resnet50"]
-    )  # fashion-mnist: laptop width
+    # fashion-mnist, and an image folder of ImageNet's size: the small-data width
+    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50"])
     assert E.load_source(args)["encoder_kwargs"]["width"] == 16
+    folder = ["--data", "folder", "--img-size", "224"]
+    args = E.get_parser().parse_args(["--init", "random", "--arch", "resnet50", *folder])
+    assert E.load_source(args)["encoder_kwargs"]["width"] == 16
+    args = E.get_parser().parse_args(
+        ["--init", "random", "--arch", "resnet50", *folder, "--preset", "official"]
+    )
+    assert E.load_source(args)["encoder_kwargs"]["width"] is None
 
 
-def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys):
+def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys, train_checkpoint):
     ckpt = tmp_path / "ckpt.pt"
-    make_checkpoint(ckpt)
+    train_checkpoint(ckpt)
     assert E.main(["--checkpoint", str(ckpt), "--epochs", "3", "--print-config"]) == 0
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
     assert set(E.DEFAULTS["probe"]) <= set(lines)
     assert lines["epochs"][1:] == ["3", "command", "line"]
-    assert lines["blr"][1:] == ["0.1", "laptop", "default"]
-    assert lines["img_size"][1:] == ["32", "checkpoint"] and lines["data"][1:] == [
-        '"fake"',
-        "checkpoint",
-    ]
+    assert lines["blr"][1:] == ["0.1", "small-data", "default"]
+    assert lines["img_size"][1:] == ["32", "checkpoint"]
+    assert lines["data"][1:] == ['"fake"', "checkpoint"]
     assert lines["lr"][-1] == "derived"
     assert (
         E.main(
@@ -545,18 +546,18 @@ def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys):
         == 0
     )
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
-    assert lines["epochs"][1:] == ["200", "arch", "recipe"] and lines["img_size"][1:] == [
-        "224",
-        "dataset",
-    ]
+    assert lines["epochs"][1:] == ["200", "arch", "recipe"]
+    assert lines["img_size"][1:] == ["224", "dataset"]
 
 
-def test_help_shows_every_setting_with_its_laptop_default():
+def test_help_shows_every_setting_with_its_small_data_default_and_range():
     text = " ".join(E.get_parser().format_help().split())
-    for name, _, default, _, _ in E.SETTINGS:
-        assert "--" + name.replace("_", "-") in text
-    assert "[laptop default: probe 30, finetune 5; valid: > 0]" in text  # --epochs
-    assert "[laptop default: bn]" in text  # --head
+    for s in E.SETTINGS:
+        assert s.flag in text
+    assert "(default: probe 30, finetune 5; valid: greater than 0)" in text  # --epochs
+    assert "(default: bn)" in text  # --head
+    assert "(default: the encoder's; valid: greater than 0)" in text  # --img-size: unset
+    assert "Defaults shown are the small-data ones" in text
 
 
 def test_vit_official_finetune_uses_mean_patch_token_and_fc_norm():
@@ -569,9 +570,8 @@ def test_vit_official_finetune_uses_mean_patch_token_and_fc_norm():
         assert isinstance(model.fc_norm, torch.nn.LayerNorm)
         raw_bdhw = encoder(x)  # the same blocks, without the final norm
         assert not torch.allclose(raw_bdhw, tokens_bdhw)
-        expected = model.head(
-            model.fc_norm(raw_bdhw.flatten(2).mean(dim=2))
-        )  # mean patch token, then LN
+        # mean patch token, then LN
+        expected = model.head(model.fc_norm(raw_bdhw.flatten(2).mean(dim=2)))
         assert torch.allclose(model(x), expected, atol=1e-6)
 
 
@@ -632,12 +632,11 @@ def test_vit_recipe_adds_random_erasing_and_randaugment_m9():
     train_set, val_set, _ = E.build_data(cfg)
     ops = {type(t).__name__: t for t in train_set.transform.transforms}
     assert ops["RandAugment"].magnitude == 9 and ops["RandomErasing"].p == 0.25
-    assert (
-        train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
-    )  # a ViT trains and tests at its own size
+    # a ViT trains and tests at its own size
+    assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
 
 
-def test_recipe_only_augmentations_are_refused_with_the_laptop_settings(capsys):
+def test_recipe_only_augmentations_are_refused_with_the_small_data_settings(capsys):
     assert E.main(["--init", "random", "--finetune", "--rand-augment", "9", *SMALL]) == 2
     assert "add --preset official" in capsys.readouterr().err
 
@@ -670,11 +669,12 @@ def test_ema_weights_are_evaluated_beside_the_last_weights():
 def test_clip_grad_clips_every_step_at_the_given_norm(monkeypatch):
     calls = []
     clip = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(
-        torch.nn.utils,
-        "clip_grad_norm_",
-        lambda params, max_norm: calls.append(max_norm) or clip(params, max_norm),
-    )
+
+    def recorded_clip(params, max_norm):
+        calls.append(max_norm)
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
     encoder, cfg = prepared(
         [
             "--init",
@@ -698,22 +698,25 @@ def test_clip_grad_clips_every_step_at_the_given_norm(monkeypatch):
 # The run folder is safe: refused cases change nothing on disk.
 
 
-def test_export_refuses_to_overwrite_its_own_checkpoint(tmp_path, capsys):
+def test_export_refuses_to_overwrite_its_own_checkpoint(
+    tmp_path, capsys, train_checkpoint, folder_state
+):
     ckpt = tmp_path / "ckpt.pt"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     before = folder_state(tmp_path)
     assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt)]) == 2
     assert "is the checkpoint being read" in capsys.readouterr().err
     assert folder_state(tmp_path) == before
-    assert (
-        E.main(["--checkpoint", str(ckpt), "--export", str(ckpt), "--overwrite"]) == 2
-    )  # not even with it
+    # not even with it
+    assert E.main(["--checkpoint", str(ckpt), "--export", str(ckpt), "--overwrite"]) == 2
     assert folder_state(tmp_path) == before
 
 
-def test_export_replaces_an_existing_file_only_with_overwrite(tmp_path, capsys):
+def test_export_replaces_an_existing_file_only_with_overwrite(
+    tmp_path, capsys, train_checkpoint, folder_state
+):
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "r18.pth"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     out.write_text("an earlier export")
     before = folder_state(tmp_path)
     assert E.main(["--checkpoint", str(ckpt), "--export", str(out)]) == 2
@@ -730,9 +733,8 @@ def test_exported_convnext_loads_strictly_into_torchvision_and_back(tmp_path):
     with torch.no_grad():
         encoder.norm.weight.uniform_(0.5, 2.0)  # the final norm must travel too
     weights.export(encoder, tmp_path / "cnx.pth", "torchvision")
-    with torch.device(
-        "meta"
-    ):  # shapes only: the strict key and shape check without torchvision's init
+    # shapes only: the strict key and shape check without torchvision's init
+    with torch.device("meta"):
         torchvision.models.convnext_tiny().load_state_dict(
             torch.load(tmp_path / "cnx.pth", weights_only=True), assign=True
         )
@@ -750,7 +752,7 @@ def test_exported_convnext_loads_strictly_into_torchvision_and_back(tmp_path):
     assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in encoder.state_dict().items())
 
 
-def test_results_unwritable_prints_accuracy_first(tmp_path, capsys):
+def test_results_unwritable_prints_accuracy_first(tmp_path, capsys, folder_state):
     (tmp_path / "not_a_dir").write_text("a file where the results folder should be")
     before = folder_state(tmp_path)
     argv = [
@@ -768,35 +770,35 @@ def test_results_unwritable_prints_accuracy_first(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "top-1" in out  # the accuracy is not lost...
     last = err.strip().splitlines()[-1]  # (above it: the progress bars)
-    assert (
-        last.startswith("error: cannot append the result to") and "r.jsonl" in last
-    )  # ...then one sentence
+    # ...then one sentence
+    assert last.startswith("error: cannot append the result to") and "r.jsonl" in last
     assert folder_state(tmp_path) == before
 
 
 @pytest.mark.parametrize(
     "flag,value,valid",
     [
-        ("--labels-per-class", "0", "> 0"),
-        ("--labels-per-class", "-3", "> 0"),
-        ("--epochs", "0", "> 0"),
-        ("--batch-size", "-1", "> 0"),
+        ("--labels-per-class", "0", "greater than 0"),
+        ("--labels-per-class", "-3", "greater than 0"),
+        ("--epochs", "0", "greater than 0"),
+        ("--batch-size", "-1", "greater than 0"),
         ("--drop-path", "1.5", "in [0, 1)"),
         ("--label-smoothing", "1", "in [0, 1)"),
-        ("--weight-decay", "-0.1", ">= 0"),
-        ("--threads", "0", "> 0"),
-        ("--milestones", "0", "> 0"),
+        ("--weight-decay", "-0.1", "at least 0"),
+        ("--threads", "0", "greater than 0"),
+        ("--milestones", "0", "greater than 0"),
+        ("--seed", "-1", "in [0, 4294967295]"),
     ],
 )
 def test_out_of_range_settings_are_refused_with_the_valid_range(
-    tmp_path, capsys, monkeypatch, flag, value, valid
+    tmp_path, capsys, monkeypatch, flag, value, valid, folder_state
 ):
     monkeypatch.chdir(tmp_path)
     argv = ["--init", "random", "--width", "8", *SMALL, flag, value] + (
         ["--finetune"] if flag == "--drop-path" else []
     )
     assert E.main(argv) == 2
-    assert f"{flag} must be {valid}, got" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"error: {flag} must be {valid}, got {value}"
     assert folder_state(tmp_path) == {}
 
 
@@ -812,7 +814,7 @@ def test_a_bug_keeps_its_traceback_while_user_errors_exit_2(monkeypatch, capsys)
         E.main(argv)
 
     def bad_data(cfg):
-        raise data.DataError("no such dataset here")
+        raise runtime.DataError("no such dataset here")
 
     monkeypatch.setattr(E, "build_data", bad_data)
     assert E.main(argv) == 2 and "error: no such dataset here" in capsys.readouterr().err
@@ -828,7 +830,9 @@ class RunsCode:
         return exec, (self.code,)
 
 
-def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load(tmp_path, capsys):
+def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load(
+    tmp_path, capsys, folder_state
+):
     import argparse
 
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pt")
@@ -857,9 +861,8 @@ def test_a_checkpoint_holding_python_objects_is_refused_by_the_tensors_only_load
         f"{tmp_path / 'crafted.pt'} was refused: it holds Python objects, not only tensors, and loading it could "
         "run code from the file; "
     ) in err
-    assert (
-        not marker.exists() and folder_state(tmp_path) == before
-    )  # ...the tensors-only load did not
+    # ...the tensors-only load did not
+    assert not marker.exists() and folder_state(tmp_path) == before
 
 
 @pytest.mark.parametrize("mode", [[], ["--finetune"]])
@@ -890,9 +893,8 @@ def test_interactions_measure_j_of_the_trained_classifier_on_k_val_images_per_cl
     j = first["interactions"]
     assert len(j["orders"]) == len(j["J"]) == 13 and abs(sum(j["J"]) / 13 - 1) < 1e-5
     per_image = torch.tensor(j["I_abs_per_image"])
-    assert (
-        per_image.shape == (10, 13) and (per_image >= 0).all()
-    )  # 1 image of each of the 10 classes
+    # 1 image of each of the 10 classes
+    assert per_image.shape == (10, 13) and (per_image >= 0).all()
     torch.testing.assert_close(per_image.mean(0) / per_image.mean(), torch.tensor(j["J"]))
     fake_val = data.build_dataset("fake", "val")
     assert sorted(int(fake_val.labels_n[i]) for i in j["images"]) == list(range(10))
@@ -918,7 +920,7 @@ def trainings(monkeypatch):
 
 
 def test_a_results_append_that_fails_half_way_leaves_the_file_byte_identical_after_printing_the_accuracy(
-    tmp_path, capsys, fill_disk
+    tmp_path, capsys, fill_disk, folder_state
 ):
     results = tmp_path / "r.jsonl"
     results.write_text(json.dumps({"mode": "probe", "top1": 12.5}) + "\n")
@@ -957,7 +959,7 @@ def a_folder(path):
 
 @pytest.mark.parametrize("damage", [glued_lines, garbled_middle_line, a_folder])
 def test_a_results_file_that_is_damaged_or_a_folder_is_refused_before_training(
-    tmp_path, capsys, trainings, damage
+    tmp_path, capsys, trainings, damage, folder_state
 ):
     message = damage(tmp_path / "r.jsonl")
     before = folder_state(tmp_path)
@@ -971,7 +973,7 @@ def test_a_results_file_that_is_damaged_or_a_folder_is_refused_before_training(
 
 
 def test_more_interaction_images_per_class_than_val_holds_is_refused_before_training_naming_interactions(
-    tmp_path, capsys, trainings
+    tmp_path, capsys, trainings, folder_state
 ):
     # The fake val split holds 20 images a class (200 in all); the train split is not the constraint.
     argv = [
@@ -997,10 +999,8 @@ def test_more_interaction_images_per_class_than_val_holds_is_refused_before_trai
 @pytest.mark.parametrize(
     "argv,batch",
     [
-        (
-            ["--labels-per-class", "10"],
-            100,
-        ),  # 10 a class: 100 cached features, fewer than the default batch 256
+        # 10 a class: 100 cached features, fewer than the default batch 256
+        (["--labels-per-class", "10"], 100),
         (["--batch-size", "100000"], 200),  # all 200 fake train images in one step
     ],
 )
@@ -1038,34 +1038,33 @@ def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(
         == 0
     )
     assert batches == [batch, batch]  # one step an epoch, of every train image
-    assert lrs[0] == pytest.approx(
-        0.1 * batch / 256
-    )  # the cosine's first step: the peak lr of that batch
+    # the cosine's first step: the peak lr of that batch
+    assert lrs[0] == pytest.approx(0.1 * batch / 256)
     config = json.loads(results.read_text())["config"]
     assert config["global_batch"] == batch and config["lr"] == pytest.approx(0.1 * batch / 256)
     assert config["origin"]["global_batch"] == "derived (all train images)"
-    asked = dict(zip(argv[::2], argv[1::2])).get("--batch-size", "256")
+    asked = dict(zip(argv[::2], argv[1::2], strict=True)).get("--batch-size", "256")
     assert config["batch_size"] == int(asked)  # the setting as given stays beside the batch used
 
 
 @pytest.mark.parametrize(
     "flag,value,valid,finetune",
     [
-        ("--blr", "inf", "> 0", False),
-        ("--blr", "nan", "> 0", False),
+        ("--blr", "inf", "greater than 0", False),
+        ("--blr", "nan", "greater than 0", False),
         ("--momentum", "nan", "in [0, 1)", False),
-        ("--warmup-epochs", "inf", ">= 0", False),
-        ("--min-lr", "inf", ">= 0", False),
-        ("--clip-grad", "inf", ">= 0", False),
-        ("--weight-decay", "1e999", ">= 0", False),
-        ("--mixup", "inf", ">= 0", True),
-        ("--cutmix", "nan", ">= 0", True),
+        ("--warmup-epochs", "inf", "at least 0", False),
+        ("--min-lr", "inf", "at least 0", False),
+        ("--clip-grad", "inf", "at least 0", False),
+        ("--weight-decay", "1e999", "at least 0", False),
+        ("--mixup", "inf", "at least 0", True),
+        ("--cutmix", "nan", "at least 0", True),
         ("--ema", "nan", "in [0, 1)", True),
-        ("--layer-decay", "inf", "> 0", True),
+        ("--layer-decay", "inf", "greater than 0", True),
     ],
 )
 def test_a_non_finite_float_setting_is_refused_with_its_range_before_anything_runs(
-    tmp_path, capsys, monkeypatch, trainings, flag, value, valid, finetune
+    tmp_path, capsys, monkeypatch, trainings, flag, value, valid, finetune, folder_state
 ):
     monkeypatch.chdir(tmp_path)
     arch = ["--arch", "vit_tiny"] if flag == "--layer-decay" else ["--width", "8"]
@@ -1077,7 +1076,7 @@ def test_a_non_finite_float_setting_is_refused_with_its_range_before_anything_ru
 
 
 def test_a_min_lr_above_the_peak_lr_is_refused_naming_both(
-    tmp_path, capsys, monkeypatch, trainings
+    tmp_path, capsys, monkeypatch, trainings, folder_state
 ):
     monkeypatch.chdir(tmp_path)
     assert E.main(["--init", "random", "--width", "8", "--finetune", "--blr", "1e-7", *SMALL]) == 2
@@ -1085,9 +1084,11 @@ def test_a_min_lr_above_the_peak_lr_is_refused_naming_both(
     assert trainings == [] and folder_state(tmp_path) == {}
 
 
-def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(tmp_path, capsys):
+def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(
+    tmp_path, capsys, train_checkpoint, folder_state
+):
     (tmp_path / "run").mkdir()
-    make_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    train_checkpoint(tmp_path / "run" / "checkpoint.pt")
     before = folder_state(tmp_path)
     assert (
         E.main(["--checkpoint", str(tmp_path / "run"), "--results", str(tmp_path / "r.jsonl")]) == 2
@@ -1102,10 +1103,10 @@ def test_a_checkpoint_that_is_a_folder_is_named_as_a_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_export_to_a_folder_is_refused_before_anything_is_read(
-    tmp_path, capsys, monkeypatch, overwrite
+    tmp_path, capsys, monkeypatch, overwrite, train_checkpoint, folder_state
 ):
     ckpt, target = tmp_path / "ckpt.pt", tmp_path / "exports"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     target.mkdir()
     (target / "older.pth").write_text("an earlier export")
     before = folder_state(tmp_path)
@@ -1125,9 +1126,11 @@ def test_export_to_a_folder_is_refused_before_anything_is_read(
     assert read == [] and folder_state(tmp_path) == before
 
 
-def test_an_export_whose_write_fails_is_one_sentence_and_leaves_no_tmp(tmp_path, capsys, fill_disk):
+def test_an_export_whose_write_fails_is_one_sentence_and_leaves_no_tmp(
+    tmp_path, capsys, fill_disk, train_checkpoint, folder_state
+):
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "r18.pth"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     before = folder_state(tmp_path)
     fill_disk()
     assert E.main(["--checkpoint", str(ckpt), "--export", str(out)]) == 2
@@ -1137,9 +1140,11 @@ def test_an_export_whose_write_fails_is_one_sentence_and_leaves_no_tmp(tmp_path,
 
 
 @pytest.mark.parametrize("flag", [["--finetune"], ["--interactions", "1"]])
-def test_export_with_an_evaluation_flag_is_refused_rather_than_ignored(tmp_path, capsys, flag):
+def test_export_with_an_evaluation_flag_is_refused_rather_than_ignored(
+    tmp_path, capsys, flag, train_checkpoint, folder_state
+):
     ckpt = tmp_path / "ckpt.pt"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     before = folder_state(tmp_path)
     assert E.main(["--checkpoint", str(ckpt), "--export", str(tmp_path / "r18.pth"), *flag]) == 2
     assert "--export writes the checkpoint's encoder as it is and exits" in capsys.readouterr().err
@@ -1147,7 +1152,7 @@ def test_export_with_an_evaluation_flag_is_refused_rather_than_ignored(tmp_path,
 
 
 def test_results_or_export_naming_a_device_is_refused_and_the_device_left_as_it_is(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, train_checkpoint
 ):
     """append_line and atomic_save replace their file by a rename: over /dev/null (as root) that would put a
     regular file in its place. Both writers are disarmed here, so a missed refusal fails without harm."""
@@ -1156,7 +1161,7 @@ def test_results_or_export_naming_a_device_is_refused_and_the_device_left_as_it_
         raise AssertionError(f"wrote {args[0]}")
 
     ckpt = tmp_path / "ckpt.pt"
-    make_checkpoint(ckpt, img_size=224, width=64)
+    train_checkpoint(ckpt, img_size=224, width=64)
     monkeypatch.setattr(E, "append_line", disarmed)
     monkeypatch.setattr(runtime, "atomic_save", disarmed)
     assert (
@@ -1178,7 +1183,7 @@ def test_results_or_export_naming_a_device_is_refused_and_the_device_left_as_it_
 
 
 def test_a_probe_batch_of_one_is_refused_since_its_batchnorm_head_needs_two(
-    tmp_path, capsys, monkeypatch, trainings
+    tmp_path, capsys, monkeypatch, trainings, folder_state
 ):
     monkeypatch.chdir(tmp_path)
     assert E.main(["--init", "random", "--width", "8", "--batch-size", "1", *SMALL]) == 2
@@ -1187,7 +1192,7 @@ def test_a_probe_batch_of_one_is_refused_since_its_batchnorm_head_needs_two(
 
 
 def test_more_interaction_pairs_than_the_grid_holds_are_refused_before_training(
-    tmp_path, capsys, trainings
+    tmp_path, capsys, trainings, folder_state
 ):
     argv = [
         "--init",

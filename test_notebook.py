@@ -120,9 +120,8 @@ def test_committed_notebook_shows_the_outputs_of_a_full_run_small_and_without_pr
     assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
     figures = [out for cell in code for out in cell.outputs if "image/png" in out.get("data", {})]
     assert len(figures) >= 6 and NOTEBOOK.stat().st_size <= 2_000_000
-    assert "budget 'full'" in text_of(nb) and "it/s" not in text_of(
-        nb
-    )  # the full budget; no tqdm pages
+    # the full budget; no tqdm pages
+    assert "budget 'full'" in text_of(nb) and "it/s" not in text_of(nb)
 
 
 def test_committed_notebook_shows_the_mean_fill_on_a_colour_photograph():
@@ -162,6 +161,7 @@ def test_gamma_focal_l1_simmim_and_mae_are_defined_in_the_markdown_that_first_na
         )
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell_without_error_at_the_small_budget(small_run):
     errors = [
         out
@@ -172,11 +172,11 @@ def test_notebook_runs_every_cell_without_error_at_the_small_budget(small_run):
     ]
     assert errors == []
     assert "budget 'small'" in text_of(small_run)  # the environment variable reached the kernel
-    assert "it/s" not in text_of(
-        small_run
-    )  # progress is printed once per step by the notebook, never as tqdm bars
+    # progress is printed once per step by the notebook, never as tqdm bars
+    assert "it/s" not in text_of(small_run)
 
 
+@pytest.mark.slow
 def test_every_plot_axis_has_a_title_and_labels_and_every_spectrum_a_labelled_colour_bar(small_run):
     report = text_of(small_run).split("FIGURE CHECK ")[-1]
     checked = json.loads(report.splitlines()[0])

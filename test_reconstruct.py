@@ -21,10 +21,6 @@ import train
 import weights
 from a2mim import mask_blocks, mean_fill
 from models import build_encoder
-from test_bench import OPENMP_WAIT_AT_TORCH_IMPORT
-from test_eval import make_checkpoint
-from test_reliability import snapshot
-from test_weights import perturb_, released_resnet50, save_released
 
 
 @pytest.fixture
@@ -47,9 +43,9 @@ def photos(tmp_path):
 
 
 @pytest.fixture
-def ckpt(tmp_path):
+def ckpt(tmp_path, train_checkpoint):
     path = tmp_path / "ckpt.pt"
-    make_checkpoint(path, img_size=32, width=8)
+    train_checkpoint(path, img_size=32, width=8)
     return path
 
 
@@ -68,15 +64,14 @@ def layout(picture, rows):
 
 def as_uint8(tile_chw):
     """A denormalised float tile as save_image rounds it."""
-    return (
-        tile_chw.clamp(0, 1)
-        .mul(255)
-        .add(0.5)
-        .clamp(0, 255)
-        .permute(1, 2, 0)
-        .to(torch.uint8)
-        .numpy()
-    )
+    pixels = tile_chw.clamp(0, 1).mul(255).add(0.5).clamp(0, 255)
+    return pixels.permute(1, 2, 0).to(torch.uint8).numpy()
+
+
+def denormalise(img_chw):
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+    return img_chw * std + mean
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,16 +96,9 @@ def test_a_folder_of_photos_gives_one_row_per_image_in_walk_order_under_a_header
     # The original column is each image (the hidden file skipped), resized, centre-cropped, upscaled 3×.
     paths = sorted(str(p) for p in photos.glob("[!.]*"))
     transform = data.build_transform("none", 32)
-    std, mean = (
-        torch.tensor(data.IMAGENET_STD).view(3, 1, 1),
-        torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1),
-    )
     for r, path in enumerate(paths):
-        expected = (
-            (transform(data._load_rgb(path)) * std + mean)
-            .repeat_interleave(3, 1)
-            .repeat_interleave(3, 2)
-        )
+        original = denormalise(transform(data.load_rgb(path)))
+        expected = original.repeat_interleave(3, 1).repeat_interleave(3, 2)
         top = header + 2 + r * (tile + 2)
         assert np.array_equal(picture[top : top + tile, 2 : 2 + tile], as_uint8(expected)), path
 
@@ -120,28 +108,24 @@ def test_n_keeps_the_first_images_files_in_the_order_given_then_the_folders_walk
 ):
     out = tmp_path / "two.png"
     first = photos / "d_alpha.png"
-    assert (
-        R.main(["--checkpoint", str(ckpt), str(first), str(photos), "--n", "2", "--out", str(out)])
-        == 0
-    )
+    argv = ["--checkpoint", str(ckpt), str(first), str(photos), "--n", "2", "--out", str(out)]
+    assert R.main(argv) == 0
     assert "2 of 5 images at 32 px" in capsys.readouterr().out
     picture = read_png(out)
     header, tile = layout(picture, rows=2)
     # Row 0 is the transparent image (composited on white: its top-left quarter is white), row 1 Grace Hopper's.
     quarter = tile // 2 - 6  # away from the edge the resize blends
     assert (picture[header + 2 : header + 2 + quarter, 2 : 2 + quarter] == 255).all()
-    assert not (
-        picture[header + tile + 4 : header + tile + 4 + quarter, 2 : 2 + quarter] == 255
-    ).all()
+    second = header + tile + 4
+    assert not (picture[second : second + quarter, 2 : 2 + quarter] == 255).all()
 
 
 def test_the_same_seed_writes_the_same_bytes_and_another_seed_another_mask(tmp_path, photos, ckpt):
     pictures = {}
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         out = tmp_path / f"{name}.png"
-        assert (
-            R.main(["--checkpoint", str(ckpt), str(photos), "--seed", seed, "--out", str(out)]) == 0
-        )
+        argv = ["--checkpoint", str(ckpt), str(photos), "--seed", seed, "--out", str(out)]
+        assert R.main(argv) == 0
         pictures[name] = out.read_bytes()
     assert pictures["a"] == pictures["b"]
     assert pictures["a"] != pictures["c"]
@@ -166,21 +150,13 @@ def test_tiles_are_upscaled_to_96_px_or_shrunk_to_256_and_train_pys_picture_lies
 
 def test_the_input_column_is_the_models_own_input_not_a_fill_redone_here(tmp_path):
     img = torch.randn(2, 3, 32, 32)
-    out = dict(
-        pred=torch.randn(2, 3, 32, 32),
-        mask=mask_blocks(2, 32, 4, 0.6),
-        input=torch.full_like(img, 0.5),
-    )
-    R.save_reconstructions(
-        str(tmp_path / "r.png"), img, out
-    )  # the marker 0.5: only `out` carries it
+    # the marker 0.5: only `out` carries it
+    marker_input = torch.full_like(img, 0.5)
+    out = dict(pred=torch.randn(2, 3, 32, 32), mask=mask_blocks(2, 32, 4, 0.6), input=marker_input)
+    R.save_reconstructions(str(tmp_path / "r.png"), img, out)
     picture = read_png(tmp_path / "r.png")
     header, tile = layout(picture, rows=2)
-    std, mean = (
-        torch.tensor(data.IMAGENET_STD).view(3, 1, 1),
-        torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1),
-    )
-    marker = as_uint8((0.5 * std + mean).expand(3, tile, tile))
+    marker = as_uint8(denormalise(torch.full((3, tile, tile), 0.5)))
     for r in range(2):
         top = header + 2 + r * (tile + 2)
         assert np.array_equal(picture[top : top + tile, tile + 4 : 2 * tile + 4], marker)
@@ -189,33 +165,16 @@ def test_the_input_column_is_the_models_own_input_not_a_fill_redone_here(tmp_pat
 def test_a_checkpoint_written_by_train_py_gives_its_picture_with_the_runs_mask_block(
     tmp_path, photos, capsys
 ):
-    argv = [
-        "--data",
-        "fake",
-        "--width",
-        "4",
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--max-steps",
-        "1",
-        "--vis-every",
-        "0",
-        "--threads",
-        "1",
-        "--mask-patch-size",
-        "8",
-        "--out-dir",
-        str(tmp_path / "out"),
-    ]
+    # fmt: off
+    argv = ["--data", "fake", "--width", "4", "--batch-size", "16", "--workers", "0", "--max-steps", "1",
+            "--vis-every", "0", "--threads", "1", "--mask-patch-size", "8", "--out-dir", str(tmp_path / "out")]
+    # fmt: on
     assert train.main(argv) == 0
     ckpt = tmp_path / "out" / "a2mim_resnet18_fake" / "checkpoint.pt"
     assert R.main(["--checkpoint", str(ckpt), str(photos), "--out", str(tmp_path / "r.png")]) == 0
     said = capsys.readouterr().out
-    assert (
-        "a2mim resnet18" in said and "(checkpoint), masks of seed 0: 8-px blocks, ratio 0.6" in said
-    )
+    assert "a2mim resnet18" in said
+    assert "(checkpoint), masks of seed 0: 8-px blocks, ratio 0.6" in said
     assert layout(read_png(tmp_path / "r.png"), rows=4)[1] == 96
 
 
@@ -223,27 +182,19 @@ def test_a_cnn_takes_another_img_size_with_the_stem_it_was_trained_with(
     tmp_path, photos, ckpt, capsys
 ):
     out = tmp_path / "r96.png"
-    assert (
-        R.main(["--checkpoint", str(ckpt), str(photos), "--img-size", "96", "--out", str(out)]) == 0
-    )
+    argv = ["--checkpoint", str(ckpt), str(photos), "--img-size", "96", "--out", str(out)]
+    assert R.main(argv) == 0
     assert "4 images at 96 px" in capsys.readouterr().out
     assert layout(read_png(out), rows=4)[1] == 96  # 96 px: neither upscaled nor shrunk
 
 
 def test_a_vit_checkpoint_gives_its_picture_and_mask_ratio_and_threads_are_taken(
-    tmp_path, photos, capsys
+    tmp_path, photos, capsys, train_checkpoint
 ):
-    make_checkpoint(tmp_path / "vit.pt", arch="vit_tiny", img_size=32)
+    train_checkpoint(tmp_path / "vit.pt", arch="vit_tiny", img_size=32)
     out = tmp_path / "vit.png"
-    argv = [
-        "--checkpoint",
-        str(tmp_path / "vit.pt"),
-        str(photos),
-        "--out",
-        str(out),
-        "--threads",
-        "2",
-    ]
+    argv = ["--checkpoint", str(tmp_path / "vit.pt"), str(photos), "--out", str(out)]
+    argv += ["--threads", "2"]
     assert R.main([*argv, "--mask-ratio", "0.25"]) == 0
     said = capsys.readouterr().out
     assert "a2mim vit_tiny" in said and "4-px blocks, ratio 0.25" in said
@@ -258,34 +209,32 @@ def test_a_vit_checkpoint_gives_its_picture_and_mask_ratio_and_threads_are_taken
 # The released files: a full A²MIM file, a SimMIM file (its method found from its token).
 
 
-def released_simmim_resnet50(tmp_path):
+def released_simmim_resnet50(tmp_path, released):
     """A released-layout SimMIM ResNet-50 (OpenMixup's simmim/r50: the token at the stem, without γ; SimMIMNeck)."""
     torch.manual_seed(0)
     encoder = build_encoder("resnet50", 224).eval()
-    perturb_(encoder)
+    released.perturb_(encoder)
     backbone = dict(encoder.state_dict()) | dict(mask_token=torch.randn(1, 64, 1, 1))
     neck = {
         "decoder.0.weight": torch.randn(3072, 2048, 1, 1) * 0.01,
         "decoder.0.bias": torch.zeros(3072),
     }
-    return save_released(tmp_path / "simmim_r50_full.pth", backbone, neck, "full")
+    return released.save(tmp_path / "simmim_r50_full.pth", backbone, neck, "full")
 
 
 @pytest.mark.parametrize("method", ["a2mim", "simmim"])
 def test_a_released_full_file_gives_its_224_px_picture_with_the_method_its_token_fits(
-    tmp_path, photos, method, capsys
+    tmp_path, photos, method, capsys, released
 ):
-    path = (
-        released_resnet50(tmp_path, "full")[0]
-        if method == "a2mim"
-        else released_simmim_resnet50(tmp_path)
-    )
+    if method == "a2mim":
+        path, _ = released.resnet50(tmp_path, "full")
+    else:
+        path = released_simmim_resnet50(tmp_path, released)
     out = tmp_path / "released.png"
     assert R.main(["--checkpoint", str(path), str(photos), "--n", "2", "--out", str(out)]) == 0
     said = capsys.readouterr().out
-    assert (
-        "2 of 4 images at 224 px" in said and f"{method} resnet50 from {path} (openmixup)" in said
-    )
+    assert "2 of 4 images at 224 px" in said
+    assert f"{method} resnet50 from {path} (openmixup)" in said
     assert "32-px blocks, ratio 0.6" in said  # the released block and ratio
     assert layout(read_png(out), rows=2)[1] == 224
 
@@ -294,106 +243,79 @@ def test_a_released_full_file_gives_its_224_px_picture_with_the_method_its_token
 # Refusals: one sentence, exit 2, nothing written or changed.
 
 
-def backbone_only(tmp_path):
-    return released_resnet50(tmp_path, "backbone")[0]
-
-
 def torchvision_file(tmp_path):
     path = tmp_path / "resnet18_torchvision.pth"
     torch.save(weights.torchvision_state_dict(build_encoder("resnet18", 224)), path)
     return path
 
 
-REFUSED = {  # case: (argv from (tmp_path, photos, ckpt), what the sentence says)
-    "no arguments": (lambda t, p, c: [], "name a checkpoint and the images"),
-    "no images": (lambda t, p, c: ["--checkpoint", c], "name a checkpoint and the images"),
-    "folder without images": (
-        lambda t, p, c: ["--checkpoint", c, t / "empty"],
-        "empty holds no images (files named",
-    ),
-    "missing image": (
-        lambda t, p, c: ["--checkpoint", c, p / "nope.jpg"],
-        "nope.jpg does not exist",
-    ),
-    "not an image": (
-        lambda t, p, c: ["--checkpoint", c, t / "notes.txt"],
-        "notes.txt is not an image file",
-    ),
-    "broken image": (lambda t, p, c: ["--checkpoint", c, t / "broken.jpg"], "cannot decode image"),
-    "missing checkpoint": (
-        lambda t, p, c: ["--checkpoint", t / "no.pt", p],
-        "no.pt does not exist",
-    ),
-    "out is a folder": (
-        lambda t, p, c: ["--checkpoint", c, p, "--out", t / "empty.png"],
-        "is a folder",
-    ),
-    "out exists": (
-        lambda t, p, c: ["--checkpoint", c, p, "--out", t / "old.png"],
-        "old.png exists; pass --overwrite to replace it",
-    ),
-    "out not a png": (
-        lambda t, p, c: ["--checkpoint", c, p, "--out", t / "r.jpg"],
-        "must name a .png file",
-    ),
-    "out is an input": (
-        lambda t, p, c: ["--checkpoint", c, p, "--out", p / "b_wide.png", "--overwrite"],
-        "is one of the files read",
-    ),
-    "n 0": (lambda t, p, c: ["--checkpoint", c, p, "--n", "0"], "--n must be at least 1, got 0"),
-    "mask ratio 1": (
-        lambda t, p, c: ["--checkpoint", c, p, "--mask-ratio", "1"],
-        "mask ratio must be in (0, 1)",
-    ),
-    "token of another method": (
-        lambda t, p, c: ["--checkpoint", c, p, "--method", "simmim"],
-        "its mask token or decoder does not fit a simmim resnet18 model",
-    ),
-    "vit at another size": (
-        lambda t, p, c: ["--checkpoint", t / "vit.pt", p, "--img-size", "64"],
-        "holds a vit_tiny for 32-px images; pass --img-size 32",
-    ),
-    "backbone-only released file": (
-        lambda t, p, c: ["--checkpoint", backbone_only(t), p],
-        "has no decoder: the picture needs a pre-trained A²MIM/SimMIM model",
-    ),
-    "torchvision file": (
-        lambda t, p, c: ["--checkpoint", torchvision_file(t), p],
-        "has no decoder: the picture needs a pre-trained A²MIM/SimMIM model",
-    ),
+NO_DECODER = "has no decoder: the picture needs a pre-trained A²MIM/SimMIM model"
+# fmt: off
+# case: (argv from (tmp_path, photos, ckpt, released), what the sentence says)
+REFUSED = {
+    "no arguments": (lambda t, p, c, r: [], "name a checkpoint and the images"),
+    "no images": (lambda t, p, c, r: ["--checkpoint", c], "name a checkpoint and the images"),
+    "folder without images": (lambda t, p, c, r: ["--checkpoint", c, t / "empty"],
+                              "empty holds no images (files named"),
+    "missing image": (lambda t, p, c, r: ["--checkpoint", c, p / "nope.jpg"], "nope.jpg does not exist"),
+    "not an image": (lambda t, p, c, r: ["--checkpoint", c, t / "notes.txt"], "notes.txt is not an image file"),
+    "broken image": (lambda t, p, c, r: ["--checkpoint", c, t / "broken.jpg"], "cannot decode image"),
+    "missing checkpoint": (lambda t, p, c, r: ["--checkpoint", t / "no.pt", p], "no.pt does not exist"),
+    "out is a folder": (lambda t, p, c, r: ["--checkpoint", c, p, "--out", t / "empty.png"], "is a folder"),
+    "out exists": (lambda t, p, c, r: ["--checkpoint", c, p, "--out", t / "old.png"],
+                   "old.png exists; pass --overwrite to replace it"),
+    "out not a png": (lambda t, p, c, r: ["--checkpoint", c, p, "--out", t / "r.jpg"], "must name a .png file"),
+    "out is an input": (lambda t, p, c, r: ["--checkpoint", c, p, "--out", p / "b_wide.png", "--overwrite"],
+                        "is one of the files read"),
+    "n 0": (lambda t, p, c, r: ["--checkpoint", c, p, "--n", "0"], "--n must be at least 1, got 0"),
+    "threads 0": (lambda t, p, c, r: ["--checkpoint", c, p, "--threads", "0"], "--threads must be at least 1, got 0"),
+    "img size 0": (lambda t, p, c, r: ["--checkpoint", c, p, "--img-size", "0"],
+                   "--img-size must be at least 1, got 0"),
+    "seed -1": (lambda t, p, c, r: ["--checkpoint", c, p, "--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    "mask ratio 1": (lambda t, p, c, r: ["--checkpoint", c, p, "--mask-ratio", "1"],
+                     "--mask-ratio must be in (0, 1), got 1"),
+    "mask ratio nan": (lambda t, p, c, r: ["--checkpoint", c, p, "--mask-ratio", "nan"],
+                       "--mask-ratio must be a finite number in (0, 1), got nan"),
+    "token of another method": (lambda t, p, c, r: ["--checkpoint", c, p, "--method", "simmim"],
+                                "its mask token or decoder does not fit a simmim resnet18 model"),
+    "vit at another size": (lambda t, p, c, r: ["--checkpoint", t / "vit.pt", p, "--img-size", "64"],
+                            "holds a vit_tiny for 32-px images; pass --img-size 32"),
+    "backbone-only released file": (lambda t, p, c, r: ["--checkpoint", r.resnet50(t, "backbone")[0], p], NO_DECODER),
+    "torchvision file": (lambda t, p, c, r: ["--checkpoint", torchvision_file(t), p], NO_DECODER),
 }
+# fmt: on
 
 
 @pytest.mark.parametrize("case", REFUSED)
 def test_a_refused_command_is_one_sentence_exit_2_and_leaves_the_folder_unchanged(
-    tmp_path, photos, ckpt, case, capsys, monkeypatch
+    tmp_path, photos, ckpt, case, capsys, monkeypatch, released, train_checkpoint, folder_state
 ):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty.png").mkdir()
     (tmp_path / "notes.txt").write_text("not a picture")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     (tmp_path / "old.png").write_bytes(b"an earlier picture")
-    make_checkpoint(tmp_path / "vit.pt", arch="vit_tiny", img_size=32)
+    train_checkpoint(tmp_path / "vit.pt", arch="vit_tiny", img_size=32)
     argv, says = REFUSED[case]
-    argv = [str(a) for a in argv(tmp_path, photos, ckpt)]
+    argv = [str(a) for a in argv(tmp_path, photos, ckpt, released)]
     monkeypatch.chdir(tmp_path)  # the default --out, recon.png, would land here
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     assert R.main(argv) == 2
     err = capsys.readouterr().err
     assert says in err and err.startswith("error: ") and err.count("\n") == 1, err
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 def test_a_full_disk_while_writing_the_picture_is_one_sentence_and_leaves_nothing(
-    tmp_path, photos, ckpt, capsys, fill_disk_for_pngs
+    tmp_path, photos, ckpt, capsys, fill_disk_for_pngs, folder_state
 ):
     fill_disk_for_pngs()
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     out = tmp_path / "r.png"
     assert R.main(["--checkpoint", str(ckpt), str(photos), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err == f"error: no space left on the device while writing {out}; nothing was written\n"
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
 
 
 def test_overwrite_replaces_an_existing_picture(tmp_path, photos, ckpt):
@@ -417,13 +339,13 @@ def test_a_bug_keeps_its_traceback(tmp_path, photos, ckpt, monkeypatch):
         ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
     ],
 )
-def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(user, seen):
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-    } | user
-    code = OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", "reconstruct")
+def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(
+    openmp_probe, user, seen
+):
+    chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+    env = {k: v for k, v in os.environ.items() if k not in chosen} | user
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", openmp_probe("reconstruct")],
         env=env,
         cwd=Path(R.__file__).parent,
         capture_output=True,

@@ -18,9 +18,8 @@ def lines(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-SMOKE_JOBS = (
-    2 + 3 + 3
-)  # A²MIM and SimMIM pre-trained; a probe and a fine-tune of those and of random init
+# A²MIM and SimMIM pre-trained; a probe and a fine-tune of those and of random init
+SMOKE_JOBS = 2 + 3 + 3
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +29,8 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(reproduce.BUDGETS["smoke"], "pretrain_seeds", {})
-        assert (
-            reproduce.main([*ARGS, "--results-dir", str(out), "--jobs", "2"]) == 0
-        )  # 2 at a time: faster tests
+        # 2 at a time: faster tests
+        assert reproduce.main([*ARGS, "--results-dir", str(out), "--jobs", "2"]) == 0
     return out
 
 
@@ -68,26 +66,23 @@ def test_table_has_one_row_per_arch_and_method(smoke, capsys):
     for method in ("a2mim", "simmim", "random init"):
         rows = [line for line in out.splitlines() if line.startswith(f"| resnet18 | {method} |")]
         assert len(rows) == (1 if method == "random init" else 2) and "—" not in rows[0], out
-        assert method != "simmim" or rows[1].endswith("(1 pair) | — |"), (
-            out
-        )  # SimMIM has no twin to subtract
+        if method == "simmim":  # SimMIM has no twin to subtract
+            assert rows[1].endswith("(1 pair) | — |"), out
     # The paired row: pre-trained minus random init on the same fine-tuning seed, from the JSON lines.
     top1 = {
         (r["init"], r["config"]["pretrain_method"]): r["top1"]
         for r in lines(smoke / "fashion_mnist.jsonl")
         if r["mode"] == "finetune"
     }
+    # ...and minus SimMIM
     paired = [line for line in out.splitlines() if line.startswith("| resnet18 | a2mim |")][1]
     assert paired == (
         f"| resnet18 | a2mim | {top1['checkpoint', 'a2mim'] - top1['random', None]:+.2f} (1 pair) | "
         f"{top1['checkpoint', 'a2mim'] - top1['checkpoint', 'simmim']:+.2f} (1 pair) |"
-    ), out  # and minus SimMIM
+    ), out
     assert "python3 train.py --arch resnet18 --method a2mim" in out  # the exact commands, timed
-    for part, n in (
-        ("pre-training", 2),
-        ("probe", 3),
-        ("fine-tune", 3),
-    ):  # and the seconds of each part
+    # and the seconds of each part
+    for part, n in (("pre-training", 2), ("probe", 3), ("fine-tune", 3)):
         assert re.search(rf"^\| \d+ \| {part}: {n} jobs \|$", out, re.M), out
 
 
@@ -154,9 +149,8 @@ def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
         for blr in sweep["blrs"]
     )
     assert got == want
-    assert len(list((tmp_path / "runs" / "logs").glob("*.log"))) == 2 + len(
-        want
-    )  # one output file per step
+    # one output file per step
+    assert len(list((tmp_path / "runs" / "logs").glob("*.log"))) == 2 + len(want)
     capsys.readouterr()
     assert reproduce.main([*args, "--jobs", "2"]) == 0  # everything is done: nothing reruns
     assert capsys.readouterr().out.count("skip (done)") == 2 + len(want)
@@ -211,9 +205,8 @@ def test_a_fresh_clone_with_the_results_but_no_checkpoints_redoes_no_pre_trainin
         )
         assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--dry-run"]) == 0
         todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
-        assert (
-            sum("train.py" in line for line in todo) == 2 and len(todo) == 2 + 3
-        )  # both rows' pre-trainings
+        # both rows' pre-trainings, and the fine-tunes of the changed recipe
+        assert sum("train.py" in line for line in todo) == 2 and len(todo) == 2 + 3
     finally:
         for ckpt in checkpoints:
             ckpt.with_suffix(".away").rename(ckpt)
@@ -235,9 +228,8 @@ def test_a_budget_pre_training_lr_gets_its_own_run_folder_and_table_label(
     todo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("todo")]
     trains = [line for line in todo if "train.py" in line]
     assert len(trains) == 2 and all("--blr 4e-3" in t and "_resnet18_blr4e-3" in t for t in trains)
-    assert (
-        len(todo) == 2 + 2 * 2
-    )  # both pre-trainings and their probe + fine-tune; random init stays done
+    # both pre-trainings and their probe + fine-tune; random init stays done
+    assert len(todo) == 2 + 2 * 2
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--table"]) == 0
     assert "| resnet18 | a2mim, blr 4e-3 | — | — |" in capsys.readouterr().out
 
@@ -246,17 +238,15 @@ def test_the_full_budgets_pre_train_at_their_stated_lr_and_state_every_evaluatio
     for budget in ("full", "long"):  # not train.py's default, whatever it is: the lr is stated
         b = reproduce.BUDGETS[budget]
         assert all(
-            reproduce._flag(flags, "--blr") == "4e-3"
+            reproduce.flag(flags, "--blr") == "4e-3"
             for flags in [*b["pretrain"].values(), b["ablation_pretrain"]]
         )
-        assert (
-            b["ablation_finetune"] == b["finetune"]
-        )  # the ablations: the main table's fine-tuning recipe
-    for b in (
-        reproduce.BUDGETS.values()
-    ):  # epochs, batch and blr identify a result: never left to a default
+        # the ablations: the main table's fine-tuning recipe
+        assert b["ablation_finetune"] == b["finetune"]
+    # epochs, batch and blr identify a result: never left to a default
+    for b in reproduce.BUDGETS.values():
         assert all(
-            reproduce._flag(flags, f)
+            reproduce.flag(flags, f)
             for flags in (b["probe"], b["finetune"], b["ablation_finetune"])
             for f in ("--epochs", "--batch-size", "--blr")
         )
@@ -328,14 +318,12 @@ def test_interactions_fine_tune_the_three_resnets_on_the_same_images_and_table_j
     assert reproduce.main(args) == 0
     out = capsys.readouterr().out
     ran = [line for line in out.splitlines() if line.startswith(">>> python3")]
-    assert len(ran) == 3 and all("eval_linear.py" in line for line in ran), (
-        out
-    )  # the pre-trainings are done
+    # the pre-trainings are done
+    assert len(ran) == 3 and all("eval_linear.py" in line for line in ran), out
     records = lines(smoke / "interactions.jsonl")
     assert {r["config"]["pretrain_method"] for r in records} == {"a2mim", "simmim", None}
-    assert (
-        len({tuple(r["interactions"]["images"]) for r in records}) == 1
-    )  # the same val images for all three
+    # the same val images for all three
+    assert len({tuple(r["interactions"]["images"]) for r in records}) == 1
     assert reproduce.main([*args, "--table", "--plot"]) == 0
     out = capsys.readouterr().out
     rows = [
@@ -356,42 +344,33 @@ def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_
     row becomes mean ± std over pre-training × fine-tuning seeds, and the paired row too. (Last test:
     it adds to the shared run.)"""
     monkeypatch.setitem(reproduce.BUDGETS["smoke"], "pretrain_seeds", {"resnet18": [0, 1]})
-    monkeypatch.setattr(
-        reproduce, "EXPERIMENTS", reproduce.EXPERIMENTS[:1]
-    )  # A²MIM on the ResNet: 3 new jobs
+    # A²MIM on the ResNet: 3 new jobs
+    monkeypatch.setattr(reproduce, "EXPERIMENTS", reproduce.EXPERIMENTS[:1])
     capsys.readouterr()
     assert reproduce.main([*ARGS, "--results-dir", str(smoke)]) == 0
     out = capsys.readouterr().out
     assert out.count("skip (done)") == 5 and out.count("\n>>> python3") == 3, out
     assert "--seed 1 --out-dir" in out and "--run-name a2mim_resnet18_seed1" in out
-    assert "ran 3 of 8 jobs" in out and re.search(
-        r"\(pre-training \d+ s, probe \d+ s, fine-tune \d+ s\)", out
-    ), out
+    assert "ran 3 of 8 jobs" in out, out
+    assert re.search(r"\(pre-training \d+ s, probe \d+ s, fine-tune \d+ s\)", out), out
     assert reproduce.main([*ARGS, "--results-dir", str(smoke), "--table"]) == 0
     out = capsys.readouterr().out
     records = [r for r in lines(smoke / "fashion_mnist.jsonl") if r["mode"] == "finetune"]
     a2mim = [r["top1"] for r in records if r["config"]["pretrain_method"] == "a2mim"]
     base = next(r["top1"] for r in records if r["init"] == "random")
     main, paired = [line for line in out.splitlines() if line.startswith("| resnet18 | a2mim |")]
-    assert len(a2mim) == 2 and main.endswith(
+    assert len(a2mim) == 2
+    assert main.endswith(
         f"| {statistics.mean(a2mim):.2f} ± {statistics.stdev(a2mim):.2f} (2 runs) |"
     )
     diffs = [t - base for t in a2mim]
     # No SimMIM row in this table: nothing to pair A²MIM with.
-    assert (
-        paired
-        == f"| resnet18 | a2mim | {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} (2 pairs) | — |"
-    ), out
+    mean_pm_std = f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f}"
+    assert paired == f"| resnet18 | a2mim | {mean_pm_std} (2 pairs) | — |", out
 
 
 # ------------------------------------------------------------------------------------------
 # A results file damaged between two runs, a full disk: one sentence, exit 2, nothing changed or lost.
-
-
-def folder_state(path):
-    return {
-        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
-    }
 
 
 RESULT = dict(
@@ -446,7 +425,7 @@ def no_jobs_run(monkeypatch):
 )
 @pytest.mark.parametrize("mode", [[], ["--dry-run"], ["--table"]], ids=["run", "dry-run", "table"])
 def test_a_damaged_results_file_is_named_in_one_sentence_before_any_job_and_nothing_changes(
-    tmp_path, capsys, no_jobs_run, name, text, message, mode
+    tmp_path, capsys, no_jobs_run, name, text, message, mode, folder_state
 ):
     (tmp_path / name).write_text(text)
     before = folder_state(tmp_path)
@@ -458,28 +437,30 @@ def test_a_damaged_results_file_is_named_in_one_sentence_before_any_job_and_noth
 
 
 def test_a_runs_jsonl_append_that_fails_half_way_leaves_it_byte_identical(
-    tmp_path, capsys, monkeypatch, fill_disk
+    tmp_path, capsys, monkeypatch, fill_disk, folder_state
 ):
     finished = dict(
         name="x", part="probe", command="python3 eval_linear.py", seconds=1.0, machine="cpu"
     )
     (tmp_path / "runs.jsonl").write_text(json.dumps(finished) + "\n")
     before = folder_state(tmp_path)
-    done = types.SimpleNamespace(
-        returncode=0, stdout=""
-    )  # every job "succeeds" at once, writing nothing
-    monkeypatch.setattr(reproduce.subprocess, "run", lambda *args, **kwargs: done)
+    done = types.SimpleNamespace(returncode=0, stdout="")
+
+    def run(*args, **kwargs):  # every job "succeeds" at once, writing nothing
+        return done
+
+    monkeypatch.setattr(reproduce.subprocess, "run", run)
     fill_disk()
     assert reproduce.main([*ARGS, "--results-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert (
-        err
-        == f"error: no space left on the device while writing {tmp_path / 'runs.jsonl'}; the previous runs.jsonl is intact"
+    runs = tmp_path / "runs.jsonl"
+    assert err == (
+        f"error: no space left on the device while writing {runs}; the previous runs.jsonl is intact"
     )
     assert folder_state(tmp_path) == before  # not half a line, no runs.jsonl.tmp
 
 
-def test_a_results_dir_that_is_a_file_is_one_sentence(tmp_path, capsys, no_jobs_run):
+def test_a_results_dir_that_is_a_file_is_one_sentence(tmp_path, capsys, no_jobs_run, folder_state):
     (tmp_path / "results").write_text("not a folder")
     before = folder_state(tmp_path)
     assert reproduce.main([*ARGS, "--results-dir", str(tmp_path / "results")]) == 2
@@ -492,7 +473,7 @@ def test_a_results_dir_that_is_a_file_is_one_sentence(tmp_path, capsys, no_jobs_
 
 
 def test_plot_drops_a_torn_last_log_line_with_a_note_and_names_any_other_damaged_line(
-    tmp_path, capsys
+    tmp_path, capsys, folder_state
 ):
     log = tmp_path / "runs" / "a2mim_resnet18" / "log.jsonl"
     log.parent.mkdir(parents=True)
@@ -510,7 +491,7 @@ def test_plot_drops_a_torn_last_log_line_with_a_note_and_names_any_other_damaged
 
 
 def test_a_damaged_checkpoint_in_the_runs_folder_is_one_sentence_naming_it(
-    tmp_path, capsys, no_jobs_run
+    tmp_path, capsys, no_jobs_run, folder_state
 ):
     ckpt = tmp_path / "runs" / "a2mim_resnet18" / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True)

@@ -1,8 +1,14 @@
-"""runtime.py's file helpers: appends that fail leave the file as it was, JSONL readers that name a bad
-line, atomic writes that leave no .tmp, and the refused-pickle sentence whatever torch's wording."""
+"""runtime.py, what every script shares: the errors and the entry point, the settings mechanism (Setting,
+Range), the one checkpoint layout, the file helpers (appends that fail leave the file as it was, JSONL
+readers that name a bad line, atomic writes that leave no .tmp, the refused-pickle sentence whatever
+torch's wording), and the project's import graph (no cycle)."""
 
+import argparse
+import ast
 import errno
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +107,166 @@ def test_a_pickle_that_would_run_code_gets_the_promised_sentence_and_garbage_ano
         runtime.load_tensors(str(garbage))
     with pytest.raises(runtime.CheckpointError, match="is a folder, not a file"):
         runtime.load_tensors(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------
+# Errors and the entry point.
+
+
+def test_every_project_error_is_a_user_error_that_main_turns_into_one_sentence_and_exit_2(capsys):
+    errors = (runtime.ConfigError, runtime.DataError, runtime.CheckpointError, runtime.RunError)
+    for error in (*errors, runtime.JsonlError):
+        assert issubclass(error, runtime.UserError)
+
+        @runtime.entry_point
+        def main(argv=None, error=error):
+            raise error(f"--x must be 1, got {argv}")
+
+        assert main(["2"]) == 2
+        assert capsys.readouterr().err == "error: --x must be 1, got ['2']\n"
+
+
+def test_a_bug_under_the_entry_point_keeps_its_traceback():
+    @runtime.entry_point
+    def main(argv=None):
+        return {}["missing"]
+
+    with pytest.raises(KeyError):
+        main([])
+
+
+# ------------------------------------------------------------------------------------------
+# Settings: one mechanism for train.py, eval_linear.py and bench.py.
+
+
+def test_a_range_says_what_it_holds_and_refuses_nan_inf_and_its_open_ends():
+    assert str(runtime.AT_LEAST_1) == "at least 1" and str(runtime.POSITIVE) == "greater than 0"
+    assert str(runtime.FRACTION) == "in [0, 1)" and str(runtime.SEED) == "in [0, 4294967295]"
+    assert str(runtime.Range(0, 1, lo_open=True)) == "in (0, 1]"
+    assert 0 in runtime.FRACTION and 1 not in runtime.FRACTION and 0 not in runtime.POSITIVE
+    for value in (math.nan, math.inf, -math.inf):
+        assert value not in runtime.AT_LEAST_0
+    with pytest.raises(runtime.ConfigError, match=r"^--mask-ratio must be in \[0, 1\), got 1$"):
+        runtime.FRACTION.check("--mask-ratio", 1)
+    with pytest.raises(
+        runtime.ConfigError, match="^--blr must be a finite number greater than 0, got nan$"
+    ):
+        runtime.POSITIVE.check("--blr", math.nan)
+
+
+def test_settings_make_the_parser_whose_values_default_to_none_and_are_checked_in_order():
+    settings = [
+        runtime.Setting(name="mask_ratio", default=0.6, help="r", range=runtime.FRACTION),
+        runtime.Setting(name="sync_bn", default=True, help="s"),
+        runtime.Setting(name="milestones", help="m", type=int, nargs="+", range=runtime.POSITIVE),
+        runtime.Setting(name="schedule", default="cosine", help="c", choices=("cosine", "step")),
+    ]
+    parser = argparse.ArgumentParser()
+    runtime.add_settings(parser, settings)
+    given = parser.parse_args(["--no-sync-bn", "--milestones", "60", "80"])
+    assert runtime.command_line(given, settings) == dict(sync_bn=False, milestones=[60, 80])
+    assert (
+        runtime.command_line(parser.parse_args([]), settings) == {}
+    )  # nothing given: nothing wins
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--schedule", "linear"])
+    runtime.check_settings(settings, dict(mask_ratio=0.6, milestones=[60, 80]))
+    with pytest.raises(runtime.ConfigError, match="^--milestones must be greater than 0, got 0$"):
+        runtime.check_settings(settings, dict(mask_ratio=0.6, milestones=[60, 0]))
+    table = runtime.config_table(dict(mask_ratio=0.6), dict(mask_ratio="command line"))
+    assert table[0].split() == ["mask_ratio", "0.6", "command", "line"]
+
+
+def test_only_imagenet_or_the_official_preset_takes_the_papers_recipe():
+    assert runtime.takes_paper_recipe("auto", "imagenet") and runtime.takes_paper_recipe(
+        "official", "folder"
+    )
+    for data_name in ("folder", "fashion-mnist", "cifar10", "stl10"):
+        assert not runtime.takes_paper_recipe("auto", data_name)
+    assert not runtime.takes_paper_recipe("small", "imagenet")
+
+
+# ------------------------------------------------------------------------------------------
+# The checkpoint layout: one writer, one reader.
+
+
+def test_a_checkpoint_reads_back_as_written_and_anything_else_is_refused_in_one_sentence(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    kw = dict(arch="resnet18", img_size=32, width=8)
+    ckpt = runtime.Checkpoint(
+        model={"w": torch.ones(2)},
+        config=dict(seed=0),
+        encoder_kwargs=kw,
+        step=3,
+        epoch=1,
+        images=60,
+    )
+    runtime.save_checkpoint(path, ckpt)
+    back = runtime.load_checkpoint(path, arch="resnet18")
+    assert back.step == 3 and back.epoch == 1 and back.images == 60 and back.arch == "resnet18"
+    assert torch.equal(back.model["w"], torch.ones(2)) and back.config == dict(seed=0)
+    assert torch.load(path, weights_only=True)["format"] == runtime.CHECKPOINT_FORMAT
+    with pytest.raises(
+        runtime.CheckpointError, match="holds a resnet18 model, but --arch is vit_tiny"
+    ):
+        runtime.load_checkpoint(path, arch="vit_tiny")
+    torch.save(dict(model={}, config={}), tmp_path / "plain.pt")  # no marker
+    with pytest.raises(
+        runtime.CheckpointError, match="is not an A²MIM checkpoint written by train.py"
+    ):
+        runtime.load_checkpoint(str(tmp_path / "plain.pt"))
+    torch.save(
+        dict(format=runtime.CHECKPOINT_FORMAT, config={}), tmp_path / "cut.pt"
+    )  # marker, no model
+    with pytest.raises(runtime.CheckpointError, match="is not an A²MIM checkpoint"):
+        runtime.load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def test_a_checkpoint_with_keys_a_later_version_added_still_loads(tmp_path):
+    state = dict(
+        format=runtime.CHECKPOINT_FORMAT, model={}, config={}, encoder_kwargs=dict(arch="vit_tiny")
+    )
+    torch.save(state | dict(ema={"w": torch.zeros(1)}), tmp_path / "newer.pt")
+    assert runtime.load_checkpoint(str(tmp_path / "newer.pt")).arch == "vit_tiny"
+
+
+# ------------------------------------------------------------------------------------------
+# The import graph.
+
+
+def project_imports():
+    """{module: the project modules it imports} for every non-test .py file next to this one."""
+    here = Path(__file__).parent
+    ours = {
+        p.stem for p in here.glob("*.py") if not p.stem.startswith("test_") and p.stem != "conftest"
+    }
+    graph = {}
+    for name in sorted(ours):
+        tree = ast.parse((here / f"{name}.py").read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & ours
+    return graph
+
+
+def test_the_project_import_graph_has_no_cycle_and_runtime_imports_no_project_file():
+    graph = project_imports()
+    assert graph["runtime"] == set()
+    done, active = set(), []
+
+    def visit(name):
+        assert name not in active, f"import cycle: {' -> '.join([*active, name])}"
+        if name in done:
+            return
+        active.append(name)
+        for other in sorted(graph[name]):
+            visit(other)
+        active.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)

@@ -24,14 +24,8 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import models
-from runtime import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    atomic_save,
-    check_checkpoint,
-    load_tensors,
-    not_our_checkpoint,
-)
+import runtime
+from runtime import CheckpointError, ConfigError, atomic_save
 
 # --- In: the released OpenMixup checkpoints (openmixup/models/backbones/{mim_resnet,convnext,mim_vit}.py)
 # Module paths there → ours, whole dotted components; the leaf (.weight, .bias, ...) follows unchanged.
@@ -114,25 +108,7 @@ def openmixup_arch(backbone):
     and shapes; None when it is none of ours. CNN weights take any image size: their img_size is the released 224."""
     keys = set(backbone)
     if "patch_embed.projection.weight" in keys:
-        found = (
-            _count(keys, "layers."),
-            _size(backbone, "patch_embed.projection.weight", 0),
-            _size(backbone, "layers.0.attn.relative_position_bias_table", 1),
-            _size(backbone, "layers.0.ffn.layers.0.0.weight", 0),
-        )  # depth, dim, heads, mlp
-        arch = next((a for a, spec in models.VIT_CONFIGS.items() if spec == found), None)
-        patch, tokens = (
-            _size(backbone, "patch_embed.projection.weight", -1),
-            _size(backbone, "pos_embed", 1),
-        )
-        if (
-            arch is None
-            or patch is None
-            or tokens is None
-            or math.isqrt(tokens - 1) ** 2 != tokens - 1
-        ):
-            return None
-        return arch, dict(arch=arch, img_size=math.isqrt(tokens - 1) * patch, patch_size=patch)
+        return _vit_arch(backbone)
     if "downsample_layers.0.0.weight" in keys:
         depths = tuple(_count(keys, f"stages.{i}.") for i in range(4))
         found = (depths, _size(backbone, "downsample_layers.0.0.weight", 0))  # depths, stem width
@@ -141,7 +117,28 @@ def openmixup_arch(backbone):
         block = Bottleneck if "layer1.0.conv3.weight" in keys else BasicBlock
         found = (block, [_count(keys, f"layer{i}.") for i in range(1, 5)])
         arch = next((a for a, spec in models.RESNET_LAYERS.items() if spec == found), None)
-    return None if arch is None else (arch, dict(arch=arch, img_size=224, small_stem=False))
+    if arch is None:
+        return None
+    return arch, dict(arch=arch, img_size=224, small_stem=False)
+
+
+def _vit_arch(backbone):
+    """openmixup_arch of a ViT: its dims name the arch; its patch and position embedding, the image size."""
+    found = (
+        _count(backbone, "layers."),  # depth
+        _size(backbone, "patch_embed.projection.weight", 0),  # dim
+        _size(backbone, "layers.0.attn.relative_position_bias_table", 1),  # heads
+        _size(backbone, "layers.0.ffn.layers.0.0.weight", 0),  # mlp
+    )
+    arch = next((a for a, spec in models.VIT_CONFIGS.items() if spec == found), None)
+    patch = _size(backbone, "patch_embed.projection.weight", -1)
+    tokens = _size(backbone, "pos_embed", 1)  # the cls token + grid × grid
+    if arch is None or patch is None or tokens is None:
+        return None
+    grid = math.isqrt(tokens - 1)
+    if grid**2 != tokens - 1:
+        return None
+    return arch, dict(arch=arch, img_size=grid * patch, patch_size=patch)
 
 
 def from_openmixup(state, *, arch=None, path="the file"):
@@ -151,9 +148,8 @@ def from_openmixup(state, *, arch=None, path="the file"):
     present), decoder for a2mim.Decoder, unused: the keys of no part (a fine-tuned file's "head.*").
     Every other key lands somewhere; the ViT's relative_position_index is checked equal to ours, then dropped
     (ours is computed, not stored). CheckpointError, one sentence, for a backbone that is none of ours."""
-    if any(
-        k.startswith("backbone.") for k in state
-    ):  # the full checkpoint: backbone.*, neck.* (head.* fine-tuned)
+    if any(k.startswith("backbone.") for k in state):
+        # the full checkpoint: backbone.*, neck.* (head.* fine-tuned)
         backbone = {
             k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
         }
@@ -162,31 +158,15 @@ def from_openmixup(state, *, arch=None, path="the file"):
         backbone, rest = dict(state), {}
     found = openmixup_arch({k: v for k, v in backbone.items() if k not in MASK_TOKEN})
     if found is None:
+        first = next(iter(backbone), "none")
         raise CheckpointError(
             f"{path} has OpenMixup's layout, but its backbone is none of the released A²MIM "
-            f"encoders ({', '.join(models.ARCHS)}; first key {next(iter(backbone), 'none')!r})"
+            f"encoders ({', '.join(models.ARCHS)}; first key {first!r})"
         )
     if arch is not None and found[0] != arch:
         raise CheckpointError(f"{path} holds a {found[0]} model, but --arch is {arch}")
     arch, kw = found
-    family = models.arch_kind(arch)
-
-    encoder, token = {}, {}
-    for key, value in backbone.items():
-        if key in MASK_TOKEN:  # ViT: [1, 1, D] → [1, D, 1, 1], as ours for every family
-            token[MASK_TOKEN[key]] = value.reshape(1, -1, 1, 1)
-        elif key.endswith("attn.relative_position_index"):
-            _check_index(value, kw, path, key)
-        elif openmixup_key(family, key) is None:
-            raise CheckpointError(
-                f"{path}: the backbone key {key!r} has no place in our {arch} encoder"
-            )
-        elif (
-            key.endswith(".gamma") and family == "convnext"
-        ):  # LayerScale [C] → torchvision's [C, 1, 1]
-            encoder[openmixup_key(family, key)] = value.reshape(-1, 1, 1)
-        else:
-            encoder[openmixup_key(family, key)] = value
+    encoder, token = _released_backbone(backbone, kw, path)
     decoder = {_rename(k, DECODER): v for k, v in rest.items() if _rename(k, DECODER) is not None}
     unused = [k for k in rest if _rename(k, DECODER) is None]
     _check_fits(encoder, kw, path)
@@ -198,6 +178,29 @@ def from_openmixup(state, *, arch=None, path="the file"):
         decoder=decoder,
         unused=unused,
     )
+
+
+def _released_backbone(backbone, kw, path):
+    """(encoder, mask_token) state dicts in our names: every key of a released backbone lands in one of them
+    (CheckpointError for a key with no place)."""
+    arch = kw["arch"]
+    family = models.arch_kind(arch)
+    encoder, token = {}, {}
+    for key, value in backbone.items():
+        ours = openmixup_key(family, key)
+        if key in MASK_TOKEN:  # ViT: [1, 1, D] → [1, D, 1, 1], as ours for every family
+            token[MASK_TOKEN[key]] = value.reshape(1, -1, 1, 1)
+        elif key.endswith("attn.relative_position_index"):
+            _check_index(value, kw, path, key)
+        elif ours is None:
+            raise CheckpointError(
+                f"{path}: the backbone key {key!r} has no place in our {arch} encoder"
+            )
+        elif key.endswith(".gamma") and family == "convnext":
+            encoder[ours] = value.reshape(-1, 1, 1)  # LayerScale [C] → torchvision's [C, 1, 1]
+        else:
+            encoder[ours] = value
+    return encoder, token
 
 
 def _check_index(index, kw, path, key):
@@ -245,8 +248,30 @@ def _is_tensor_dict(obj):
     return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
 
 
+# A CheckpointError of its own: reconstruct.py tells "an encoder alone" from other bad files by its class.
 class PlainStateDictError(CheckpointError):
     """A plain state dict without --arch: an encoder alone, of an arch the file cannot tell."""
+
+
+def from_checkpoint(ckpt):
+    """A train.py checkpoint (runtime.Checkpoint) → dict(arch, encoder_kwargs, encoder, mask_token, decoder,
+    unused): A2MIM's state dict split into its three parts."""
+    parts = {}
+    for part in ("encoder", "mask_token", "decoder"):
+        prefix = part + "."
+        parts[part] = {
+            k.removeprefix(prefix): v for k, v in ckpt.model.items() if k.startswith(prefix)
+        }
+    return dict(arch=ckpt.arch, encoder_kwargs=ckpt.encoder_kwargs, **parts, unused=[])
+
+
+def is_released(obj):
+    """Whether a loaded file has one of OpenMixup's layouts: {"state_dict": ...} or "backbone.*" keys."""
+    if not isinstance(obj, dict):
+        return False
+    return isinstance(obj.get("state_dict"), dict) or any(
+        str(k).startswith("backbone.") for k in obj
+    )
 
 
 def load_pretrained(path, *, arch=None):
@@ -256,34 +281,23 @@ def load_pretrained(path, *, arch=None):
     kind: "checkpoint" (train.py's; config = its config), "openmixup" (a released file, either layout) or
     "torchvision" (a plain state dict, which needs `arch`). CNNs from outside take any image size: their
     encoder_kwargs say the released 224. `arch` given: checked against the file (CheckpointError, one sentence)."""
-    obj = load_tensors(path)
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        kw = check_checkpoint(obj, path, arch)["encoder_kwargs"]
-        parts = {
-            p: {
-                k.removeprefix(p + "."): v for k, v in obj["model"].items() if k.startswith(p + ".")
-            }
-            for p in ("encoder", "mask_token", "decoder")
-        }
-        found = dict(arch=kw["arch"], encoder_kwargs=kw, **parts, unused=[])
-        return dict(kind="checkpoint", path=path, config=obj.get("config", {}), **found)
-    released = isinstance(obj, dict) and (
-        isinstance(obj.get("state_dict"), dict) or any(str(k).startswith("backbone.") for k in obj)
-    )
+    obj = runtime.load_tensors(path)
+    if runtime.is_checkpoint(obj):
+        ckpt = runtime.checkpoint_from(obj, path, arch)
+        return dict(kind="checkpoint", path=path, config=ckpt.config, **from_checkpoint(ckpt))
+    released = is_released(obj)
     state = obj.get("state_dict", obj) if released else obj
-    if released and _is_tensor_dict(state):
-        return dict(
-            kind="openmixup", path=path, config={}, **from_openmixup(state, arch=arch, path=path)
+    if not _is_tensor_dict(state):
+        raise runtime.not_our_checkpoint(path)
+    if released:
+        found = from_openmixup(state, arch=arch, path=path)
+        return dict(kind="openmixup", path=path, config={}, **found)
+    if arch is None:
+        raise PlainStateDictError(
+            f"{path} is a plain state dict; pass --arch to name its torchvision model"
         )
-    if _is_tensor_dict(state):
-        if arch is None:
-            raise PlainStateDictError(
-                f"{path} is a plain state dict; pass --arch to name its torchvision model"
-            )
-        return dict(
-            kind="torchvision", path=path, config={}, **from_torchvision(state, arch, path=path)
-        )
-    raise not_our_checkpoint(path)
+    found = from_torchvision(state, arch, path=path)
+    return dict(kind="torchvision", path=path, config={}, **found)
 
 
 def load_into(model, found):
@@ -302,11 +316,8 @@ def load_into(model, found):
     for part in ("mask_token", "decoder"):
         ours = getattr(model, part).state_dict()
         theirs = found[part]
-        if (
-            theirs
-            and set(theirs) == set(ours)
-            and all(theirs[k].shape == v.shape for k, v in ours.items())
-        ):
+        fits = set(theirs) == set(ours) and all(theirs[k].shape == v.shape for k, v in ours.items())
+        if theirs and fits:
             getattr(model, part).load_state_dict(theirs)
             copied.append(part)
     return copied
@@ -321,16 +332,14 @@ EXPORTS = ("torchvision", "timm")
 def check_export(arch, to):
     """ConfigError, one sentence, unless `to` has a model for `arch` (known before any encoder is built)."""
     if to not in EXPORTS:
-        raise models.ConfigError(
-            f"unknown export target {to!r}; choose one of {', '.join(EXPORTS)}"
-        )
-    if to == "torchvision" and models.arch_family(arch) == "vit":
-        raise models.ConfigError(
+        raise ConfigError(f"unknown export target {to!r}; choose one of {', '.join(EXPORTS)}")
+    if to == "torchvision" and models.arch_kind(arch) == "vit":
+        raise ConfigError(
             f"torchvision has no ViT with relative position bias; export {arch} with "
             "--export-to timm (timm's BEiT)"
         )
     if to == "torchvision" and not hasattr(torchvision.models, arch):
-        raise models.ConfigError(f"torchvision has no {arch}; export it with --export-to timm")
+        raise ConfigError(f"torchvision has no {arch}; export it with --export-to timm")
 
 
 def torchvision_state_dict(encoder, num_classes=1000):
@@ -339,7 +348,7 @@ def torchvision_state_dict(encoder, num_classes=1000):
     added: fine-tuning recipes replace or re-train it anyway. ResNet and ConvNeXt only (a ViT has
     no torchvision twin with relative position bias)."""
     check_export(encoder.arch, "torchvision")
-    if isinstance(encoder, models.ResNet):
+    if models.arch_kind(encoder.arch) == "resnet":
         head = nn.Linear(encoder.out_channels, num_classes)
         extra = {f"fc.{k}": v for k, v in head.state_dict().items()}
     else:  # ConvNeXt
@@ -352,10 +361,8 @@ def torchvision_state_dict(encoder, num_classes=1000):
         nn.init.zeros_(linear.bias)
         extra = {f"classifier.0.{k}": v for k, v in encoder.norm.state_dict().items()}
         extra |= {f"classifier.2.{k}": v for k, v in linear.state_dict().items()}
-    state = {
-        k: v.detach().clone() for k, v in encoder.state_dict().items() if not k.startswith("norm.")
-    }
-    return {**state, **extra}
+    state = encoder.state_dict()
+    return {k: v.detach().clone() for k, v in state.items() if not k.startswith("norm.")} | extra
 
 
 # Ours → timm, whole dotted components (names not listed are the same there).
@@ -399,9 +406,9 @@ def timm_key(family, key):
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
     if m:
         return f"blocks.{m[1]}.{_rename(m[2], BEIT_BLOCK) or m[2]}"  # norm1/2, gamma_1/2: the same
-    return (
-        _rename(key, {"patch_embed": "patch_embed.proj"}) or key
-    )  # cls_token, pos_embed, norm: the same
+    if key.startswith("patch_embed."):
+        return "patch_embed.proj." + key.removeprefix("patch_embed.")
+    return key  # cls_token, pos_embed, norm: the same
 
 
 def timm_state_dict(encoder):
@@ -413,9 +420,8 @@ def timm_state_dict(encoder):
     state = {}
     for key, value in encoder.state_dict().items():
         value = value.detach().clone()
-        if key.endswith(
-            "layer_scale"
-        ):  # ConvNeXt LayerScale: [C, 1, 1] in torchvision's block, [C] in timm's
+        # ConvNeXt LayerScale: [C, 1, 1] in torchvision's block (ours), [C] in timm's
+        if key.endswith("layer_scale"):
             value = value.flatten()
         state[timm_key(family, key)] = value
     return state
@@ -440,10 +446,11 @@ def timm_recipe(encoder):
         init_values=0.1,
         use_fc_norm=False,
     )
-    name = BEIT_NAMES.get((encoder.arch, encoder.grid * patch, patch))
+    img_size = encoder.grid * patch
+    name = BEIT_NAMES.get((encoder.arch, img_size, patch))
     if name is None:
         kw |= dict(
-            img_size=encoder.grid * patch,
+            img_size=img_size,
             patch_size=patch,
             embed_dim=dim,
             depth=depth,
@@ -458,11 +465,9 @@ def timm_model(encoder):
     import timm  # only here: an export to timm, or its test
 
     name, kw = timm_recipe(encoder)
-    return (
-        timm.models.beit.Beit(**kw)
-        if name is None
-        else timm.create_model(name, pretrained=False, **kw)
-    )
+    if name is None:
+        return timm.models.beit.Beit(**kw)
+    return timm.create_model(name, pretrained=False, **kw)
 
 
 def export(encoder, path, to="torchvision"):
@@ -473,11 +478,9 @@ def export(encoder, path, to="torchvision"):
         state = timm_state_dict(encoder)
         name, kw = timm_recipe(encoder)
         args = ", ".join(f"{k}={v!r}" for k, v in kw.items())
-        how = (
-            f"timm.models.beit.Beit({args})"
-            if name is None
-            else f"timm.create_model({name!r}, {args})"
-        )
+        how = f"timm.create_model({name!r}, {args})"
+        if name is None:
+            how = f"timm.models.beit.Beit({args})"
         with torch.device("meta"):
             reference = timm_model(encoder)
     else:
@@ -487,7 +490,7 @@ def export(encoder, path, to="torchvision"):
             reference = getattr(torchvision.models, encoder.arch)()
     first = _strict_mismatch(reference, state)
     if first is not None:
-        raise models.ConfigError(
+        raise ConfigError(
             f"this {encoder.arch} is not {to}'s ({first}); export needs the standard width and "
             "stem, i.e. pre-training at img_size > 64 with --width 64"
         )
