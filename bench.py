@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 import data
 import runtime
 from a2mim import A2MIM, mask_patch_size_for
-from models import ARCHS, SMALL_INPUT, arch_family, build_encoder
+from models import ARCHS, SMALL_INPUT, arch_family, arch_kind, build_encoder
 from runtime import AT_LEAST_0, AT_LEAST_1, ConfigError, Setting
 
 VARIANTS = ("supervised", "a2mim")
@@ -138,7 +138,8 @@ def make_step(variant, c):
         head = nn.Linear(encoder.out_channels, classes)
         model = nn.Sequential(encoder, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
     model = runtime.channels_last(model.to(c.device), c.family, c.device)
-    groups = runtime.param_groups(model, weight_decay=0.05)
+    # train.py's weight-decay rule for this arch (the supervised head's weights are decayed too)
+    groups = runtime.param_groups(model, weight_decay=0.05, kind=arch_kind(c.arch))
     optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=c.device.type == "cuda")
     forward = torch.compile(model) if c.compile else model
     scaler = torch.amp.GradScaler(c.device.type, enabled=c.precision == "fp16")

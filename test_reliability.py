@@ -19,6 +19,7 @@ from PIL import Image
 import a2mim
 import runtime
 import train
+from a2mim import A2MIM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 512 fake images / batch 64 = 8 steps per epoch.
@@ -64,7 +65,7 @@ def finish(*argv):
 
 
 def assert_same_model(path_a, path_b):
-    a, b = train.load_checkpoint(path_a)["model"], train.load_checkpoint(path_b)["model"]
+    a, b = runtime.load_checkpoint(path_a).model, runtime.load_checkpoint(path_b).model
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
@@ -95,7 +96,7 @@ def test_kill_9_while_writing_a_checkpoint_then_rerun_ends_with_the_same_weights
     proc.wait()
     ckpt = tmp_path / CKPT
     if ckpt.exists():  # the first save was caught: no complete checkpoint yet is fine too
-        train.load_checkpoint(ckpt)  # whatever is there under the real name is complete
+        runtime.load_checkpoint(ckpt)  # whatever is there under the real name is complete
     finish(*argv)
     assert_same_model(ckpt, reference)
 
@@ -152,8 +153,8 @@ def test_nonfinite_loss_step_is_skipped_when_asked(tmp_path, monkeypatch, capsys
         == 0
     )
     assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
-    state = train.load_checkpoint(tmp_path / CKPT)
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    state = runtime.load_checkpoint(tmp_path / CKPT)
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,6 +277,7 @@ def test_a_worker_error_leaves_no_dataloader_worker_behind(tmp_path, capsys):
 def test_a_process_whose_run_failed_in_a_worker_exits_instead_of_waiting_for_the_worker(tmp_path):
     argv, bad = worker_error(tmp_path)
     code = f"import sys, train; sys.exit(train.main({argv!r}))"
+    # The timeout is a hang guard, not a speed limit.
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=HERE,
@@ -283,17 +285,18 @@ def test_a_process_whose_run_failed_in_a_worker_exits_instead_of_waiting_for_the
         text=True,
         timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # a hang guard, not a speed limit
-    assert out.returncode == 2 and str(bad) in out.stderr.strip().splitlines()[-1], out.stderr[
-        -2000:
-    ]
+    )
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and str(bad) in last, out.stderr[-2000:]
 
 
-def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_written(
+    tmp_path, capsys, folder_state
+):
     """The run's recon_*.png would be read as training images by the next run."""
     root = _image_folder(tmp_path / "data")
     for out in (root / "out", root / "train" / "cat" / "runs", root):
-        before = snapshot(tmp_path)
+        before = folder_state(tmp_path)
         code = train.main(
             [
                 "--data",
@@ -318,7 +321,7 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
             "read this run's reconstruction PNGs as training images; choose an --out-dir "
             "outside it"
         )
-        assert snapshot(tmp_path) == before
+        assert folder_state(tmp_path) == before
     link = tmp_path / "link"  # the same folder through a symlink is still inside
     link.symlink_to(root)
     assert (
@@ -429,45 +432,33 @@ def test_signal_checkpoints_the_current_step_exits_128_plus_signal_and_resume_is
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err[-2000:]
-    state = train.load_checkpoint(tmp_path / CKPT)
-    assert (
-        f"stopped by {sig.name} after step {state['step']}: checkpoint" in err
-        and "run the same command again" in err
-    )
-    assert 4 <= state["step"] < 32
-    if (
-        sig == signal.SIGTERM
-    ):  # one resume suffices: the checkpoint is the same code path for all three
+    state = runtime.load_checkpoint(tmp_path / CKPT)
+    assert f"stopped by {sig.name} after step {state.step}: checkpoint" in err
+    assert "run the same command again" in err
+    assert 4 <= state.step < 32
+    # One resume suffices: the checkpoint is the same code path for all three.
+    if sig == signal.SIGTERM:
         finish(*argv)
         assert_same_model(tmp_path / CKPT, reference)
 
 
-def snapshot(folder):
-    """Every file under `folder` with its bytes, every sub-folder as None: what a refused command must leave
-    as it was."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-        for p in sorted(folder.rglob("*"))
-    }
-
-
 @pytest.mark.slow
 def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_lock(
-    tmp_path, reference
+    tmp_path, reference, folder_state
 ):
     argv = [*RUN, "--epochs", "4", "--out-dir", str(tmp_path)]
     first = train_cli(*argv)
     run_dir = tmp_path / "a2mim_resnet18_fake"
     wait_for_first_log_line(first, run_dir)
     first.send_signal(signal.SIGSTOP)  # hold it still, lock held, while the second one tries
-    before = snapshot(tmp_path)
+    before = folder_state(tmp_path)
     second = train_cli(*argv)
     _, err = second.communicate(timeout=300)
     assert (
         second.returncode == 2
         and f"another train.py is running in {run_dir}" in err.strip().splitlines()[-1]
     )
-    assert snapshot(tmp_path) == before
+    assert folder_state(tmp_path) == before
     first.send_signal(signal.SIGKILL)
     first.wait()
     finish(*argv)  # the lock died with its process
@@ -479,45 +470,56 @@ def test_second_train_py_on_one_folder_is_refused_and_kill_9_leaves_no_stuck_loc
 # ---------------------------------------------------------------------------------------------
 
 
-def _corrupt_at_call(monkeypatch, k, what):
-    """After the k-th micro-step's backward (0-based): a NaN gradient ("grad") or an inf weight ("weight")."""
-    real, calls = train.forward_backward, {"n": 0}
+def _nan_gradient_at_call(monkeypatch, k):
+    """The k-th forward (0-based) of A2MIM keeps its finite loss, but its backward gives NaN gradients."""
+    real, calls = A2MIM.forward, {"n": 0}
 
-    def forward_backward(model, *args, **kw):
-        out = real(model, *args, **kw)
+    def forward(self, *args, **kw):
+        out = real(self, *args, **kw)
         if calls["n"] == k:
-            w = runtime.unwrap(model).decoder.conv.weight
-            with torch.no_grad():
-                (w.grad if what == "grad" else w)[0] = (
-                    float("nan") if what == "grad" else float("inf")
-                )
+            out["pred"].register_hook(lambda grad: grad * float("nan"))
         calls["n"] += 1
         return out
 
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    monkeypatch.setattr(A2MIM, "forward", forward)
+
+
+def _inf_weight_before_call(monkeypatch, k):
+    """Before the k-th forward (0-based) of A2MIM, after the optimiser step before it: an inf weight."""
+    real, calls = A2MIM.forward, {"n": 0}
+
+    def forward(self, *args, **kw):
+        if calls["n"] == k:
+            with torch.no_grad():
+                self.decoder.conv.weight[0] = float("inf")
+        calls["n"] += 1
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(A2MIM, "forward", forward)
 
 
 def test_skip_mode_skips_a_step_whose_gradients_are_not_finite_while_the_loss_is(
     tmp_path, monkeypatch, capsys
 ):
-    _corrupt_at_call(monkeypatch, 2, "grad")
+    _nan_gradient_at_call(monkeypatch, 2)
     assert (
         train.main([*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"])
         == 0
     )
     assert "step 2: non-finite loss or gradients, step skipped" in capsys.readouterr().err
-    state = train.load_checkpoint(tmp_path / CKPT)
-    assert (
-        state["step"] == 8
-        and train.first_nonfinite(state["model"], state["optimizer"]["state"]) is None
-    )
+    state = runtime.load_checkpoint(tmp_path / CKPT)
+    assert state.step == 8
+    assert train.first_nonfinite(state.model, state.optimizer["state"]) is None
 
 
-def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(tmp_path, monkeypatch, capsys):
+def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(
+    tmp_path, monkeypatch, capsys, folder_state
+):
     argv = [*RUN, "--epochs", "1", "--out-dir", str(tmp_path), "--on-nonfinite", "skip"]
     assert train.main([*argv, "--max-steps", "2"]) == 0
-    good = snapshot(tmp_path)
-    _corrupt_at_call(monkeypatch, 1, "weight")  # loss and gradients of that step are still finite
+    good = folder_state(tmp_path)
+    # The loss and gradients of the step before are finite: the weights go non-finite in its update.
+    _inf_weight_before_call(monkeypatch, 2)
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
@@ -540,12 +542,19 @@ def finished(tmp_path_factory):
     return out
 
 
-def refused(folder, argv, expect, capsys):
-    before = snapshot(folder)
-    code = train.main([*RUN, "--max-steps", "2", "--out-dir", str(folder), *argv])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err and err[-1].startswith("error: ") and expect in err[-1], err
-    assert snapshot(folder) == before
+@pytest.fixture
+def refused(capsys, folder_state):
+    """refused(folder, argv, expect): the run of RUN + argv in `folder` exits 2 with `expect` in its one-line
+    error, and leaves the folder as it was."""
+
+    def check(folder, argv, expect):
+        before = folder_state(folder)
+        code = train.main([*RUN, "--max-steps", "2", "--out-dir", str(folder), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err and err[-1].startswith("error: ") and expect in err[-1], err
+        assert folder_state(folder) == before
+
+    return check
 
 
 @pytest.mark.parametrize(
@@ -595,13 +604,13 @@ def refused(folder, argv, expect, capsys):
     ],
 )
 def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(
-    finished, capsys, argv, expect
+    finished, argv, expect, refused
 ):
-    refused(finished, argv, expect, capsys)
+    refused(finished, argv, expect)
 
 
 def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unless_overwrite(
-    tmp_path, capsys
+    tmp_path, capsys, refused
 ):
     assert (
         train.main(
@@ -628,7 +637,6 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
         tmp_path,
         ["--run-name", "A", "--resume", other, "--max-steps", "3"],
         f"{tmp_path / 'A'} holds a different run",
-        capsys,
     )
     assert (
         train.main(
@@ -647,7 +655,7 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
         )
         == 0
     )
-    assert train.load_checkpoint(tmp_path / "A" / "checkpoint.pt")["step"] == 3
+    assert runtime.load_checkpoint(tmp_path / "A" / "checkpoint.pt").step == 3
 
 
 def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_command_runs(
@@ -748,7 +756,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes
     assert (tmp_path / CKPT).read_bytes() == good and not (tmp_path / (CKPT + ".tmp")).exists()
 
 
-def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(tmp_path, capsys):
+def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(
+    tmp_path, capsys, folder_state
+):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(blocker / "out")])
@@ -759,7 +769,7 @@ def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(tm
         == f"error: cannot create the output folder {blocker / 'out' / 'a2mim_resnet18_fake'}: "
         f"{blocker} is a file, not a folder"
     )
-    assert snapshot(tmp_path) == {"file": b"not a folder"}
+    assert folder_state(tmp_path) == {"file": b"not a folder"}
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
@@ -769,10 +779,10 @@ def test_read_only_output_folder_is_one_sentence_before_training(tmp_path, capsy
     assert "is not writable" in capsys.readouterr().err and not list((tmp_path / "ro").iterdir())
 
 
-def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished, capsys):
-    before = snapshot(finished)
+def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished, capsys, folder_state):
+    before = folder_state(finished)
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(finished)]) == 0
-    assert "nothing to do" in capsys.readouterr().out and snapshot(finished) == before
+    assert "nothing to do" in capsys.readouterr().out and folder_state(finished) == before
 
 
 def test_changed_epochs_on_resume_is_stated_in_one_line(tmp_path, capsys):
@@ -814,7 +824,7 @@ def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
 
 @pytest.mark.parametrize("name", ["../../x", "ABSOLUTE", "", ".", "..", "a/b"])
 def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_written(
-    tmp_path, capsys, name
+    tmp_path, capsys, name, folder_state
 ):
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
@@ -825,24 +835,21 @@ def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_writt
         "error: --run-name must be a plain folder name under --out-dir (no path separator, "
         f"not '.', '..' or empty, at most 255 bytes), got {name!r}"
     )
-    assert snapshot(tmp_path) == {"a": None, "a/b": None, "a/b/out": None}
+    assert folder_state(tmp_path) == {"a": None, "a/b": None, "a/b/out": None}
 
 
-def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_path, capsys):
+def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_path, refused):
     theirs = tmp_path / "a2mim_resnet18_fake"
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("years of work")
-    refused(
-        tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder", capsys
-    )
+    refused(tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder")
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite"]) == 0
-    assert (theirs / "thesis.tex").read_text() == "years of work" and train.load_checkpoint(
-        tmp_path / CKPT
-    )["step"] == 2
+    assert (theirs / "thesis.tex").read_text() == "years of work"
+    assert runtime.load_checkpoint(tmp_path / CKPT).step == 2
 
 
 def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_over_its_log(
-    tmp_path, capsys
+    tmp_path, capsys, refused
 ):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     (tmp_path / CKPT).rename(tmp_path / "elsewhere.pt")
@@ -851,7 +858,6 @@ def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_ov
         ["--max-steps", "3"],
         "a2mim_resnet18_fake has a log and a config but no checkpoint.pt (log.jsonl "
         "records one written after step 2): put it back to resume, or pass --overwrite to start afresh",
-        capsys,
     )
     assert (
         train.main(
@@ -882,18 +888,17 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_sa
         m.setattr(runtime.torch, "save", full_disk)
         assert train.main(argv) == 2
     log = (tmp_path / "a2mim_resnet18_fake" / "log.jsonl").read_text().splitlines()
-    assert (
-        len(log) == 2 and not (tmp_path / CKPT).exists()
-    )  # steps 0 and 1 logged, no checkpoint ever written
+    # Steps 0 and 1 logged, no checkpoint ever written.
+    assert len(log) == 2 and not (tmp_path / CKPT).exists()
     assert train.main(argv) == 0
     assert (
         "starting in" in capsys.readouterr().out
-        and train.load_checkpoint(tmp_path / CKPT)["step"] == 3
+        and runtime.load_checkpoint(tmp_path / CKPT).step == 3
     )
 
 
 def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_refused(
-    tmp_path, capsys
+    tmp_path, capsys, refused
 ):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     older = tmp_path / "older.pt"
@@ -905,7 +910,6 @@ def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_re
         ["--max-steps", "6", "--resume", str(older)],
         f"--resume {older} is at step 2, but {tmp_path / CKPT} is at the later step 4, which resuming here would "
         "replace; to go on from step 2, pass --run-name for a new folder",
-        capsys,
     )
     assert (
         train.main(
@@ -923,11 +927,13 @@ def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_re
         )
         == 0
     )
-    assert train.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 3
+    assert runtime.load_checkpoint(tmp_path / "b" / "checkpoint.pt").step == 3
 
 
 @pytest.mark.parametrize("change, now", [("shrank", 6), ("grew", 10)])
-def test_resume_after_the_image_folder_changed_size_is_one_sentence(tmp_path, capsys, change, now):
+def test_resume_after_the_image_folder_changed_size_is_one_sentence(
+    tmp_path, capsys, change, now, folder_state
+):
     root = _image_folder(tmp_path / "data")  # 8 training images: 4 steps of 2
     argv = [
         "--data",
@@ -953,20 +959,20 @@ def test_resume_after_the_image_folder_changed_size_is_one_sentence(tmp_path, ca
     else:
         for i in (4, 5):
             shutil.copy(root / "train" / "dog" / "0.jpg", root / "train" / "dog" / f"{i}.jpg")
-    before = snapshot(tmp_path / "out")
+    before = folder_state(tmp_path / "out")
     assert train.main([*argv, "--max-steps", "4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
         err.startswith("error: the dataset changed since") and f"(8 images then, {now} now)" in err
     )
-    assert snapshot(tmp_path / "out") == before
+    assert folder_state(tmp_path / "out") == before
 
 
 def test_a_checkpoint_written_before_it_recorded_its_dataset_size_still_resumes(tmp_path, capsys):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
-    state = train.load_checkpoint(tmp_path / CKPT)
+    state = torch.load(tmp_path / CKPT, weights_only=True)
     assert state.pop("images") == 512
-    runtime.save_checkpoint(str(tmp_path / CKPT), {k: v for k, v in state.items() if k != "format"})
+    torch.save(state, tmp_path / CKPT)
     assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
     assert "resuming at epoch 0, step 2" in capsys.readouterr().out
 
@@ -990,7 +996,7 @@ def test_torn_last_log_line_is_dropped_and_said_and_the_run_resumes(tmp_path, ca
     assert log.read_text().startswith(whole) and len(lines) == 3 and '"step": 2' in lines[-1]
 
 
-def test_damaged_log_line_before_the_last_is_one_sentence_and_nothing_changes(tmp_path, capsys):
+def test_damaged_log_line_before_the_last_is_one_sentence_and_nothing_changes(tmp_path, refused):
     assert (
         train.main([*RUN, "--max-steps", "2", "--log-every", "1", "--out-dir", str(tmp_path)]) == 0
     )
@@ -998,10 +1004,7 @@ def test_damaged_log_line_before_the_last_is_one_sentence_and_nothing_changes(tm
     first, second = log.read_text().splitlines()
     log.write_text(f"{first}\nnot json\n{second}\n")
     refused(
-        tmp_path,
-        ["--max-steps", "3", "--log-every", "1"],
-        f"{log}, line 2, is not a JSON record",
-        capsys,
+        tmp_path, ["--max-steps", "3", "--log-every", "1"], f"{log}, line 2, is not a JSON record"
     )
 
 
@@ -1012,9 +1015,8 @@ def test_a_log_line_that_cannot_be_written_leaves_the_log_as_it_was(tmp_path, mo
     good = log.read_bytes()
     real_fsync, writes = os.fsync, []
 
-    def full_disk_for_the_log(
-        fd,
-    ):  # the resume's trim of the log passes, its first new line does not
+    # The resume's trim of the log passes, its first new line does not.
+    def full_disk_for_the_log(fd):
         if os.readlink(f"/proc/self/fd/{fd}").endswith("log.jsonl.tmp"):
             writes.append(fd)
             if len(writes) > 1:
@@ -1117,7 +1119,7 @@ def _damage(run_dir, how, other_ckpt):
     ],
 )
 def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_changes(
-    tmp_path, capsys, how, expect
+    tmp_path, capsys, how, expect, refused
 ):
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     assert (
@@ -1138,11 +1140,11 @@ def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_
     )
     capsys.readouterr()
     _damage(tmp_path / "a2mim_resnet18_fake", how, tmp_path / "other" / "checkpoint.pt")
-    refused(tmp_path, ["--max-steps", "3"], expect, capsys)
+    refused(tmp_path, ["--max-steps", "3"], expect)
 
 
 def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(
-    finished, monkeypatch, capsys
+    finished, monkeypatch, refused
 ):
     """A read-only .lock left by another user (root may open it anyway: os.open is made to refuse)."""
     real_open = os.open
@@ -1152,20 +1154,17 @@ def test_a_lock_file_that_cannot_be_opened_is_one_sentence_and_nothing_changes(
             raise PermissionError(errno.EACCES, "Permission denied")
         return real_open(path, *args, **kw)
 
-    monkeypatch.setattr(train.os, "open", read_only_lock)
+    monkeypatch.setattr(os, "open", read_only_lock)
     lock = finished / "a2mim_resnet18_fake" / ".lock"
-    refused(
-        finished, ["--max-steps", "3"], f"cannot lock {lock} (Permission denied); remove it", capsys
-    )
+    refused(finished, ["--max-steps", "3"], f"cannot lock {lock} (Permission denied); remove it")
 
 
-def test_resume_of_a_folder_names_the_checkpoint_inside_it(finished, capsys):
+def test_resume_of_a_folder_names_the_checkpoint_inside_it(finished, refused):
     run_dir = finished / "a2mim_resnet18_fake"
     refused(
         finished,
         ["--resume", str(run_dir), "--run-name", "b"],
         f"--resume {run_dir} is a folder; name the checkpoint in it ({run_dir / 'checkpoint.pt'})",
-        capsys,
     )
 
 
@@ -1189,6 +1188,38 @@ def test_a_repeated_sigterm_does_not_end_the_run_before_its_checkpoint():
     assert (
         out.returncode == 0 and out.stdout == "still running, stopping after this step: SIGTERM\n"
     ), out.stderr
+
+
+def test_an_in_process_run_puts_back_the_signal_handlers_it_found(tmp_path, monkeypatch, capsys):
+    """train.main called from Python (a notebook, these tests) catches the stop signals only while it trains:
+    after a run that ends, one stopped by a signal and one that fails in its loop, the caller's are back."""
+
+    def callers_handler(signum, frame):
+        raise AssertionError("train.py called its caller's handler")
+
+    def signalled_at_the_first_forward(self, *args, **kw):
+        if not signalled:
+            signalled.append(True)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return forward(self, *args, **kw)
+
+    argv = [*RUN, "--out-dir", str(tmp_path)]
+    forward, signalled = A2MIM.forward, []
+    found = {s: signal.signal(s, callers_handler) for s in train.STOP_SIGNALS}
+    try:
+        assert train.main([*argv, "--max-steps", "1"]) == 0
+        assert all(signal.getsignal(s) is callers_handler for s in train.STOP_SIGNALS)
+        with monkeypatch.context() as m:
+            m.setattr(A2MIM, "forward", signalled_at_the_first_forward)
+            assert train.main([*argv, "--max-steps", "3"]) == 128 + signal.SIGUSR1
+        assert "stopped by SIGUSR1 after step 2" in capsys.readouterr().err
+        assert all(signal.getsignal(s) is callers_handler for s in train.STOP_SIGNALS)
+        _nan_at_call(monkeypatch, 0)  # a NaN loss ends the run inside its loop
+        assert train.main([*argv, "--max-steps", "4"]) == 2
+        assert all(signal.getsignal(s) is callers_handler for s in train.STOP_SIGNALS)
+    finally:
+        for s, handler in found.items():
+            signal.signal(s, handler)
 
 
 TORCHRUN = [
@@ -1237,14 +1268,11 @@ def test_end_to_end_sigterm_to_torchrun_checkpoints_every_rank_and_the_same_comm
     stopped, code, err = sigterm_to_torchrun
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
-    state = train.load_checkpoint(out / CKPT)
-    step = state["step"]
-    assert err.count(f"stopped by SIGTERM after step {step}: checkpoint") == 2, err[
-        -3000:
-    ]  # both ranks, no crash
-    assert (
-        code == 1 and "SignalException" in err
-    )  # torchrun's own exit: it re-raises the signal it forwarded
+    state = runtime.load_checkpoint(out / CKPT)
+    step = state.step
+    # Both ranks, no crash; torchrun's own exit: it re-raises the signal it forwarded.
+    assert err.count(f"stopped by SIGTERM after step {step}: checkpoint") == 2, err[-3000:]
+    assert code == 1 and "SignalException" in err
     rerun = subprocess.run(
         [*TORCHRUN, "--out-dir", str(out), "--max-steps", str(step + 1)],
         cwd=HERE,
@@ -1254,13 +1282,13 @@ def test_end_to_end_sigterm_to_torchrun_checkpoints_every_rank_and_the_same_comm
         timeout=600,
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resuming at epoch {state['epoch']}, step {step}" in rerun.stdout
-    assert train.load_checkpoint(out / CKPT)["step"] == step + 1
+    assert f"resuming at epoch {state.epoch}, step {step}" in rerun.stdout
+    assert runtime.load_checkpoint(out / CKPT).step == step + 1
 
 
 @pytest.mark.slow
 def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_overwrite(
-    sigterm_to_torchrun, tmp_path, capsys
+    sigterm_to_torchrun, tmp_path, capsys, refused
 ):
     out = tmp_path / "out"
     shutil.copytree(sigterm_to_torchrun[0], out)
@@ -1281,12 +1309,10 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
         f"{out / 'a2mim_resnet18_fake'} was written by 2 process(es) and resumes only on 2 (the global batch, the "
         "lr and each rank's data shard depend on it), not on 1: continue it with `torchrun --nproc_per_node=2 "
         "train.py …",
-        capsys,
     )
-    state = train.load_checkpoint(out / CKPT)
-    (
-        out / "a2mim_resnet18_fake" / "config.json"
-    ).unlink()  # without config.json the checkpoint says the same
+    state = runtime.load_checkpoint(out / CKPT)
+    # Without config.json the checkpoint says the same.
+    (out / "a2mim_resnet18_fake" / "config.json").unlink()
     code = train.main(
         [
             *RUN,
@@ -1306,18 +1332,20 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{out / CKPT} was written by 2 process(es) and resumes only on 2" in err
-    assert "--overwrite" not in err and train.load_checkpoint(out / CKPT)["step"] == state["step"]
+    assert "--overwrite" not in err and runtime.load_checkpoint(out / CKPT).step == state.step
 
 
 def test_a_run_started_before_newer_settings_resumes_with_the_same_command(tmp_path, capsys):
-    """Its config.json and checkpoint lack the settings added since (warmup_ratio, init_from) and hold its model
-    options unresolved (null = the arch's default): the same command resumes it; a changed option is still refused."""
+    """Its config.json and checkpoint lack the settings added since (warmup_ratio, init_from), hold its model
+    options unresolved (null = the arch's default) and its provenance as "source" (now "origin"): the same
+    command resumes it; a changed option is still refused."""
     assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     run = tmp_path / "a2mim_resnet18_fake"
 
     def as_older_code_wrote_it(config):
         for k in ("warmup_ratio", "init_from", "init_parts", "recipe"):
             config.pop(k, None)
+        config["source"] = config.pop("origin")
         return config | dict.fromkeys(train.MODEL_OPTIONS[1:], None)
 
     config = json.loads((run / "config.json").read_text())

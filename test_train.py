@@ -16,11 +16,12 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import data
+import reconstruct
 import runtime
 import train
+import weights
 from a2mim import A2MIM, mask_blocks
-from models import build_encoder
-from test_reliability import snapshot
+from models import arch_kind, build_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = [
@@ -48,8 +49,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def weights(path):
-    return train.load_checkpoint(path)["model"]
+def model_weights(path):
+    return runtime.load_checkpoint(path).model
 
 
 def assert_same_weights(a, b):
@@ -64,7 +65,7 @@ def assert_same_weights(a, b):
 
 
 def print_config(*argv, env=None):
-    """`train.py --print-config` in a subprocess → ({setting: value}, {setting: source}, stdout)."""
+    """`train.py --print-config` in a subprocess → ({setting: value}, {setting: origin}, stdout)."""
     out = subprocess.run(
         [sys.executable, "train.py", *argv, "--print-config"],
         cwd=HERE,
@@ -88,7 +89,7 @@ def print_config(*argv, env=None):
 @pytest.mark.slow
 def test_design_card_command_is_the_papers_resnet50_recipe_and_2048_at_8_processes():
     for how in (dict(env={"WORLD_SIZE": "8"}), dict(argv=["--assume-world-size", "8"])):
-        cfg, source, _ = print_config(
+        cfg, origin, _ = print_config(
             "--arch", "resnet50", "--data", "imagenet", *how.get("argv", []), env=how.get("env")
         )
         assert (cfg["global_batch"], cfg["batch_size"], cfg["world_size"]) == (2048, 256, 8)
@@ -113,10 +114,10 @@ def test_design_card_command_is_the_papers_resnet50_recipe_and_2048_at_8_process
             True,
         )
         assert all(
-            source[k].startswith("arch recipe")
+            origin[k].startswith("arch recipe")
             for k in ("width", "epochs", "batch_size", "blr", "warmup_epochs")
         )
-        assert source["arch"] == source["data"] == "command line"
+        assert origin["arch"] == origin["data"] == "command line"
 
 
 @pytest.mark.slow
@@ -132,12 +133,14 @@ def test_paper_recipe_on_fewer_processes_says_batch_and_lr_against_the_papers():
     )
 
 
-def test_official_preset_stays_accepted_and_gives_the_same_recipe():
-    assert resolved("--arch", "resnet50", "--preset", "official", world=8) | dict(
-        preset=None, source=None
-    ) == resolved("--arch", "resnet50", "--data", "imagenet", world=8) | dict(
-        preset=None, source=None
-    )
+def test_official_preset_stays_accepted_and_gives_the_same_recipe(capsys):
+    unset = dict(preset=None, origin=None)
+    official = resolved("--arch", "resnet50", "--preset", "official", world=8) | unset
+    assert official == resolved("--arch", "resnet50", "--data", "imagenet", world=8) | unset
+    # The presets are runtime.PRESETS, every script's: "none" (small's old alias) is gone.
+    with pytest.raises(SystemExit):
+        resolved("--preset", "none")
+    assert "invalid choice: 'none' (choose from" in capsys.readouterr().err
 
 
 def test_official_vit_base_recipe_matches_paper_at_8_gpus():
@@ -162,21 +165,17 @@ def test_official_vit_base_recipe_matches_paper_at_8_gpus():
 def test_simmim_on_imagenet_gets_the_released_simmim_lr_and_no_token_lr_multiplier():
     cfg = resolved("--arch", "resnet50", "--data", "imagenet", "--method", "simmim", world=8)
     assert cfg["lr"] == pytest.approx(8e-4) and cfg["token_lr_scale"] == 1.0
-    assert cfg["source"]["blr"] == "arch recipe (SimMIM, §3)"
-    assert cfg["crop"] == "simmim" and data.CROP_SCALE["simmim"] == (
-        0.67,
-        1.0,
-    )  # §3: SimMIM's crop scale
-    assert (
-        resolved("--arch", "resnet50", "--data", "imagenet", world=8)["crop"] is None
-    )  # A²MIM: (0.8, 1), by family
+    assert cfg["origin"]["blr"] == "arch recipe (SimMIM, §3)"
+    # §3: SimMIM's crop scale; A²MIM's is (0.8, 1), by family.
+    assert cfg["crop"] == "simmim" and data.CROP_SCALE["simmim"] == (0.67, 1.0)
+    assert resolved("--arch", "resnet50", "--data", "imagenet", world=8)["crop"] is None
     crop = data.build_transform("pretrain", 224, family=cfg["crop"]).transforms[0]
     assert crop.scale == (0.67, 1.0)
 
 
 def test_the_laptop_comparison_gives_simmim_and_a2mim_the_same_budget_and_crops():
     a2mim, simmim = resolved(), resolved("--method", "simmim")
-    own = {"method", "source", *train.MODEL_OPTIONS}  # each method's own fill, token and loss (§3)
+    own = {"method", "origin", *train.MODEL_OPTIONS}  # each method's own fill, token and loss (§3)
     same = {k for k in a2mim if k not in own and a2mim[k] == simmim[k]}
     assert same == set(a2mim) - own
 
@@ -202,16 +201,14 @@ def test_only_imagenet_or_preset_official_takes_the_papers_recipe_an_image_folde
             16,
             128,
         )
-    assert (folder["img_size"], resolved("--data", "folder")["img_size"]) == (
-        192,
-        224,
-    )  # the folder's size
+    # The folder's size.
+    assert (folder["img_size"], resolved("--data", "folder")["img_size"]) == (192, 224)
     small = resolved("--arch", "resnet50", "--data", "folder", "--img-size", "160")
     # 16 px: the preferred 160 / 8 = 20 makes an 8×8 grid, which does not map onto the 10×10 token site
     assert (small["epochs"], small["width"], small["mask_patch_size"]) == (2, 16, 16)
-    assert small["source"]["mask_patch_size"] == "dataset recipe (folder)"
+    assert small["origin"]["mask_patch_size"] == "dataset recipe (folder)"
     cifar = resolved("--arch", "resnet50", "--data", "cifar10")
-    assert (cifar["epochs"], cifar["img_size"], cifar["source"]["epochs"]) == (
+    assert (cifar["epochs"], cifar["img_size"], cifar["origin"]["epochs"]) == (
         2,
         32,
         "small-data recipe",
@@ -264,17 +261,16 @@ def test_only_imagenet_or_preset_official_takes_the_papers_recipe_an_image_folde
         ),
     ],
 )
-def test_the_models_options_are_resolved_with_their_source_and_the_model_takes_them(
+def test_the_models_options_are_resolved_with_their_origin_and_the_model_takes_them(
     argv, options, why
 ):
     cfg = resolved(*argv, "--img-size", "32")
     assert {k: cfg[k] for k in options} == options
-    assert all(cfg["source"][k].startswith(why) for k in options), cfg["source"]
+    assert all(cfg["origin"][k].startswith(why) for k in options), cfg["origin"]
     assert all(cfg[k] is not None for k in train.MODEL_OPTIONS)
     model = train.build_model(cfg, runtime.Dist())
-    site = {"stem": "layer1"}.get(
-        cfg["token_at"], cfg["token_at"]
-    )  # SimMIM's stem token: before the first stage
+    # SimMIM's stem token: before the first stage.
+    site = {"stem": "layer1"}.get(cfg["token_at"], cfg["token_at"])
     assert model.token_at == site and all(
         model.cfg[k] == cfg[k] for k in model.cfg if k != "token_at"
     )
@@ -282,8 +278,8 @@ def test_the_models_options_are_resolved_with_their_source_and_the_model_takes_t
 
 @pytest.mark.slow
 def test_print_config_shows_the_models_resolved_options_not_null_and_which_the_command_line_set():
-    cfg, source, out = print_config("--arch", "resnet50", "--data", "imagenet", "--fill", "zero")
-    assert (cfg["fill"], source["fill"]) == ("zero", "command line")
+    cfg, origin, out = print_config("--arch", "resnet50", "--data", "imagenet", "--fill", "zero")
+    assert (cfg["fill"], origin["fill"]) == ("zero", "command line")
     assert (
         cfg["token_at"],
         cfg["token_mode"],
@@ -293,7 +289,7 @@ def test_print_config_shows_the_models_resolved_options_not_null_and_which_the_c
         cfg["spatial"],
     ) == ("layer4", "gate", 0.5, "focal_frequency", 1e-3, "focal_l1")
     assert all(
-        source[k] == "arch default (released config)"
+        origin[k] == "arch default (released config)"
         for k in train.MODEL_OPTIONS
         if k not in ("fill", "loss_recipe")
     )
@@ -351,15 +347,13 @@ def test_a_folder_with_fewer_images_than_the_recipes_batch_trains_with_the_folde
         "note: folder has 6 training images, fewer than the recipe's batch of 128 per process: batch 6 per process, "
         "global batch 6, lr 4.69e-05 (--batch-size sets another)"
     ) in out
-    ckpt = train.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt")
-    assert (ckpt["config"]["batch_size"], ckpt["config"]["global_batch"], ckpt["step"]) == (6, 6, 1)
-    assert (
-        train.main([*argv[:-1], "2"]) == 0
-    )  # the same command resumes: the lowered batch is the same run
+    ckpt = runtime.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_folder" / "checkpoint.pt")
+    assert (ckpt.config["batch_size"], ckpt.config["global_batch"], ckpt.step) == (6, 6, 1)
+    # The same command resumes: the lowered batch is the same run.
+    assert train.main([*argv[:-1], "2"]) == 0
     assert "resuming at epoch 1, step 1" in capsys.readouterr().out
-    assert (
-        train.main([*argv, "--batch-size", "8", "--run-name", "b"]) == 2
-    )  # a batch asked for is not changed
+    # A batch asked for is not changed.
+    assert train.main([*argv, "--batch-size", "8", "--run-name", "b"]) == 2
     assert "folder has 6 training images (6 per process): batch_size 8" in capsys.readouterr().err
 
 
@@ -375,10 +369,10 @@ def test_a_recipes_schedule_that_does_not_fit_a_shorter_or_smaller_run_is_a_note
         "(the lr climbs to it)"
     ) in out
     with pytest.raises(
-        train.ConfigError, match=r"--warmup-epochs must be at most --epochs \(5\), got 6"
+        runtime.ConfigError, match=r"--warmup-epochs must be at most --epochs \(5\), got 6"
     ):
         resolved("--epochs", "5", "--warmup-epochs", "6")
-    with pytest.raises(train.ConfigError, match=r"--min-lr must be at most the peak lr 1.56e-06"):
+    with pytest.raises(runtime.ConfigError, match=r"--min-lr must be at most the peak lr 1.56e-06"):
         resolved(
             "--arch", "vit_base", "--data", "imagenet", "--batch-size", "4", "--min-lr", "1e-5"
         )
@@ -396,12 +390,12 @@ def test_default_job_is_the_small_data_recipe_with_the_short_run_lr():
     assert cfg["blr"] == 4e-3 and cfg["lr"] == pytest.approx(1e-3)
 
 
-def test_command_line_flags_override_the_recipe_and_are_named_as_the_source():
+def test_command_line_flags_override_the_recipe_and_are_named_as_the_origin():
     cfg = resolved(
         "--arch", "resnet50", "--data", "imagenet", "--batch-size", "64", "--epochs", "100", world=8
     )
     assert cfg["global_batch"] == 512 and cfg["lr"] == pytest.approx(3e-4) and cfg["epochs"] == 100
-    assert cfg["source"]["batch_size"] == "command line" and cfg["source"]["blr"].startswith(
+    assert cfg["origin"]["batch_size"] == "command line" and cfg["origin"]["blr"].startswith(
         "arch recipe"
     )
 
@@ -409,7 +403,7 @@ def test_command_line_flags_override_the_recipe_and_are_named_as_the_source():
 def test_help_shows_every_settings_default():
     text = " ".join(train.get_parser().format_help().split())
     for s in train.SETTINGS:
-        assert f"{train.flag(s.name)}" in text and f"default {s.default}" in text, s.name
+        assert f"{s.flag} " in text and f"(default: {s.default}" in text, s.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,12 +420,10 @@ def group_of(model, groups):
 def test_resnet_decay_follows_the_released_name_rule_downsample_bn_is_decayed():
     model = A2MIM(build_encoder("resnet18", 32, width=8), mask_patch_size=4)
     got = group_of(
-        model, runtime.param_groups(model, weight_decay=0.05, arch="resnet18", token_lr_scale=0.1)
+        model, runtime.param_groups(model, weight_decay=0.05, kind="resnet", token_lr_scale=0.1)
     )
-    assert got["encoder.layer2.0.downsample.1.weight"] == (
-        0.05,
-        1.0,
-    )  # released: 'downsample.1' matches no key
+    # Released: 'downsample.1' matches no key.
+    assert got["encoder.layer2.0.downsample.1.weight"] == (0.05, 1.0)
     assert got["encoder.layer2.0.downsample.1.bias"] == (0.0, 1.0)
     assert got["encoder.bn1.weight"] == got["encoder.layer1.0.bn2.weight"] == (0.0, 1.0)
     assert got["encoder.layer1.0.conv1.weight"] == got["decoder.conv.weight"] == (0.05, 1.0)
@@ -440,7 +432,9 @@ def test_resnet_decay_follows_the_released_name_rule_downsample_bn_is_decayed():
 
 def test_convnext_layernorm_weights_are_decayed_and_layerscale_is_not():
     model = A2MIM(build_encoder("convnext_tiny", 32, width=8), mask_patch_size=4)
-    got = group_of(model, runtime.param_groups(model, weight_decay=0.05, arch="convnext_tiny"))
+    got = group_of(
+        model, runtime.param_groups(model, weight_decay=0.05, kind=arch_kind("convnext_tiny"))
+    )
     norms = [n for n, m in model.named_modules() if "Norm" in type(m).__name__]
     assert norms and all(
         got[f"{n}.weight"][0] == 0.05 and got[f"{n}.bias"][0] == 0.0 for n in norms
@@ -451,7 +445,9 @@ def test_convnext_layernorm_weights_are_decayed_and_layerscale_is_not():
 
 def test_vit_norms_embeddings_layerscale_and_rel_pos_tables_are_not_decayed():
     model = A2MIM(build_encoder("vit_tiny", 32), mask_patch_size=4)
-    got = group_of(model, runtime.param_groups(model, weight_decay=0.05, arch="vit_tiny"))
+    got = group_of(
+        model, runtime.param_groups(model, weight_decay=0.05, kind=arch_kind("vit_tiny"))
+    )
     for n in (
         "encoder.pos_embed",
         "encoder.cls_token",
@@ -494,16 +490,17 @@ def test_gamma_gate_weight_decay_and_lr_follow_the_recipe(argv, gamma):
 def test_every_group_anneals_from_its_own_peak_to_the_same_absolute_min_lr():
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
     opt = torch.optim.AdamW(
-        [{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1, 0.01))]
+        [{"params": [p], "lr_scale": s} for p, s in zip(params, (1.0, 0.1, 0.01), strict=True)]
     )
     sched = dict(lr=1e-3, total_steps=100, warmup_steps=10, min_lr=1e-5)
-    train.set_scheduled_lr(opt, 10, **sched)  # end of warm-up: each at its own peak
+    runtime.set_scheduled_lr(opt, 10, **sched)  # end of warm-up: each at its own peak
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4, 1e-5])
-    train.set_scheduled_lr(opt, 55, **sched)  # half-way through the cosine: min + (peak − min) / 2
+    # Half-way through the cosine: min + (peak − min) / 2.
+    runtime.set_scheduled_lr(opt, 55, **sched)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx(
         [1e-5 + (p - 1e-5) / 2 for p in (1e-3, 1e-4, 1e-5)]
     )
-    train.set_scheduled_lr(opt, 100, **sched)
+    runtime.set_scheduled_lr(opt, 100, **sched)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5] * 3)
 
 
@@ -548,12 +545,11 @@ def _ddp_grad_worker(rank, port, out_dir):
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    env = runtime.setup_distributed(device="cpu")
+    runtime.setup_distributed(device="cpu")
     model = torch.nn.parallel.DistributedDataParallel(_tiny_vit_model())
     img, mask = _batch()
     half = slice(4 * rank, 4 * rank + 4)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.forward_backward(model, img[half], env, "fp32", scaler, mask=mask[half])
+    model(img[half], mask[half])["loss"].backward()  # DDP all-reduces (averages) the gradients
     torch.save(_grads(model.module), os.path.join(out_dir, f"grads{rank}.pt"))
     runtime.cleanup_distributed()
 
@@ -562,8 +558,7 @@ def _ddp_grad_worker(rank, port, out_dir):
 def test_two_rank_vit_gradient_equals_single_process_batch(tmp_path):
     mp.spawn(_ddp_grad_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     model, (img, mask) = _tiny_vit_model(), _batch()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train.forward_backward(model, img, runtime.Dist(), "fp32", scaler, mask=mask)
+    model(img, mask)["loss"].backward()
     whole = _grads(model)
     for rank in range(2):
         split = torch.load(tmp_path / f"grads{rank}.pt", weights_only=True)
@@ -572,18 +567,46 @@ def test_two_rank_vit_gradient_equals_single_process_batch(tmp_path):
             torch.testing.assert_close(split[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_accumulating_two_half_batches_equals_the_whole_batch():
-    img, mask = _batch()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    whole_model, accum_model = _tiny_vit_model(), _tiny_vit_model()
-    train.forward_backward(whole_model, img, runtime.Dist(), "fp32", scaler, mask=mask)
-    for half in (slice(0, 4), slice(4, 8)):
-        train.forward_backward(
-            accum_model, img[half], runtime.Dist(), "fp32", scaler, accum=2, mask=mask[half]
-        )
-    whole, accum = _grads(whole_model), _grads(accum_model)
-    for k in whole:
-        torch.testing.assert_close(accum[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
+def test_accumulating_two_half_batches_steps_on_the_whole_batchs_gradient_each_with_its_own_masks(
+    tmp_path, monkeypatch
+):
+    """--accum-steps 2 at half the batch: the optimiser steps on the whole batch's gradient (each micro-step
+    backward of loss / 2), and micro-step m of step s draws its masks from generator s × 2 + m, its own,
+    which a resumed run draws again. Seen at public seams: A2MIM.forward (which is made to put one mask on
+    every image, so that the whole batch and its halves are masked alike) and AdamW.step."""
+    seeds, grads = [], []
+    forward, step = A2MIM.forward, torch.optim.AdamW.step
+
+    def one_mask_for_every_image(self, img, mask=None, *, generator=None):
+        seeds.append(generator.initial_seed())
+        fixed = torch.Generator().manual_seed(0)  # not the global RNG, which augments the images
+        one = mask_blocks(1, img.shape[-1], self.mask_patch_size, self.mask_ratio, generator=fixed)
+        return forward(self, img, one.expand(len(img), -1, -1), generator=generator)
+
+    def recorded_step(self, *args, **kw):
+        grads.append([p.grad.clone() for group in self.param_groups for p in group["params"]])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(A2MIM, "forward", one_mask_for_every_image)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded_step)
+    # A ViT without the Fourier term or stochastic depth: a split batch gives the whole batch's gradient.
+    vit = ["--arch", "vit_tiny", "--img-size", "32", "--drop-path", "0", "--fft-weight", "0"]
+    common = [*TINY, *vit, "--max-steps", "2", "--out-dir", str(tmp_path)]
+    seen = {}
+    for batch, accum in ((16, 1), (8, 2)):
+        seeds.clear()
+        grads.clear()
+        argv = ["--batch-size", str(batch), "--accum-steps", str(accum), "--run-name", str(accum)]
+        assert train.main([*common, *argv]) == 0
+        seen[accum] = list(seeds), list(grads)
+    generators = [
+        train.mask_generator({"seed": 0}, runtime.Dist(), i).initial_seed() for i in range(4)
+    ]
+    assert seen[1][0] == generators[:2] and seen[2][0] == generators
+    whole, halves = seen[1][1][0], seen[2][1][0]  # the first step's (the weights are the same)
+    assert len(seen[2][1]) == 2 and len(whole) == len(halves)
+    for a, b in zip(halves, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 TORCHRUN_SCRIPT = """
@@ -628,9 +651,9 @@ def test_torchrun_two_process_gloo_run_finishes_with_identical_weights_on_both_r
     torchrun(tmp_path, "--max-steps", "3", "--out-dir", str(tmp_path / "out"))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert_same_weights(r0, r1)
-    ckpt = train.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_fake" / "checkpoint.pt")
-    assert ckpt["step"] == 3 and ckpt["config"]["global_batch"] == 32
-    assert_same_weights(ckpt["model"], r0)
+    ckpt = runtime.load_checkpoint(tmp_path / "out" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    assert ckpt.step == 3 and ckpt.config["global_batch"] == 32
+    assert_same_weights(ckpt.model, r0)
 
 
 @pytest.mark.slow
@@ -647,11 +670,11 @@ def test_two_process_gloo_run_resumed_mid_epoch_matches_the_uninterrupted_run(tm
             str(tmp_path / "b"),
             *(["--max-steps", stop] if stop else []),
         )
-    a = train.load_checkpoint(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt")
-    b = train.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
-    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
-    assert b["step"] == a["step"] == 32
-    assert_same_weights(a["model"], b["model"])
+    a = runtime.load_checkpoint(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    b = runtime.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    assert len(b.rng) == 2 and not torch.equal(b.rng[0]["torch"], b.rng[1]["torch"])
+    assert b.step == a.step == 32
+    assert_same_weights(a.model, b.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,13 +701,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, uninter
     assert (
         train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", str(stop_after)]) == 0
     )
-    stopped = train.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
-    assert stopped["step"] == stop_after
-    assert (
-        train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
-    )  # same command: resumes itself
-    a = weights(uninterrupted / "a2mim_resnet18_fake" / "checkpoint.pt")
-    b = weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    stopped = runtime.load_checkpoint(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
+    assert stopped.step == stop_after
+    # The same command resumes itself.
+    assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
+    a = model_weights(uninterrupted / "a2mim_resnet18_fake" / "checkpoint.pt")
+    b = model_weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt")
     assert_same_weights(a, b)
 
 
@@ -723,7 +745,7 @@ def test_reconstruction_columns_come_from_the_models_own_output(tmp_path):
     img = torch.randn(2, 3, 32, 32)
     out = model(img)
     out["input"] = torch.full_like(img, 0.5)  # a marker only the model's output can carry
-    train.save_reconstructions(str(tmp_path / "recon.png"), img, out)
+    reconstruct.save_reconstructions(str(tmp_path / "recon.png"), img, out)
     with Image.open(tmp_path / "recon.png") as png:
         pixels = torch.from_numpy(np.asarray(png.convert("RGB")).copy())
     header = pixels.shape[0] - (2 * 96 + 3 * 2)
@@ -759,11 +781,11 @@ def test_resume_refuses_a_checkpoint_of_another_arch(tmp_path, capsys):
 def test_non_checkpoint_file_is_refused_with_one_sentence(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(train.CheckpointError, match="not a readable PyTorch checkpoint"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="not a readable PyTorch checkpoint"):
+        runtime.load_checkpoint(bad)
     torch.save({"weights": torch.zeros(1)}, bad)
-    with pytest.raises(train.CheckpointError, match="not an A²MIM checkpoint"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="not an A²MIM checkpoint"):
+        runtime.load_checkpoint(bad)
 
 
 def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
@@ -786,10 +808,8 @@ def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
         model.cfg["token_mode"],
         model.cfg["fft_weight"],
     ) == ("zero", "layer1", "add", 0.0)
-    assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == (
-        "focal_l1",
-        1e-3,
-    )  # untouched CNN defaults
+    # Untouched CNN defaults.
+    assert (model.cfg["spatial"], model.cfg["fft_unmask_weight"]) == ("focal_l1", 1e-3)
 
 
 @pytest.mark.slow
@@ -800,8 +820,8 @@ def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
     assert train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "10"]) == 0
     assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
     assert_same_weights(
-        weights(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt"),
-        weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt"),
+        model_weights(tmp_path / "a" / "a2mim_resnet18_fake" / "checkpoint.pt"),
+        model_weights(tmp_path / "b" / "a2mim_resnet18_fake" / "checkpoint.pt"),
     )
 
 
@@ -812,19 +832,21 @@ def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
 
 @pytest.fixture
 def at_step_0(monkeypatch):
-    """What train.train is handed: the model's weights, the optimiser's state and the position at step 0."""
+    """What the first step of a run sees, at public seams: the model's weights at its first forward
+    (A2MIM.forward) and the optimiser's state at its first step (AdamW.step)."""
     seen = {}
-    real = train.train
+    forward, step = A2MIM.forward, torch.optim.AdamW.step
 
-    def spy(model, optimizer, scaler, loader, cfg, env, run, pos):
-        seen.update(
-            model={k: v.clone() for k, v in runtime.unwrap(model).state_dict().items()},
-            optimizer=optimizer.state_dict()["state"],
-            step=pos["step"],
-        )
-        return real(model, optimizer, scaler, loader, cfg, env, run, pos)
+    def first_forward(self, *args, **kw):
+        seen.setdefault("model", {k: v.clone() for k, v in self.state_dict().items()})
+        return forward(self, *args, **kw)
 
-    monkeypatch.setattr(train, "train", spy)
+    def first_step(self, *args, **kw):
+        seen.setdefault("optimizer", dict(self.state_dict()["state"]))
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(A2MIM, "forward", first_forward)
+    monkeypatch.setattr(torch.optim.AdamW, "step", first_step)
     return seen
 
 
@@ -837,22 +859,20 @@ def ours(tmp_path_factory):
 
 
 def test_init_from_our_checkpoint_is_a_new_run_from_its_weights_with_a_fresh_optimiser_and_the_rerun_resumes(
-    tmp_path, ours, at_step_0, capsys
+    tmp_path, ours, at_step_0, capsys, folder_state
 ):
     file = tmp_path / "start.pt"
     file.write_bytes(ours.read_bytes())
     argv = [*TINY, "--log-every", "1", "--out-dir", str(tmp_path / "out"), "--init-from", str(file)]
     assert train.main([*argv, "--max-steps", "1"]) == 0
     assert f"starting from {file} (encoder, mask token, decoder) in" in capsys.readouterr().out
-    assert_same_weights(
-        at_step_0["model"], weights(file)
-    )  # encoder, mask token and decoder: the file's
-    assert at_step_0["optimizer"] == {} and at_step_0["step"] == 0  # a fresh optimiser, at step 0
+    # Encoder, mask token and decoder: the file's; a fresh optimiser.
+    assert_same_weights(at_step_0["model"], model_weights(file))
+    assert at_step_0["optimizer"] == {}
     run = tmp_path / "out" / "a2mim_resnet18_fake"
-    ckpt = train.load_checkpoint(run / "checkpoint.pt")
-    assert ckpt["step"] == 1 and {
-        s["step"].item() for s in ckpt["optimizer"]["state"].values()
-    } == {1.0}
+    ckpt = runtime.load_checkpoint(run / "checkpoint.pt")
+    assert ckpt.step == 1
+    assert {s["step"].item() for s in ckpt.optimizer["state"].values()} == {1.0}
     first = json.loads((run / "log.jsonl").read_text().splitlines()[0])
     assert (first["step"], first["lr"]) == (0, 0.0)  # the schedule from its start: warm-up from 0
     config = json.loads((run / "config.json").read_text())
@@ -864,27 +884,25 @@ def test_init_from_our_checkpoint_is_a_new_run_from_its_weights_with_a_fresh_opt
     file.write_bytes(b"gone")  # the rerun resumes its own checkpoint: the file is not read again
     assert train.main([*argv, "--max-steps", "2"]) == 0
     assert "resuming at epoch 0, step 1" in capsys.readouterr().out
-    assert train.load_checkpoint(run / "checkpoint.pt")["step"] == 2
+    assert runtime.load_checkpoint(run / "checkpoint.pt").step == 2
     assert json.loads((run / "config.json").read_text())["init_parts"] == [
         "encoder",
         "mask_token",
         "decoder",
     ]
 
-    before = snapshot(tmp_path / "out")  # another file into this folder is another run
+    # Another file into this folder is another run.
+    before = folder_state(tmp_path / "out")
     assert train.main([*argv[:-1], str(ours), "--max-steps", "3"]) == 2
     assert "holds a different run (differs in init_from)" in capsys.readouterr().err
-    assert snapshot(tmp_path / "out") == before
+    assert folder_state(tmp_path / "out") == before
 
 
 def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_and_decoder(
-    tmp_path, at_step_0, capsys
+    tmp_path, at_step_0, capsys, released
 ):
-    from test_weights import (
-        released_resnet50,
-    )  # publish_model.py's layout, from openmixup_keys.json's names and shapes
-
-    file, _ = released_resnet50(tmp_path)
+    # publish_model.py's layout, from openmixup_keys.json's names and shapes
+    file, _ = released.resnet50(tmp_path)
     assert (
         train.main(
             [
@@ -915,7 +933,7 @@ def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_a
         == 0
     )
     assert f"starting from {file} (encoder, mask token, decoder)" in capsys.readouterr().out
-    found = train.weights.load_pretrained(str(file))
+    found = weights.load_pretrained(str(file))
     for part in ("encoder", "mask_token", "decoder"):
         got = {
             k.removeprefix(part + "."): v
@@ -933,7 +951,8 @@ def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_a
         (
             ["--width", "8"],
             "does not fit this resnet18 encoder (size mismatch for conv1.weight: copying a param with shape "
-            "torch.Size([16, 3, 3, 3]) from checkpoint, the shape in current model is torch.Size([8, 3, 3, 3]).); it holds a "
+            "torch.Size([16, 3, 3, 3]) from checkpoint, the shape in current model is "
+            "torch.Size([8, 3, 3, 3]).); it holds a "
             "resnet18 of width 16: pass --width 16 and an --img-size at most 64 (the small stem)",
         ),
         (["--init-from", "nope.pt"], "checkpoint nope.pt does not exist"),
