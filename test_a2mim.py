@@ -49,12 +49,12 @@ def count_params(module):
 
 
 # Tiny, CPU-sized members of each family (32 px: CIFAR stem, 4-px ViT patches).
-TINY = {"resnet18": dict(width=8), "vit_tiny": {}, "convnext_tiny": dict(width=8)}
+TINY_ENCODER_KWARGS = {"resnet18": dict(width=8), "vit_tiny": {}, "convnext_tiny": dict(width=8)}
 
 
 def tiny(arch, img_size=32):
     torch.manual_seed(0)
-    return build_encoder(arch, img_size, **TINY[arch])
+    return build_encoder(arch, img_size, **TINY_ENCODER_KWARGS[arch])
 
 
 def gen(seed):
@@ -295,7 +295,7 @@ def test_resize_mask_rejects_upsampling_to_a_non_multiple():
 
 @pytest.mark.parametrize("mode", ["gate", "add", "replace"])
 @pytest.mark.parametrize("site", [None, "stem"])
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_mask_token_changes_only_masked_positions_of_the_token_site_features(arch, site, mode):
     encoder = tiny(arch).eval()
     _, channels, _ = token_site(encoder, site)
@@ -312,7 +312,7 @@ def test_mask_token_changes_only_masked_positions_of_the_token_site_features(arc
     assert changed_bchw.any(dim=1)[m_b1hw[:, 0]].all()  # every masked cell gets the token
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_gate_mode_with_gamma_1e6_turns_masked_features_into_the_token(arch):
     encoder = tiny(arch).eval()
     _, channels, _ = token_site(encoder)
@@ -363,7 +363,10 @@ def test_mask_token_is_trunc_normal_with_std_002():
 
 def test_convnext_mask_token_starts_at_zero_while_resnet_and_vit_start_trunc_normal():
     # As released: MIMConvNeXt's trunc_normal_init(parameter) initialises nothing (models.ConvNeXt.mask_token_std).
-    tokens = {arch: A2MIM(tiny(arch), mask_patch_size=4).mask_token.token.detach() for arch in TINY}
+    tokens = {
+        arch: A2MIM(tiny(arch), mask_patch_size=4).mask_token.token.detach()
+        for arch in TINY_ENCODER_KWARGS
+    }
     assert torch.equal(tokens["convnext_tiny"], torch.zeros_like(tokens["convnext_tiny"]))
     for arch in ("resnet18", "vit_tiny"):
         assert 0.01 < tokens[arch].std().item() < 0.03, arch
@@ -387,7 +390,7 @@ def test_mask_token_rejects_unknown_mode():
         MaskToken(8, mode="multiply")
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_gradients_reach_mask_token_and_gamma_through_the_model(arch):
     model = A2MIM(tiny(arch), mask_patch_size=4, token_mode="gate")
     out = model(randn(2, 3, 32, 32), generator=gen(0))
@@ -440,7 +443,7 @@ def test_convnext_default_token_site_is_stage4_input_at_stride_32():
     assert torch.equal(received["x"], feat_out)
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_token_sites_declare_the_channels_and_stride_that_token_fn_sees(arch):
     encoder = tiny(arch).eval()
     x = randn(1, 3, 32, 32)
@@ -487,7 +490,7 @@ def test_decoder_output_has_the_input_shape_for_every_arch_at_224(arch, zero_ini
     assert torch.isfinite(out["loss"])
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_decoder_output_has_the_input_shape_for_small_variants_at_32(arch):
     model = A2MIM(tiny(arch), mask_patch_size=4).eval()
     with torch.no_grad():
@@ -730,7 +733,7 @@ def test_fourier_mixed_term_with_w_0_gives_unmasked_pixels_exactly_zero_gradient
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_a2mim_forward_returns_losses_pred_of_input_shape_and_block_mask(arch):
     model = A2MIM(tiny(arch), mask_patch_size=4)
     out = model(randn(3, 3, 32, 32), generator=gen(0))
@@ -842,7 +845,7 @@ def test_spectral_focal_l1_is_the_per_image_focal_l1_of_the_spectrum_modulus_wit
 
 
 @pytest.mark.parametrize("method, fill", [("a2mim", mean_fill), ("simmim", lambda img, mask: img)])
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_encoder_input_is_mean_filled_for_a2mim_and_equals_the_image_for_simmim(arch, method, fill):
     model = A2MIM(tiny(arch), method=method, mask_patch_size=4)
     seen = {}
@@ -880,7 +883,7 @@ def test_reconstruction_target_is_the_original_image_not_the_filled_one():
     assert not torch.allclose(out["loss"].detach(), on_filled["loss"])
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_simmim_leaves_the_input_untouched_and_uses_stem_token_replace_l1_and_no_fourier_term(arch):
     encoder = tiny(arch)
     model = A2MIM(encoder, method="simmim", mask_patch_size=4)
@@ -894,7 +897,7 @@ def test_simmim_leaves_the_input_untouched_and_uses_stem_token_replace_l1_and_no
     torch.testing.assert_close(out["loss"], expected)
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_a2mim_losses_are_float32_and_finite_under_bf16_autocast(arch):
     model = A2MIM(tiny(arch), mask_patch_size=4)
     img = randn(2, 3, 32, 32)
@@ -1329,7 +1332,7 @@ def test_build_encoder_rejects_unknown_arch_listing_the_choices():
 )
 def test_build_encoder_rejects_image_size_not_divisible_by_the_stride(arch, img_size):
     with pytest.raises(ValueError, match="divisible"):
-        build_encoder(arch, img_size, **TINY[arch])
+        build_encoder(arch, img_size, **TINY_ENCODER_KWARGS[arch])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1348,7 +1351,7 @@ def smooth_images(n, seed):
     )
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(TINY_ENCODER_KWARGS))
 def test_a_few_adamw_steps_lower_the_a2mim_loss_on_a_fixed_batch(arch):
     # Across seeds 0-3 the final/initial ratio was 0.36-0.54 for all three families (lr 3e-3).
     model = A2MIM(tiny(arch), mask_patch_size=4).train()

@@ -63,13 +63,13 @@ def test_one_fft_of_the_batch_mean_equals_averaging_per_image_spectra_value_and_
 
 # One thread: on a busy 2-core machine, two threads per op can wait on each other for ages.
 # fmt: off
-TINY = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size", "4", "--warmup", "1",
+TINY_BENCH_ARGS = ["--arch", "resnet18", "--img-size", "32", "--width", "8", "--batch-size", "4", "--warmup", "1",
         "--repeats", "2", "--device", "cpu", "--threads", "1"]
 # fmt: on
 
 
 def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(capsys):
-    assert bench.main(TINY + ["--no-memory"]) == 0
+    assert bench.main(TINY_BENCH_ARGS + ["--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "machine:" in out and "torch" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(bench.VARIANTS)]
@@ -80,7 +80,7 @@ def test_bench_tiny_cpu_run_prints_both_rates_the_time_ratio_and_a_markdown_row(
 
 
 def test_bench_reports_the_peak_memory_of_each_step_and_their_ratio(capsys):
-    assert bench.main(TINY + ["--arch", "vit_tiny", "--repeats", "1"]) == 0
+    assert bench.main(TINY_BENCH_ARGS + ["--arch", "vit_tiny", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("supervised", "a2mim"))]
     assert len(rows) == 2 and all(row.endswith("MiB") for row in rows)
@@ -92,7 +92,7 @@ def resolved(*argv):
 
 
 def tiny_cfg(*extra):
-    return resolved(*TINY, *extra)
+    return resolved(*TINY_BENCH_ARGS, *extra)
 
 
 def test_cpu_peak_memory_grows_with_the_batch_as_activations_do():
@@ -155,7 +155,7 @@ def test_both_variants_train_on_the_same_batch_from_the_same_encoder_weights():
 
 
 def test_bench_loader_timing_reports_the_dataloader_and_the_device_loader(capsys):
-    assert bench.main(TINY + ["--no-memory", "--loader", "fake", "--workers", "0"]) == 0
+    assert bench.main(TINY_BENCH_ARGS + ["--no-memory", "--loader", "fake", "--workers", "0"]) == 0
     rates = [
         float(line.split("): ")[1].split()[0])
         for line in capsys.readouterr().out.splitlines()
@@ -181,7 +181,7 @@ def test_bench_number_out_of_its_range_is_one_sentence_and_exit_2_before_anythin
     capsys, flag, value, want
 ):
     threads = torch.get_num_threads()
-    argv = TINY + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1)]
+    argv = TINY_BENCH_ARGS + ["--no-memory", "--loader", "fake", "--threads", str(threads + 1)]
     assert bench.main([*argv, flag, value]) == 2
     out, err = capsys.readouterr()
     assert err == f"error: {flag} must be {want}, got {value}\n"
@@ -203,7 +203,7 @@ def test_bench_default_mask_block_fits_the_encoders_token_site_at_96_px(arch):
 
 def test_bench_size_the_encoder_refuses_names_the_sizes_it_takes_before_anything_runs(capsys):
     threads = torch.get_num_threads()
-    argv = TINY + ["--no-memory", "--threads", str(threads + 1)]
+    argv = TINY_BENCH_ARGS + ["--no-memory", "--threads", str(threads + 1)]
     assert bench.main([*argv, "--arch", "vit_base", "--img-size", "100"]) == 2
     out, err = capsys.readouterr()
     assert err == (
@@ -259,7 +259,7 @@ def test_bench_busy_spins_that_many_processes_while_the_steps_are_timed_and_ends
     # named in the header: it decides how much the busy ones cost
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    assert bench.main(TINY + ["--no-memory", "--busy", "2"]) == 0
+    assert bench.main(TINY_BENCH_ARGS + ["--no-memory", "--busy", "2"]) == 0
     assert len(seen) == 1 and len(seen[0]) == 2
     assert not busy_children()  # killed and reaped
     out = capsys.readouterr().out

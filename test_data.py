@@ -553,15 +553,7 @@ def test_train_py_prints_the_number_of_real_images_of_a_messy_folder(tmp_path, c
 
 
 def test_images_in_sub_folders_keep_torchvisions_order_and_labels(tmp_path):
-    for rel in [
-        "a/z.jpg",
-        "a/b/1.jpg",
-        "a/b-c/2.jpg",
-        "a/b/d/3.jpg",
-        "a/0.jpg",
-        "b/x/y.png",
-        "b/0.bmp",
-    ]:
+    for rel in "a/z.jpg a/b/1.jpg a/b-c/2.jpg a/b/d/3.jpg a/0.jpg b/x/y.png b/0.bmp".split():
         write_jpeg(tmp_path / "train" / rel, (9, 9, 9))
     ours = build_dataset("folder", "train", data_dir=tmp_path).samples
     assert ours == tvd.ImageFolder(str(tmp_path / "train")).samples and len(ours) == 7
@@ -717,14 +709,7 @@ def test_a_nested_unlabelled_folder_yields_every_image_under_it_in_sorted_order_
     # Folders sorted by path ("2023-06" before "2023/05", as torchvision's sorted os.walk), files by name.
     images = write_photos(
         tmp_path,
-        [
-            "a.jpg",
-            "2023/b.JPG",
-            "2023-06/x.jpeg",
-            "2023/05/a.png",
-            "2023/05/b.jpg",
-            "z/deep/er/y.bmp",
-        ],
+        "a.jpg 2023/b.JPG 2023-06/x.jpeg 2023/05/a.png 2023/05/b.jpg z/deep/er/y.bmp".split(),
     )
     write_photos(
         tmp_path,

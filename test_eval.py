@@ -304,15 +304,7 @@ def plain_dict_of_another_arch(tmp_path, train_checkpoint):
             "cifar10 expects",
         ),
         (
-            lambda p, _: [
-                "--init",
-                "random",
-                "--arch",
-                "resnet18",
-                "--layer-decay",
-                "0.7",
-                "--finetune",
-            ],
+            lambda p, _: "--init random --arch resnet18 --layer-decay 0.7 --finetune".split(),
             "ViT blocks",
         ),
     ],
@@ -531,18 +523,7 @@ def test_print_config_shows_each_value_and_where_it_came_from(tmp_path, capsys, 
     assert lines["data"][1:] == ['"fake"', "checkpoint"]
     assert lines["lr"][-1] == "derived"
     assert (
-        E.main(
-            [
-                "--init",
-                "random",
-                "--arch",
-                "vit_small",
-                "--data",
-                "imagenet",
-                "--finetune",
-                "--print-config",
-            ]
-        )
+        E.main("--init random --arch vit_small --data imagenet --finetune --print-config".split())
         == 0
     )
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}

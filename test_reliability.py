@@ -23,24 +23,9 @@ from a2mim import A2MIM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 512 fake images / batch 64 = 8 steps per epoch.
-RUN = [
-    "--data",
-    "fake",
-    "--arch",
-    "resnet18",
-    "--width",
-    "8",
-    "--batch-size",
-    "64",
-    "--workers",
-    "0",
-    "--vis-every",
-    "0",
-    "--log-every",
-    "4",
-    "--save-every",
-    "1",
-]
+RUN = (
+    "--data fake --arch resnet18 --width 8 --batch-size 64 --workers 0 --vis-every 0 --log-every 4 --save-every 1"
+).split()
 CKPT = "a2mim_resnet18_fake/checkpoint.pt"
 
 
@@ -1294,18 +1279,7 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
     shutil.copytree(sigterm_to_torchrun[0], out)
     refused(
         out,
-        [
-            "--workers",
-            "1",
-            "--device-data",
-            "off",
-            "--epochs",
-            "50",
-            "--log-every",
-            "1",
-            "--max-steps",
-            "50",
-        ],
+        "--workers 1 --device-data off --epochs 50 --log-every 1 --max-steps 50".split(),
         f"{out / 'a2mim_resnet18_fake'} was written by 2 process(es) and resumes only on 2 (the global batch, the "
         "lr and each rank's data shard depend on it), not on 1: continue it with `torchrun --nproc_per_node=2 "
         "train.py …",

@@ -24,18 +24,7 @@ from a2mim import A2MIM, mask_blocks
 from models import arch_kind, build_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = [
-    "--data",
-    "fake",
-    "--batch-size",
-    "16",
-    "--workers",
-    "0",
-    "--vis-every",
-    "0",
-    "--log-every",
-    "4",
-]
+TINY_RUN_ARGS = "--data fake --batch-size 16 --workers 0 --vis-every 0 --log-every 4".split()
 
 
 def resolved(*argv, world=1):
@@ -299,7 +288,7 @@ def test_print_config_shows_the_models_resolved_options_not_null_and_which_the_c
 
 
 def test_the_start_line_names_the_recipe_and_the_flag_that_gives_the_other(tmp_path, capsys):
-    small = [*TINY, "--width", "8", "--max-steps", "1", "--out-dir", str(tmp_path)]
+    small = [*TINY_RUN_ARGS, "--width", "8", "--max-steps", "1", "--out-dir", str(tmp_path)]
     assert train.main(small) == 0
     out = capsys.readouterr().out
     assert (
@@ -591,7 +580,7 @@ def test_accumulating_two_half_batches_steps_on_the_whole_batchs_gradient_each_w
     monkeypatch.setattr(torch.optim.AdamW, "step", recorded_step)
     # A ViT without the Fourier term or stochastic depth: a split batch gives the whole batch's gradient.
     vit = ["--arch", "vit_tiny", "--img-size", "32", "--drop-path", "0", "--fft-weight", "0"]
-    common = [*TINY, *vit, "--max-steps", "2", "--out-dir", str(tmp_path)]
+    common = [*TINY_RUN_ARGS, *vit, "--max-steps", "2", "--out-dir", str(tmp_path)]
     seen = {}
     for batch, accum in ((16, 1), (8, 2)):
         seeds.clear()
@@ -632,7 +621,7 @@ def torchrun(tmp_path, *argv):
         str(free_port()),
         str(script),
         str(tmp_path),
-        *TINY,
+        *TINY_RUN_ARGS,
         *argv,
     ]
     out = subprocess.run(
@@ -687,7 +676,17 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     assert (
         train.main(
-            [*TINY, "--epochs", "2", "--arch", "resnet18", "--width", "8", "--out-dir", str(out)]
+            [
+                *TINY_RUN_ARGS,
+                "--epochs",
+                "2",
+                "--arch",
+                "resnet18",
+                "--width",
+                "8",
+                "--out-dir",
+                str(out),
+            ]
         )
         == 0
     )
@@ -697,7 +696,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_after", [10, 32])  # mid-epoch, and exactly at the epoch boundary
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, uninterrupted, stop_after):
-    common = [*TINY, "--epochs", "2", "--arch", "resnet18", "--width", "8"]
+    common = [*TINY_RUN_ARGS, "--epochs", "2", "--arch", "resnet18", "--width", "8"]
     assert (
         train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", str(stop_after)]) == 0
     )
@@ -714,7 +713,7 @@ def test_run_folder_writes_checkpoint_log_and_legible_labelled_reconstructions_f
     tmp_path, capsys
 ):
     argv = [
-        *TINY,
+        *TINY_RUN_ARGS,
         "--max-steps",
         "4",
         "--vis-every",
@@ -758,11 +757,13 @@ def test_reconstruction_columns_come_from_the_models_own_output(tmp_path):
 
 
 def test_folder_of_another_run_is_refused_and_left_untouched(tmp_path, capsys):
-    assert train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train.main([*TINY_RUN_ARGS, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
     ckpt = tmp_path / "a2mim_resnet18_fake" / "checkpoint.pt"
     before = ckpt.read_bytes()
     assert (
-        train.main([*TINY, "--max-steps", "2", "--out-dir", str(tmp_path), "--mask-ratio", "0.5"])
+        train.main(
+            [*TINY_RUN_ARGS, "--max-steps", "2", "--out-dir", str(tmp_path), "--mask-ratio", "0.5"]
+        )
         == 2
     )
     assert "holds a different run" in capsys.readouterr().err
@@ -770,10 +771,10 @@ def test_folder_of_another_run_is_refused_and_left_untouched(tmp_path, capsys):
 
 
 def test_resume_refuses_a_checkpoint_of_another_arch(tmp_path, capsys):
-    assert train.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)]) == 0
+    assert train.main([*TINY_RUN_ARGS, "--max-steps", "1", "--out-dir", str(tmp_path)]) == 0
     ckpt = str(tmp_path / "a2mim_resnet18_fake" / "checkpoint.pt")
     code = train.main(
-        [*TINY, "--arch", "vit_tiny", "--out-dir", str(tmp_path / "v"), "--resume", ckpt]
+        [*TINY_RUN_ARGS, "--arch", "vit_tiny", "--out-dir", str(tmp_path / "v"), "--resume", ckpt]
     )
     assert code == 2 and "holds a resnet18 model, but --arch is vit_tiny" in capsys.readouterr().err
 
@@ -815,7 +816,7 @@ def test_ablation_flags_reach_the_model_and_the_rest_keep_the_family_defaults():
 @pytest.mark.slow
 def test_device_resident_data_resumes_exactly_like_the_loader(tmp_path):
     """--device-data on (the GPU default for small datasets) keeps the resume guarantee."""
-    common = [*TINY, "--epochs", "2", "--width", "8", "--device-data", "on"]
+    common = [*TINY_RUN_ARGS, "--epochs", "2", "--width", "8", "--device-data", "on"]
     assert train.main([*common, "--out-dir", str(tmp_path / "a")]) == 0
     assert train.main([*common, "--out-dir", str(tmp_path / "b"), "--max-steps", "10"]) == 0
     assert train.main([*common, "--out-dir", str(tmp_path / "b")]) == 0
@@ -854,7 +855,7 @@ def at_step_0(monkeypatch):
 def ours(tmp_path_factory):
     """A train.py checkpoint after 2 steps: the file the new runs start from."""
     out = tmp_path_factory.mktemp("ours")
-    assert train.main([*TINY, "--max-steps", "2", "--out-dir", str(out)]) == 0
+    assert train.main([*TINY_RUN_ARGS, "--max-steps", "2", "--out-dir", str(out)]) == 0
     return out / "a2mim_resnet18_fake" / "checkpoint.pt"
 
 
@@ -863,7 +864,15 @@ def test_init_from_our_checkpoint_is_a_new_run_from_its_weights_with_a_fresh_opt
 ):
     file = tmp_path / "start.pt"
     file.write_bytes(ours.read_bytes())
-    argv = [*TINY, "--log-every", "1", "--out-dir", str(tmp_path / "out"), "--init-from", str(file)]
+    argv = [
+        *TINY_RUN_ARGS,
+        "--log-every",
+        "1",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--init-from",
+        str(file),
+    ]
     assert train.main([*argv, "--max-steps", "1"]) == 0
     assert f"starting from {file} (encoder, mask token, decoder) in" in capsys.readouterr().out
     # Encoder, mask token and decoder: the file's; a fresh optimiser.
@@ -963,7 +972,7 @@ def test_init_from_a_file_that_does_not_fit_is_one_sentence_and_nothing_is_writt
 ):
     code = train.main(
         [
-            *TINY,
+            *TINY_RUN_ARGS,
             "--max-steps",
             "1",
             "--out-dir",

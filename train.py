@@ -443,16 +443,10 @@ def assumed_world_size(args):
 
 
 # --- Model, data and optimiser.
-MODEL_OPTIONS = (
-    "loss_recipe",
-    "fill",
-    "token_at",
-    "token_mode",
-    "spatial",
-    "fft_weight",
-    "fft_loss",
-    "fft_unmask_weight",
-)
+# fmt: off
+MODEL_OPTIONS = ("loss_recipe", "fill", "token_at", "token_mode", "spatial", "fft_weight", "fft_loss",
+                 "fft_unmask_weight")  # §3–§5: the A2MIM constructor's options
+# fmt: on
 
 
 def encoder_kwargs(cfg):
@@ -622,30 +616,13 @@ def final_step(cfg, loader):
 # --- The run folder: out/<run-name>/{config.json, checkpoint.pt, log.jsonl, recon_*.png, .lock}
 # Settings that may change between the runs of one folder without making it "another run". A config.json
 # of older code holds its provenance as "source": a key that cfg lacks is never compared.
-NOT_IDENTITY = {
-    "epochs",
-    "workers",
-    "threads",
-    "log_every",
-    "save_every",
-    "save_every_steps",
-    "save_every_minutes",
-    "vis_every",
-    "compile",
-    "max_steps",
-    "on_nonfinite",
-    "run_name",
-    "out_dir",
-    "data_dir",
-    "precision",
-    "preset",
-    "download",
-    "device_data",
-    # Derived: where each value came from, the recipe taken, the parts --init-from copied.
-    "origin",
-    "recipe",
-    "init_parts",
-}
+# fmt: off
+NOT_IDENTITY = {"epochs", "workers", "threads", "log_every", "save_every", "save_every_steps", "save_every_minutes",
+                "vis_every", "compile", "max_steps", "on_nonfinite", "run_name", "out_dir", "data_dir", "precision",
+                "preset", "download", "device_data",
+                # derived: each value's origin, the recipe taken, the parts --init-from copied
+                "origin", "recipe", "init_parts"}
+# fmt: on
 Run = collections.namedtuple("Run", "dir ckpt log config")
 
 
