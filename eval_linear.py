@@ -185,16 +185,12 @@ RECIPES["finetune"] |= dict(  # per arch, over its family's: ViT-S/B/L epochs, E
 
 
 def describe_default(setting):
-    """--help's "(default: …)": the small-data value (of each mode), or what unset means; then the range."""
+    """--help's "(default: …)": the small-data value (of each mode), or what unset means."""
     if isinstance(setting.default, dict):
-        shown = ", ".join(f"{mode} {value}" for mode, value in setting.default.items())
-    elif setting.default is None:
-        shown = UNSET.get(setting.name, "none")
-    else:
-        shown = setting.default
-    if setting.range is None:
-        return shown
-    return f"{shown}; valid: {setting.range}"
+        return ", ".join(f"{mode} {value}" for mode, value in setting.default.items())
+    if setting.default is None:
+        return UNSET.get(setting.name, "none")
+    return setting.default
 
 
 def get_parser():

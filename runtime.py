@@ -151,12 +151,13 @@ class Setting:
 
 def add_settings(parser, settings, describe_default=None):
     """One argument per Setting. Each defaults to None, so that a script knows which values the command
-    line gave (they win over every other layer); --help shows the default (or `describe_default(s)`)."""
+    line gave (they win over every other layer); --help shows the default (or `describe_default(s)`)
+    and the range."""
     for s in settings:
         shown = describe_default(s) if describe_default else s.default
-        parser.add_argument(
-            s.flag, default=None, help=f"{s.help} (default: {shown})", **s.parser_options()
-        )
+        valid = f"; valid: {s.range}" if s.range is not None else ""
+        text = f"{s.help} (default: {shown}{valid})"
+        parser.add_argument(s.flag, default=None, help=text, **s.parser_options())
 
 
 def command_line(args, settings):

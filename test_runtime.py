@@ -163,6 +163,9 @@ def test_settings_make_the_parser_whose_values_default_to_none_and_are_checked_i
     ]
     parser = argparse.ArgumentParser()
     runtime.add_settings(parser, settings)
+    text = " ".join(parser.format_help().split())
+    assert "--mask-ratio MASK_RATIO r (default: 0.6; valid: in [0, 1))" in text
+    assert "--schedule {cosine,step} c (default: cosine)" in text
     given = parser.parse_args(["--no-sync-bn", "--milestones", "60", "80"])
     assert runtime.command_line(given, settings) == dict(sync_bn=False, milestones=[60, 80])
     assert (
