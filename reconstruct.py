@@ -37,7 +37,6 @@ from runtime import (
     CheckpointError,
     ConfigError,
     DataError,
-    Range,
     RunError,
     Setting,
 )
@@ -103,7 +102,7 @@ SETTINGS = (
     Setting(name="n", default=8, help="rows: the first N images", range=AT_LEAST_1),
     Setting(name="img_size", help="the model's input size", range=AT_LEAST_1, type=int),
     Setting(name="mask_ratio", help="fraction of the mask blocks masked", type=float,
-            range=Range(0, 1, lo_open=True, hi_open=True)),
+            range=runtime.OPEN_UNIT),
     Setting(name="method", help="A²MIM's mask token or SimMIM's", choices=("a2mim", "simmim")),
     Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int),
 )

@@ -113,6 +113,10 @@ AT_LEAST_0 = Range(0)
 AT_LEAST_1 = Range(1)
 POSITIVE = Range(0, lo_open=True)
 FRACTION = Range(0, 1, hi_open=True)  # [0, 1): a probability, a drop rate, an EMA decay
+UNIT = Range(0, 1)  # [0, 1]: a weight of a mix
+OPEN_UNIT = Range(
+    0, 1, lo_open=True, hi_open=True
+)  # (0, 1): the mask ratio (none masked / all masked fail)
 SEED = Range(0, 2**32 - 1)
 
 

@@ -56,7 +56,8 @@ from runtime import (
     Checkpoint,
     CheckpointError,
     ConfigError,
-    Range,
+    OPEN_UNIT,
+    UNIT,
     RunError,
     Setting,
     add_settings,
@@ -82,8 +83,6 @@ from runtime import (
     unwrap,
 )
 
-OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)  # (0, 1)
-UNIT = Range(0, 1)  # [0, 1]
 
 # fmt: off
 # Every setting, once: --name-with-dashes, its small-data default, what it means, and what it takes (a Range,
