@@ -62,18 +62,7 @@ def test_linear_probe_leaves_encoder_weights_and_bn_statistics_bit_identical(ext
 
 def test_finetuning_changes_encoder_weights_and_bn_statistics():
     encoder, cfg = prepared(
-        [
-            "--init",
-            "random",
-            "--width",
-            "8",
-            "--finetune",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            *SMALL,
-        ]
+        [*"--init random --width 8 --finetune --epochs 1 --batch-size 64".split(), *SMALL]
     )
     before = snapshot(encoder)
     E.evaluate(encoder, cfg, Dist())
@@ -207,10 +196,7 @@ def test_probe_of_a_checkpoint_beats_chance_and_appends_one_result_line(
         str(ckpt),
         "--results",
         str(results),
-        "--workers",
-        "0",
-        "--batch-size",
-        "64",
+        *"--workers 0 --batch-size 64".split(),
     ]
     assert E.main(argv) == 0  # data "fake" comes from the checkpoint's config
     out = capsys.readouterr().out
@@ -229,12 +215,7 @@ def test_random_encoder_probe_on_colour_coded_classes_beats_chance_with_ten_labe
 ):
     results = tmp_path / "r.jsonl"
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--labels-per-class",
-        "10",
+        *"--init random --width 8 --labels-per-class 10".split(),
         "--results",
         str(results),
         *SMALL,
@@ -248,19 +229,7 @@ def test_random_encoder_probe_on_colour_coded_classes_beats_chance_with_ten_labe
 def test_a_few_epochs_of_finetuning_beat_chance(tmp_path):
     results = tmp_path / "r.jsonl"
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--finetune",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "32",
-        "--blr",
-        "3e-2",
-        "--warmup-epochs",
-        "0.5",
+        *"--init random --width 8 --finetune --epochs 3 --batch-size 32 --blr 3e-2 --warmup-epochs 0.5".split(),
         "--results",
         str(results),
         *SMALL,
@@ -624,20 +593,7 @@ def test_recipe_only_augmentations_are_refused_with_the_small_data_settings(caps
 
 def test_ema_weights_are_evaluated_beside_the_last_weights():
     encoder, cfg = prepared(
-        [
-            "--init",
-            "random",
-            "--width",
-            "8",
-            "--finetune",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "64",
-            "--ema",
-            "0.5",
-            *SMALL,
-        ]
+        [*"--init random --width 8 --finetune --epochs 1 --batch-size 64 --ema 0.5".split(), *SMALL]
     )
     train_set, val_set, num_classes = E.build_data(cfg)
     out, _ = E.finetune(encoder, train_set, val_set, cfg, Dist(), num_classes)
@@ -657,19 +613,7 @@ def test_clip_grad_clips_every_step_at_the_given_norm(monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recorded_clip)
     encoder, cfg = prepared(
-        [
-            "--init",
-            "random",
-            "--width",
-            "8",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "64",
-            "--clip-grad",
-            "5",
-            *SMALL,
-        ]
+        [*"--init random --width 8 --epochs 2 --batch-size 64 --clip-grad 5".split(), *SMALL]
     )
     E.evaluate(encoder, cfg, Dist())
     assert calls == [5.0] * 6  # 2 epochs × 3 steps of 64 out of 200 cached features
@@ -723,10 +667,7 @@ def test_exported_convnext_loads_strictly_into_torchvision_and_back(tmp_path):
         [
             "--checkpoint",
             str(tmp_path / "cnx.pth"),
-            "--arch",
-            "convnext_tiny",
-            "--img-size",
-            "224",
+            *"--arch convnext_tiny --img-size 224".split(),
             *SMALL,
         ]
     )
@@ -737,12 +678,7 @@ def test_results_unwritable_prints_accuracy_first(tmp_path, capsys, folder_state
     (tmp_path / "not_a_dir").write_text("a file where the results folder should be")
     before = folder_state(tmp_path)
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--epochs",
-        "1",
+        *"--init random --width 8 --epochs 1".split(),
         "--results",
         str(tmp_path / "not_a_dir" / "r.jsonl"),
         *SMALL,
@@ -852,18 +788,7 @@ def test_interactions_measure_j_of_the_trained_classifier_on_k_val_images_per_cl
     images class-balanced; the same seed gives the same numbers."""
     results = tmp_path / "r.jsonl"
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--epochs",
-        "1",
-        "--interactions",
-        "1",
-        "--interaction-pairs",
-        "2",
-        "--interaction-contexts",
-        "2",
+        *"--init random --width 8 --epochs 1 --interactions 1 --interaction-pairs 2 --interaction-contexts 2".split(),
         "--results",
         str(results),
         *mode,
@@ -958,12 +883,7 @@ def test_more_interaction_images_per_class_than_val_holds_is_refused_before_trai
 ):
     # The fake val split holds 20 images a class (200 in all); the train split is not the constraint.
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--interactions",
-        "21",
+        *"--init random --width 8 --interactions 21".split(),
         "--results",
         str(tmp_path / "r.jsonl"),
         *SMALL,
@@ -1004,12 +924,7 @@ def test_cached_probe_scales_the_lr_to_and_records_the_batch_actually_used(
     assert (
         E.main(
             [
-                "--init",
-                "random",
-                "--width",
-                "8",
-                "--epochs",
-                "2",
+                *"--init random --width 8 --epochs 2".split(),
                 "--results",
                 str(results),
                 *argv,
@@ -1176,14 +1091,7 @@ def test_more_interaction_pairs_than_the_grid_holds_are_refused_before_training(
     tmp_path, capsys, trainings, folder_state
 ):
     argv = [
-        "--init",
-        "random",
-        "--width",
-        "8",
-        "--interactions",
-        "1",
-        "--interaction-pairs",
-        "100000",
+        *"--init random --width 8 --interactions 1 --interaction-pairs 100000".split(),
         "--results",
         str(tmp_path / "r.jsonl"),
         *SMALL,

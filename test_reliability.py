@@ -202,12 +202,7 @@ def test_truncated_jpeg_is_a_clear_error_naming_the_file_even_from_a_worker(tmp_
             "folder",
             "--data-dir",
             str(root),
-            "--img-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--workers",
-            "1",
+            *"--img-size 32 --batch-size 4 --workers 1".split(),
             "--out-dir",
             str(out),
             "--epochs",
@@ -228,14 +223,7 @@ def worker_error(tmp_path):
         "folder",
         "--data-dir",
         str(root),
-        "--img-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--workers",
-        "2",
-        "--vis-every",
-        "0",
+        *"--img-size 32 --batch-size 4 --workers 2 --vis-every 0".split(),
         "--out-dir",
         str(tmp_path / "out"),
         "--epochs",
@@ -288,14 +276,7 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
                 "folder",
                 "--data-dir",
                 str(root),
-                "--img-size",
-                "32",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--max-steps",
-                "1",
+                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1".split(),
                 "--out-dir",
                 str(out),
             ]
@@ -321,16 +302,7 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
                 "folder",
                 "--data-dir",
                 str(root),
-                "--img-size",
-                "32",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--max-steps",
-                "1",
-                "--vis-every",
-                "0",
+                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
                 "--out-dir",
                 str(tmp_path / "out"),
             ]
@@ -605,10 +577,7 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
                 "2",
                 "--out-dir",
                 str(tmp_path),
-                "--run-name",
-                "A",
-                "--mask-ratio",
-                "0.5",
+                *"--run-name A --mask-ratio 0.5".split(),
             ]
         )
         == 0
@@ -633,9 +602,7 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
                 "A",
                 "--resume",
                 other,
-                "--max-steps",
-                "3",
-                "--overwrite",
+                *"--max-steps 3 --overwrite".split(),
             ]
         )
         == 0
@@ -656,10 +623,7 @@ def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_comm
                 "1",
                 "--out-dir",
                 str(out),
-                "--img-size",
-                "48",
-                "--mask-patch-size",
-                "6",
+                *"--img-size 48 --mask-patch-size 6".split(),
             ]
         )
         == 2
@@ -673,10 +637,7 @@ def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_comm
                 "1",
                 "--out-dir",
                 str(out),
-                "--img-size",
-                "48",
-                "--mask-patch-size",
-                "4",
+                *"--img-size 48 --mask-patch-size 4".split(),
             ]
         )
         == 0
@@ -702,16 +663,7 @@ def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printe
                 "folder",
                 "--data-dir",
                 str(root),
-                "--img-size",
-                "32",
-                "--batch-size",
-                "4",
-                "--workers",
-                "0",
-                "--max-steps",
-                "1",
-                "--vis-every",
-                "0",
+                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
                 "--out-dir",
                 str(out),
             ]
@@ -925,14 +877,7 @@ def test_resume_after_the_image_folder_changed_size_is_one_sentence(
         "folder",
         "--data-dir",
         str(root),
-        "--img-size",
-        "32",
-        "--batch-size",
-        "2",
-        "--workers",
-        "0",
-        "--vis-every",
-        "0",
+        *"--img-size 32 --batch-size 2 --workers 0 --vis-every 0".split(),
         "--out-dir",
         str(tmp_path / "out"),
     ]
@@ -1115,10 +1060,7 @@ def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_
                 "2",
                 "--out-dir",
                 str(tmp_path),
-                "--run-name",
-                "other",
-                "--mask-ratio",
-                "0.5",
+                *"--run-name other --mask-ratio 0.5".split(),
             ]
         )
         == 0
@@ -1209,20 +1151,9 @@ def test_an_in_process_run_puts_back_the_signal_handlers_it_found(tmp_path, monk
 
 TORCHRUN = [
     sys.executable,
-    "-m",
-    "torch.distributed.run",
-    "--standalone",
-    "--nproc_per_node=2",
-    "train.py",
+    *"-m torch.distributed.run --standalone --nproc_per_node=2 train.py".split(),
     *RUN,
-    "--workers",
-    "1",
-    "--device-data",
-    "off",
-    "--epochs",
-    "50",
-    "--log-every",
-    "1",
+    *"--workers 1 --device-data off --epochs 50 --log-every 1".split(),
 ]
 
 
@@ -1292,16 +1223,7 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
             *RUN,
             "--out-dir",
             str(out),
-            "--workers",
-            "1",
-            "--device-data",
-            "off",
-            "--epochs",
-            "50",
-            "--log-every",
-            "1",
-            "--max-steps",
-            "50",
+            *"--workers 1 --device-data off --epochs 50 --log-every 1 --max-steps 50".split(),
         ]
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]

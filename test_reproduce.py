@@ -120,14 +120,7 @@ def test_smoke_budget_never_writes_into_the_full_results():
 def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
     """--only sweep --jobs 2: both pre-trainings, then every (batch, blr) fine-tune of the grid."""
     args = [
-        "--budget",
-        "smoke",
-        "--only",
-        "sweep",
-        "--archs",
-        "resnet18",
-        "--data",
-        "fake",
+        *"--budget smoke --only sweep --archs resnet18 --data fake".split(),
         "--results-dir",
         str(tmp_path),
     ]
@@ -257,16 +250,7 @@ def test_ablations_at_a_budget_lr_get_their_own_folders(tmp_path, capsys, monkey
     in the commands and in the table's lookup (one row per ablation, none found yet)."""
     abl = reproduce.BUDGETS["smoke"]["ablation_pretrain"]
     monkeypatch.setitem(reproduce.BUDGETS["smoke"], "ablation_pretrain", [*abl, "--blr", "4e-3"])
-    args = [
-        "--budget",
-        "smoke",
-        "--only",
-        "ablations",
-        "--data",
-        "fake",
-        "--results-dir",
-        str(tmp_path),
-    ]
+    args = [*"--budget smoke --only ablations --data fake".split(), "--results-dir", str(tmp_path)]
     assert reproduce.main([*args, "--dry-run"]) == 0
     trains = [
         line
@@ -305,16 +289,7 @@ def test_the_resnet_rows_pre_train_once_per_seed_of_the_budget_into_their_own_fo
 def test_interactions_fine_tune_the_three_resnets_on_the_same_images_and_table_j_with_bootstrap_intervals(
     smoke, capsys
 ):
-    args = [
-        "--budget",
-        "smoke",
-        "--only",
-        "interactions",
-        "--data",
-        "fake",
-        "--results-dir",
-        str(smoke),
-    ]
+    args = [*"--budget smoke --only interactions --data fake".split(), "--results-dir", str(smoke)]
     assert reproduce.main(args) == 0
     out = capsys.readouterr().out
     ran = [line for line in out.splitlines() if line.startswith(">>> python3")]

@@ -317,14 +317,7 @@ def test_a_folder_with_fewer_images_than_the_recipes_batch_trains_with_the_folde
         "folder",
         "--data-dir",
         str(photos),
-        "--img-size",
-        "32",
-        "--width",
-        "8",
-        "--workers",
-        "0",
-        "--vis-every",
-        "0",
+        *"--img-size 32 --width 8 --workers 0 --vis-every 0".split(),
         "--out-dir",
         str(tmp_path / "out"),
         "--max-steps",
@@ -614,9 +607,7 @@ def torchrun(tmp_path, *argv):
     script.write_text(TORCHRUN_SCRIPT)
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
+        *"-m torch.distributed.run --nproc_per_node=2".split(),
         "--master_port",
         str(free_port()),
         str(script),
@@ -676,17 +667,7 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     assert (
         train.main(
-            [
-                *TINY_RUN_ARGS,
-                "--epochs",
-                "2",
-                "--arch",
-                "resnet18",
-                "--width",
-                "8",
-                "--out-dir",
-                str(out),
-            ]
+            [*TINY_RUN_ARGS, *"--epochs 2 --arch resnet18 --width 8".split(), "--out-dir", str(out)]
         )
         == 0
     )
@@ -714,12 +695,7 @@ def test_run_folder_writes_checkpoint_log_and_legible_labelled_reconstructions_f
 ):
     argv = [
         *TINY_RUN_ARGS,
-        "--max-steps",
-        "4",
-        "--vis-every",
-        "2",
-        "--device-data",
-        "off",
+        *"--max-steps 4 --vis-every 2 --device-data off".split(),
         "--out-dir",
         str(tmp_path),
     ]
@@ -915,24 +891,8 @@ def test_init_from_a_released_openmixup_resnet50_copies_its_encoder_mask_token_a
     assert (
         train.main(
             [
-                "--arch",
-                "resnet50",
-                "--width",
-                "64",
-                "--img-size",
-                "96",
-                "--data",
-                "fake",
-                "--batch-size",
-                "2",
-                "--max-steps",
-                "1",
-                "--workers",
-                "0",
-                "--vis-every",
-                "0",
-                "--threads",
-                "1",
+                *"--arch resnet50 --width 64 --img-size 96 --data fake --batch-size 2".split(),
+                *"--max-steps 1 --workers 0 --vis-every 0 --threads 1".split(),
                 "--out-dir",
                 str(tmp_path / "out"),
                 "--init-from",
