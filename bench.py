@@ -229,7 +229,7 @@ def next_batch_on(loader, device):
 
 def time_loaders(c):
     """'loader …: N img/s' of the DataLoader (and data.device_loader): batches moved to the device."""
-    kw = dict(img_size=c.img_size, family=c.family, data_dir=c.data_dir)
+    kw = dict(img_size=c.img_size, crop=c.family, data_dir=c.data_dir)
     ds = data.build_dataset(c.loader, "train", download=c.download, **kw)
     workers = "default" if c.workers is None else c.workers
     loaders = {

@@ -42,7 +42,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FAMILY_CROP_SCALE = {"cnn": (0.8, 1.0), "vit": (0.67, 1.0)}
 # SimMIM's released ResNet recipe crops as the ViTs do, whatever the encoder (§3).
 SIMMIM_CROP_SCALE = (0.67, 1.0)
-# Every crop a run may name (the `family` argument below, train.py's --crop): a family's or SimMIM's.
+# Every pre-training crop by name (the `crop` argument below, train.py's --crop): a family's, or SimMIM's.
 CROP_SCALE = FAMILY_CROP_SCALE | {"simmim": SIMMIM_CROP_SCALE}
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Native size below this: CIFAR-style recipes (pad-and-crop, plain resize); else ImageNet-style ones.
@@ -91,13 +91,13 @@ def check_enough(n_images, batch_size, accum_steps, world_size, name):
 
 
 # --- Transforms (§6 for pre-training; §7-style recipes scaled down for the small datasets)
-def build_transform(kind, img_size, *, family="cnn", large=True):
+def build_transform(kind, img_size, *, crop="cnn", large=True):
     """uint8 [C, H, W] -> float [C, S, S] normalised; `large`: the ImageNet-style recipe (>= 96 px).
-    `family`: the encoder family whose pre-training crop to use, or "simmim" (CROP_SCALE)."""
+    `crop`: the pre-training crop by name (CROP_SCALE: an encoder family's, or "simmim")."""
     S = img_size
     if kind == "pretrain":
         # §6; also for 28/32-px data: a mild zoom keeps the small objects whole.
-        geometry = [v2.RandomResizedCrop(S, scale=CROP_SCALE[family]), v2.RandomHorizontalFlip()]
+        geometry = [v2.RandomResizedCrop(S, scale=CROP_SCALE[crop]), v2.RandomHorizontalFlip()]
     elif kind == "finetune" and large:
         geometry = [v2.RandomResizedCrop(S, scale=(0.08, 1.0)), v2.RandomHorizontalFlip()]
     elif kind == "finetune":
@@ -577,7 +577,7 @@ def build_dataset(
     data_dir=None,
     img_size=None,
     transform="pretrain",
-    family="cnn",
+    crop="cnn",
     download=False,
     fake_size=512,
 ):
@@ -589,15 +589,13 @@ def build_dataset(
     for what, value in (("img_size", S), ("fake_size", fake_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{what} must be a positive int, got {value!r}")
-    if split not in SPLITS or family not in CROP_SCALE:
+    if split not in SPLITS or crop not in CROP_SCALE:
         raise ValueError(
-            f"split must be one of {SPLITS} and family one of {tuple(CROP_SCALE)}, "
-            f"got {split!r} and {family!r}"
+            f"split must be one of {SPLITS} and crop one of {tuple(CROP_SCALE)}, "
+            f"got {split!r} and {crop!r}"
         )
     native = S if name == "fake" else _INFO[name][3]
-    tf = build_transform(
-        transform, S, family=family, large=native is None or native >= LARGE_IMAGE_PX
-    )
+    tf = build_transform(transform, S, crop=crop, large=native is None or native >= LARGE_IMAGE_PX)
     if name in ("imagenet", "folder"):
         return _image_folder(name, split, data_dir, tf, pretrain=transform == "pretrain")
     if name == "fake":
@@ -754,7 +752,7 @@ class DeviceLoader:
         batch_size,
         *,
         img_size,
-        family="cnn",
+        crop="cnn",
         seed=0,
         world_size=1,
         rank=0,
@@ -767,7 +765,7 @@ class DeviceLoader:
         )
         self.images_nchw, self.labels_n = images_nchw, labels_n
         self.batch_size, self.img_size = batch_size, img_size
-        self.scale, self.num_classes, self.source = CROP_SCALE[family], num_classes, str(source)
+        self.scale, self.num_classes, self.source = CROP_SCALE[crop], num_classes, str(source)
         # x ↦ (x/255 − mean)/std as one multiply-add; a 1-channel image broadcasts to 3 channels.
         std_311 = torch.tensor(IMAGENET_STD)[:, None, None]
         mean_311 = torch.tensor(IMAGENET_MEAN)[:, None, None]
@@ -813,7 +811,7 @@ def device_loader(
     device,
     *,
     img_size=None,
-    family="cnn",
+    crop="cnn",
     seed=0,
     data_dir=None,
     world_size=1,
@@ -834,7 +832,7 @@ def device_loader(
         data_dir=data_dir,
         img_size=img_size,
         transform="none",
-        family=family,
+        crop=crop,
         download=download,
         fake_size=fake_size,
     )
@@ -842,7 +840,7 @@ def device_loader(
         ds.images.to(device),
         ds.labels_n.to(device),
         batch_size,
-        family=family,
+        crop=crop,
         seed=seed,
         img_size=img_size or _INFO[name][1],
         world_size=world_size,

@@ -469,7 +469,7 @@ def build_loaded_encoder(source, cfg):
 # --- Data: data.py's datasets, §7's transforms under an arch recipe, the low-label subset.
 def build_data(cfg):
     """(train set, maybe a class-balanced subset; val set; class count)."""
-    kw = dict(data_dir=cfg["data_dir"], family=cfg["family"])
+    kw = dict(data_dir=cfg["data_dir"], crop=cfg["family"])
     train_transform = "finetune" if cfg["augment"] else "eval"
     train_set = data.build_dataset(
         cfg["data"], "train", img_size=cfg["img_size"], transform=train_transform, **kw

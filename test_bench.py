@@ -493,7 +493,7 @@ def test_device_loader_flips_half_of_the_images():
 
 
 def test_device_loader_generates_the_fake_dataset_and_refuses_large_datasets():
-    img, labels = next(iter(device_loader("fake", "train", 8, "cpu", fake_size=16, family="vit")))
+    img, labels = next(iter(device_loader("fake", "train", 8, "cpu", fake_size=16, crop="vit")))
     assert img.shape == (8, 3, 32, 32) and labels.shape == (8,)
     with pytest.raises(data.DataError, match="too large"):
         device_loader("imagenet", "train", 8, "cpu")

@@ -165,10 +165,10 @@ def test_fashion_mnist_trains_at_32px_divisible_by_mask_block_and_stride():
         {"img_size": 32.0},
         {"img_size": True},
         {"transform": "strong"},
-        {"family": "mlp"},
+        {"crop": "mlp"},
     ],
 )
-def test_bad_split_size_transform_or_family_is_a_value_error(kwargs):
+def test_bad_split_size_transform_or_crop_is_a_value_error(kwargs):
     args = {"split": "train", **kwargs}
     with pytest.raises(ValueError):
         build_dataset("fake", args.pop("split"), **args)
@@ -1062,7 +1062,7 @@ def test_none_transform_maps_uniform_grey_to_the_imagenet_normalised_value(tmp_p
 @pytest.mark.parametrize("img_size", [32, 96])  # fake data is small at 32 px, "large" at 96 px
 def test_every_transform_outputs_a_3xSxS_float_image(transform, img_size):
     ds = build_dataset(
-        "fake", "train", img_size=img_size, transform=transform, family="vit", fake_size=2
+        "fake", "train", img_size=img_size, transform=transform, crop="vit", fake_size=2
     )
     image, _ = ds[1]
     assert image.shape == (3, img_size, img_size) and image.dtype == torch.float32
@@ -1085,11 +1085,11 @@ def test_pretrain_transform_is_random_while_none_and_eval_are_deterministic():
 
 
 def test_pretrain_crop_scale_follows_paper_section_6():
-    cnn = data.build_transform("pretrain", 224, family="cnn").transforms[0]
-    vit = data.build_transform("pretrain", 224, family="vit").transforms[0]
+    cnn = data.build_transform("pretrain", 224, crop="cnn").transforms[0]
+    vit = data.build_transform("pretrain", 224, crop="vit").transforms[0]
     assert tuple(cnn.scale) == (0.8, 1.0) and tuple(vit.scale) == (0.67, 1.0)
     # SimMIM's released recipe crops as the ViTs do (§3), and is one of the crops a run may name.
-    simmim = data.build_transform("pretrain", 224, family="simmim").transforms[0]
+    simmim = data.build_transform("pretrain", 224, crop="simmim").transforms[0]
     assert tuple(simmim.scale) == data.SIMMIM_CROP_SCALE == (0.67, 1.0)
     assert tuple(data.CROP_SCALE) == (*data.FAMILY_CROP_SCALE, "simmim") == ("cnn", "vit", "simmim")
 

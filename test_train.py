@@ -158,7 +158,7 @@ def test_simmim_on_imagenet_gets_the_released_simmim_lr_and_no_token_lr_multipli
     # §3: SimMIM's crop scale; A²MIM's is (0.8, 1), by family.
     assert cfg["crop"] == "simmim" and data.CROP_SCALE["simmim"] == (0.67, 1.0)
     assert resolved("--arch", "resnet50", "--data", "imagenet", world=8)["crop"] is None
-    crop = data.build_transform("pretrain", 224, family=cfg["crop"]).transforms[0]
+    crop = data.build_transform("pretrain", 224, crop=cfg["crop"]).transforms[0]
     assert crop.scale == (0.67, 1.0)
 
 

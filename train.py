@@ -525,7 +525,7 @@ def build_train_loader(cfg, env):
     and are augmented there (data.device_loader); everything else goes through a DataLoader, whose recipe batch
     is lowered to the images of each process where it is larger (cfg changed, the note says so): a few images
     of one's own must pre-train. A --batch-size too large for the data is refused."""
-    family = cfg["crop"] or arch_family(cfg["arch"])  # picks data.CROP_SCALE
+    crop = cfg["crop"] or arch_family(cfg["arch"])  # by default, the encoder family's crop (§6)
     small_on_gpu = env.device.type == "cuda" and cfg["data"] in data.IN_MEMORY
     if cfg["device_data"] == "on" or (cfg["device_data"] == "auto" and small_on_gpu):
         loader = data.device_loader(
@@ -534,7 +534,7 @@ def build_train_loader(cfg, env):
             cfg["batch_size"],
             env.device,
             img_size=cfg["img_size"],
-            family=family,
+            crop=crop,
             seed=cfg["seed"],
             data_dir=cfg["data_dir"],
             world_size=env.world_size,
@@ -550,7 +550,7 @@ def build_train_loader(cfg, env):
         data_dir=cfg["data_dir"],
         img_size=cfg["img_size"],
         transform="pretrain",
-        family=family,
+        crop=crop,
         download=cfg["download"],
     )
     n = len(dataset)
