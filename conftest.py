@@ -62,9 +62,8 @@ def fill_disk(monkeypatch):
         return HalfWrite(f) if "w" in mode or "a" in mode else f
 
     def fill():
-        monkeypatch.setattr(
-            runtime, "open", half_writing_open, raising=False
-        )  # shadows the builtin in runtime only
+        # shadows the builtin in runtime only
+        monkeypatch.setattr(runtime, "open", half_writing_open, raising=False)
 
     return fill
 

@@ -359,9 +359,8 @@ def load_source(args):
     if args.init == "random":
         return random_source(args, name, plain)
     path = checkpoint_path(args)
-    found = weights.load_pretrained(
-        path, arch=args.arch
-    )  # ours, a released OpenMixup file, or torchvision's
+    # ours, a released OpenMixup file, or torchvision's
+    found = weights.load_pretrained(path, arch=args.arch)
     if found["unused"]:
         print(
             f"note: {path}: {len(found['unused'])} tensors outside the encoder, mask token and decoder are "
@@ -981,9 +980,8 @@ def check_export(args):
         raise ConfigError(
             "--export writes a checkpoint's encoder; pass --checkpoint, not --init random"
         )
-    if (
-        args.finetune or args.interactions
-    ):  # export writes the checkpoint's weights as they are, then exits
+    # export writes the checkpoint's weights as they are, then exits
+    if args.finetune or args.interactions:
         raise ConfigError(
             "--export writes the checkpoint's encoder as it is and exits; run --finetune / "
             "--interactions without --export"

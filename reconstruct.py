@@ -172,9 +172,8 @@ def load_with_decoder(path):
     """weights.load_pretrained(path), for a file that holds a decoder; else CheckpointError, one sentence."""
     try:
         found = weights.load_pretrained(path)
-    except (
-        weights.PlainStateDictError
-    ):  # a plain (torchvision) state dict: an encoder alone, any arch
+    # a plain (torchvision) state dict: an encoder alone, any arch
+    except weights.PlainStateDictError:
         raise CheckpointError(NO_DECODER.format(path)) from None
     if not found["decoder"]:
         raise CheckpointError(NO_DECODER.format(path))

@@ -394,9 +394,8 @@ def is_done(job, jobs):
 def machine():
     """'<CPU model>, N cores; GPU <the first one nvidia-smi sees>': where the seconds were measured."""
     gpu = ""
-    with contextlib.suppress(
-        OSError, subprocess.SubprocessError
-    ):  # no NVIDIA driver: a CPU machine
+    # no NVIDIA driver: a CPU machine
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
         listed = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout
         gpu = listed.split("\n")[0].strip()
@@ -455,9 +454,8 @@ def run_job(i, job, jobs, c, where):
         machine=where,
         finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    runtime.append_line(
-        os.path.join(c.results_dir, "runs.jsonl"), json.dumps(record)
-    )  # flock: threads wait
+    # flock: threads wait
+    runtime.append_line(os.path.join(c.results_dir, "runs.jsonl"), json.dumps(record))
     if log:
         print(f"done in {record['seconds']:.0f} s: {shown}\n", end="", flush=True)
     return record

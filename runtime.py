@@ -114,9 +114,8 @@ AT_LEAST_1 = Range(1)
 POSITIVE = Range(0, lo_open=True)
 FRACTION = Range(0, 1, hi_open=True)  # [0, 1): a probability, a drop rate, an EMA decay
 UNIT = Range(0, 1)  # [0, 1]: a weight of a mix
-OPEN_UNIT = Range(
-    0, 1, lo_open=True, hi_open=True
-)  # (0, 1): the mask ratio (none masked / all masked fail)
+# (0, 1): the mask ratio (none masked / all masked fail)
+OPEN_UNIT = Range(0, 1, lo_open=True, hi_open=True)
 SEED = Range(0, 2**32 - 1)
 
 
@@ -217,9 +216,8 @@ def setup_distributed(device=None):
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
-    cpu_group = (
-        dist.new_group(backend="gloo") if world > 1 and use_cuda else None
-    )  # None: the default (gloo)
+    # None: the default (gloo)
+    cpu_group = dist.new_group(backend="gloo") if world > 1 and use_cuda else None
     return Dist(rank, local_rank, world, dev, cpu_group)
 
 
@@ -257,9 +255,8 @@ def atomic_save(path, obj):
     `path`. A failed write or rename (full disk, read-only or immutable file, a folder in the way)
     removes the `.tmp` and leaves the previous `path` intact: RunError, one sentence."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if os.path.exists(path) and not os.path.isfile(
-        path
-    ):  # a folder, a device: never replaced by a file
+    # a folder, a device: never replaced by a file
+    if os.path.exists(path) and not os.path.isfile(path):
         raise RunError(f"cannot write {path}: it is not a regular file")
     tmp = f"{path}.tmp"
     try:
@@ -308,9 +305,8 @@ def append_line(path, text):
         if os.path.exists(path):
             with open(path, "rb") as f:
                 old = f.read()
-        if old and not old.endswith(
-            b"\n"
-        ):  # a last line cut by a kill: the new record starts a line of its own
+        # a last line cut by a kill: the new record starts a line of its own
+        if old and not old.endswith(b"\n"):
             old += b"\n"
         atomic_save(path, old + line.encode())
     finally:
@@ -559,9 +555,8 @@ def broadcast_buffers(model, env):
 
 
 def unwrap(model):
-    model = (
-        model.module if isinstance(model, DDP) else model
-    )  # the plain module under DDP / torch.compile
+    # the plain module under DDP / torch.compile
+    model = model.module if isinstance(model, DDP) else model
     return getattr(model, "_orig_mod", model)
 
 

@@ -419,9 +419,8 @@ def test_official_finetune_recipes_follow_the_released_configs(arch, expected):
 def test_official_probe_is_avgpool_fc_on_augmented_crops_with_sgd(arch, expected):
     cfg = resolved(arch)
     assert cfg["head"] == "fc" and cfg["augment"] and cfg["optimizer"] == "sgd"
-    lists = {
-        k: v for k, v in expected.items() if isinstance(v, list)
-    }  # pytest.approx takes no list inside a dict
+    # pytest.approx takes no list inside a dict
+    lists = {k: v for k, v in expected.items() if isinstance(v, list)}
     numbers = {k: v for k, v in expected.items() if k not in lists}
     assert {k: cfg[k] for k in numbers} == pytest.approx(numbers)
     assert {k: cfg[k] for k in lists} == lists  # milestones: whole epochs, compared exactly

@@ -150,9 +150,8 @@ def test_sweep_runs_steps_side_by_side_and_tables_the_grid(tmp_path, capsys):
     assert reproduce.main([*args, "--table"]) == 0
     out = capsys.readouterr().out
     assert "| batch | blr | random init resnet18 | a2mim resnet18 | simmim resnet18 |" in out
-    sweep_table = out.split("## Commands")[
-        0
-    ]  # the wall-clock table below may hold a "| 50 |" row too
+    # the wall-clock table below may hold a "| 50 |" row too
+    sweep_table = out.split("## Commands")[0]
     rows = [line for line in sweep_table.splitlines() if line.startswith("| 50 |")]
     assert len(rows) == len(sweep["blrs"]) and not any("—" in row for row in rows), out
 
@@ -348,6 +347,7 @@ def test_a_second_pre_training_seed_continues_the_run_and_the_row_averages_over_
 # A results file damaged between two runs, a full disk: one sentence, exit 2, nothing changed or lost.
 
 
+# the fields the tables read
 RESULT = dict(
     mode="probe",
     checkpoint=None,
@@ -356,7 +356,7 @@ RESULT = dict(
     labels_per_class=10,
     top1=50.0,
     config=dict(seed=1, epochs=1, batch_size=50, blr=1e-3),
-)  # the fields the tables read
+)
 
 
 @pytest.fixture

@@ -52,9 +52,8 @@ def test_read_jsonl_drops_only_a_torn_last_line_and_says_so(tmp_path, capsys):
     assert "dropped the damaged last line 3" in capsys.readouterr().err
     path.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
     with pytest.raises(runtime.JsonlError, match="line 2"):
-        runtime.read_jsonl(
-            str(path), drop_torn_last=True
-        )  # not the last line: a damaged file, not a kill
+        # not the last line: a damaged file, not a kill
+        runtime.read_jsonl(str(path), drop_torn_last=True)
     path.write_text('{"step": 1}\n[1, 2]\n')
     with pytest.raises(runtime.JsonlError, match="line 2"):
         runtime.read_jsonl(str(path))  # JSON, but not a record
@@ -168,9 +167,8 @@ def test_settings_make_the_parser_whose_values_default_to_none_and_are_checked_i
     assert "--schedule {cosine,step} c (default: cosine)" in text
     given = parser.parse_args(["--no-sync-bn", "--milestones", "60", "80"])
     assert runtime.command_line(given, settings) == dict(sync_bn=False, milestones=[60, 80])
-    assert (
-        runtime.command_line(parser.parse_args([]), settings) == {}
-    )  # nothing given: nothing wins
+    # nothing given: nothing wins
+    assert runtime.command_line(parser.parse_args([]), settings) == {}
     with pytest.raises(SystemExit):
         parser.parse_args(["--schedule", "linear"])
     runtime.check_settings(settings, dict(mask_ratio=0.6, milestones=[60, 80]))
@@ -218,9 +216,8 @@ def test_a_checkpoint_reads_back_as_written_and_anything_else_is_refused_in_one_
         runtime.CheckpointError, match="is not an A²MIM checkpoint written by train.py"
     ):
         runtime.load_checkpoint(str(tmp_path / "plain.pt"))
-    torch.save(
-        dict(format=runtime.CHECKPOINT_FORMAT, config={}), tmp_path / "cut.pt"
-    )  # marker, no model
+    # marker, no model
+    torch.save(dict(format=runtime.CHECKPOINT_FORMAT, config={}), tmp_path / "cut.pt")
     with pytest.raises(runtime.CheckpointError, match="is not an A²MIM checkpoint"):
         runtime.load_checkpoint(str(tmp_path / "cut.pt"))
 

@@ -447,10 +447,11 @@ def test_vit_norms_embeddings_layerscale_and_rel_pos_tables_are_not_decayed():
     "argv, gamma",
     [
         (["--arch", "resnet50", "--data", "imagenet"], (0.05, 1.0)),  # r50_..._init_..._ep300
+        # r50_..._init_..._ep100
         (
             ["--arch", "resnet50", "--data", "imagenet", "--epochs", "100"],
             (0.0, 0.1),
-        ),  # r50_..._init_..._ep100
+        ),
         (["--arch", "resnet101", "--data", "imagenet"], (0.05, 1.0)),
         (["--arch", "convnext_tiny", "--data", "imagenet"], (0.0, 0.1)),
         (["--data", "fake"], (0.0, 0.1)),  # the small-data recipe
@@ -724,9 +725,8 @@ def test_reconstruction_columns_come_from_the_models_own_output(tmp_path):
     with Image.open(tmp_path / "recon.png") as png:
         pixels = torch.from_numpy(np.asarray(png.convert("RGB")).copy())
     header = pixels.shape[0] - (2 * 96 + 3 * 2)
-    column = pixels[
-        header + 2 : header + 2 + 96, 2 + 96 + 2 : 2 + 2 * 96 + 2
-    ]  # row 1, column 2 ("input")
+    # row 1, column 2 ("input")
+    column = pixels[header + 2 : header + 2 + 96, 2 + 96 + 2 : 2 + 2 * 96 + 2]
     mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
     expected = ((0.5 * std + mean).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
     assert (column == expected).all()

@@ -29,13 +29,15 @@ from runtime import CheckpointError, ConfigError, atomic_save
 
 # --- In: the released OpenMixup checkpoints (openmixup/models/backbones/{mim_resnet,convnext,mim_vit}.py)
 # Module paths there → ours, whole dotted components; the leaf (.weight, .bias, ...) follows unchanged.
+# A ConvNeXt block → torchvision's CNBlock Sequential.
 CONVNEXT_BLOCK = {
     "depthwise_conv": "block.0",
     "norm": "block.2",
     "pointwise_conv1": "block.3",
     "pointwise_conv2": "block.5",
     "gamma": "layer_scale",
-}  # torchvision's CNBlock Sequential
+}
+# A ViT block.
 VIT_BLOCK = {
     "ln1": "norm1",
     "ln2": "norm2",
@@ -49,12 +51,13 @@ VIT_BLOCK = {
     "gamma_1": "gamma_1",
     "gamma_2": "gamma_2",
 }
+# A ViT outside its blocks (the final norm is `ln1` there too).
 VIT_TOP = {
     "patch_embed.projection": "patch_embed",
     "cls_token": "cls_token",
     "pos_embed": "pos_embed",
     "ln1": "norm",
-}  # the final norm is `ln1` outside the layers
+}
 MASK_TOKEN = {"mask_token": "token", "mask_gamma": "gamma"}  # → a2mim.MaskToken, [1, C, 1, 1] both
 # The neck's 1×1 conv → a2mim.Decoder (then PixelShuffle, no weights): A²MIM's neck, and SimMIMNeck's for the
 # released SimMIM baselines (its token: the stem's, [1, 64, 1, 1] for a ResNet, without γ).
