@@ -2,10 +2,13 @@
 train.py's layout, files in the released OpenMixup layouts, the probe of OpenMP's settings at torch's import.
 Test files share nothing else: none imports another."""
 
+import ast
 import errno
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,10 +233,22 @@ print(Spy.seen)
 
 @pytest.fixture
 def openmp_probe():
-    """openmp_probe(script): Python code printing {OMP_WAIT_POLICY, GOMP_SPINCOUNT} as `import script`
-    left them when torch was imported."""
+    """openmp_probe(script, user_env) → {OMP_WAIT_POLICY, GOMP_SPINCOUNT} as a fresh process importing
+    `script` had them when torch was first imported (libgomp reads them then, once); the environment is
+    this one without those two, plus `user_env`."""
 
-    def code(script):
-        return OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", script)
+    def seen(script, user_env):
+        chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+        env = {k: v for k, v in os.environ.items() if k not in chosen} | user_env
+        code = OPENMP_WAIT_AT_TORCH_IMPORT.replace("SCRIPT", script)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return ast.literal_eval(out.splitlines()[-1])
 
-    return code
+    return seen

@@ -2,12 +2,7 @@
 any size; the same bytes for the same seed; train.py's checkpoints and the released files; one-sentence refusals
 that leave the folder as it was. CPU, tiny models (a released-layout ResNet-50 at 224 px where the layout matters)."""
 
-import ast
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
@@ -330,26 +325,3 @@ def test_a_bug_keeps_its_traceback(tmp_path, photos, ckpt, monkeypatch):
     with pytest.raises(ZeroDivisionError):
         R.main(["--checkpoint", str(ckpt), str(photos), "--out", str(tmp_path / "r.png")])
     assert not (tmp_path / "r.png").exists()
-
-
-@pytest.mark.parametrize(
-    "user,seen",
-    [
-        ({}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "3000"}),
-        ({"OMP_WAIT_POLICY": "ACTIVE"}, {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": None}),
-    ],
-)
-def test_torch_loads_with_short_openmp_spinning_unless_the_user_chose_how_threads_wait(
-    openmp_probe, user, seen
-):
-    chosen = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-    env = {k: v for k, v in os.environ.items() if k not in chosen} | user
-    out = subprocess.run(
-        [sys.executable, "-c", openmp_probe("reconstruct")],
-        env=env,
-        cwd=Path(R.__file__).parent,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert ast.literal_eval(out.splitlines()[-1]) == seen

@@ -43,6 +43,11 @@ def train_cli(*argv, **kw):
     )
 
 
+def train_steps(out_dir, steps, *argv):
+    """train.main in this process: the small RUN for `steps` optimiser steps into `out_dir` → its exit code."""
+    return train.main([*RUN, "--max-steps", str(steps), "--out-dir", str(out_dir), *argv])
+
+
 def finish(*argv):
     proc = train_cli(*argv)
     _, err = proc.communicate(timeout=600)
@@ -350,7 +355,7 @@ def test_resume_from_a_pickle_that_weights_only_refuses_is_a_clear_error(tmp_pat
 
 
 def test_resume_from_a_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path / "a")]) == 0
+    assert train_steps(tmp_path / "a", 1) == 0
     capsys.readouterr()
     cut = tmp_path / "cut.pt"
     cut.write_bytes((tmp_path / "a" / CKPT).read_bytes()[:5000])
@@ -495,7 +500,7 @@ def test_non_finite_weights_are_never_checkpointed_and_stop_the_run(
 def finished(tmp_path_factory):
     """A finished 2-step run: the folder that refused commands must leave untouched."""
     out = tmp_path_factory.mktemp("finished")
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(out)]) == 0
+    assert train_steps(out, 2) == 0
     return out
 
 
@@ -506,7 +511,7 @@ def refused(capsys, folder_state):
 
     def check(folder, argv, expect):
         before = folder_state(folder)
-        code = train.main([*RUN, "--max-steps", "2", "--out-dir", str(folder), *argv])
+        code = train_steps(folder, 2, *argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err and err[-1].startswith("error: ") and expect in err[-1], err
         assert folder_state(folder) == before
@@ -569,22 +574,8 @@ def test_out_of_range_setting_is_refused_with_its_range_and_nothing_changes(
 def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unless_overwrite(
     tmp_path, capsys, refused
 ):
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "2",
-                "--out-dir",
-                str(tmp_path),
-                *"--run-name A --mask-ratio 0.5".split(),
-            ]
-        )
-        == 0
-    )
-    assert (
-        train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--run-name", "B"]) == 0
-    )
+    assert train_steps(tmp_path, 2, *"--run-name A --mask-ratio 0.5".split()) == 0
+    assert train_steps(tmp_path, 2, "--run-name", "B") == 0
     capsys.readouterr()
     other = str(tmp_path / "B" / "checkpoint.pt")
     refused(
@@ -592,21 +583,7 @@ def test_resume_of_another_runs_checkpoint_into_this_runs_folder_is_refused_unle
         ["--run-name", "A", "--resume", other, "--max-steps", "3"],
         f"{tmp_path / 'A'} holds a different run",
     )
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--out-dir",
-                str(tmp_path),
-                "--run-name",
-                "A",
-                "--resume",
-                other,
-                *"--max-steps 3 --overwrite".split(),
-            ]
-        )
-        == 0
-    )
+    assert train_steps(tmp_path, 3, "--run-name", "A", "--resume", other, "--overwrite") == 0
     assert runtime.load_checkpoint(tmp_path / "A" / "checkpoint.pt").step == 3
 
 
@@ -615,33 +592,9 @@ def test_grid_mismatch_is_found_before_anything_is_written_so_the_corrected_comm
 ):
     out = tmp_path / "out"
     # 6 px = 48 / 8, the preferred block, makes an 8×8 grid; the default block is one that fits (a2mim.py).
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "1",
-                "--out-dir",
-                str(out),
-                *"--img-size 48 --mask-patch-size 6".split(),
-            ]
-        )
-        == 2
-    )
+    assert train_steps(out, 1, *"--img-size 48 --mask-patch-size 6".split()) == 2
     assert "does not map onto the 12×12 token site" in capsys.readouterr().err and not out.exists()
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "1",
-                "--out-dir",
-                str(out),
-                *"--img-size 48 --mask-patch-size 4".split(),
-            ]
-        )
-        == 0
-    )
+    assert train_steps(out, 1, *"--img-size 48 --mask-patch-size 4".split()) == 0
 
 
 def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printed(tmp_path, capsys):
@@ -676,7 +629,7 @@ def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printe
 def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes_the_tmp(
     tmp_path, monkeypatch, capsys
 ):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     good = (tmp_path / CKPT).read_bytes()
 
     def full_disk(obj, f, *a, **kw):
@@ -684,7 +637,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_removes
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(runtime.torch, "save", full_disk)
-    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
+    assert train_steps(tmp_path, 4) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
         "no space left on the device while writing" in err
@@ -698,7 +651,7 @@ def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(
 ):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(blocker / "out")])
+    code = train_steps(blocker / "out", 1)
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         code == 2
@@ -712,13 +665,13 @@ def test_output_folder_that_cannot_be_created_is_one_sentence_before_training(
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
 def test_read_only_output_folder_is_one_sentence_before_training(tmp_path, capsys):
     (tmp_path / "ro").mkdir(mode=0o555)
-    assert train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path / "ro")]) == 2
+    assert train_steps(tmp_path / "ro", 1) == 2
     assert "is not writable" in capsys.readouterr().err and not list((tmp_path / "ro").iterdir())
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_says_so(finished, capsys, folder_state):
     before = folder_state(finished)
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(finished)]) == 0
+    assert train_steps(finished, 2) == 0
     assert "nothing to do" in capsys.readouterr().out and folder_state(finished) == before
 
 
@@ -739,7 +692,7 @@ def test_a_bug_keeps_its_traceback_main_catches_only_the_projects_errors(tmp_pat
 
     monkeypatch.setattr(train, "build_model", bug)
     with pytest.raises(ValueError, match="a bug"):
-        train.main([*RUN, "--max-steps", "1", "--out-dir", str(tmp_path)])
+        train_steps(tmp_path, 1)
 
 
 def test_threads_flag_sets_torchs_cpu_threads(tmp_path):
@@ -762,7 +715,7 @@ def test_run_name_must_be_a_plain_folder_name_under_out_dir_and_nothing_is_writt
     out = tmp_path / "a" / "b" / "out"
     out.mkdir(parents=True)
     name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
-    code = train.main([*RUN, "--max-steps", "1", "--out-dir", str(out), "--run-name", name])
+    code = train_steps(out, 1, "--run-name", name)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1] == (
         "error: --run-name must be a plain folder name under --out-dir (no path separator, "
@@ -776,7 +729,7 @@ def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_pa
     theirs.mkdir()
     (theirs / "thesis.tex").write_text("years of work")
     refused(tmp_path, [], f"{theirs} holds files but no config.json: not a train.py run folder")
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path), "--overwrite"]) == 0
+    assert train_steps(tmp_path, 2, "--overwrite") == 0
     assert (theirs / "thesis.tex").read_text() == "years of work"
     assert runtime.load_checkpoint(tmp_path / CKPT).step == 2
 
@@ -784,7 +737,7 @@ def test_folder_of_someone_elses_files_is_not_taken_over_unless_overwrite(tmp_pa
 def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_over_its_log(
     tmp_path, capsys, refused
 ):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     (tmp_path / CKPT).rename(tmp_path / "elsewhere.pt")
     refused(
         tmp_path,
@@ -792,20 +745,7 @@ def test_folder_whose_checkpoint_went_missing_is_refused_instead_of_restarted_ov
         "a2mim_resnet18_fake has a log and a config but no checkpoint.pt (log.jsonl "
         "records one written after step 2): put it back to resume, or pass --overwrite to start afresh",
     )
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "3",
-                "--out-dir",
-                str(tmp_path),
-                "--resume",
-                str(tmp_path / "elsewhere.pt"),
-            ]
-        )
-        == 0
-    )
+    assert train_steps(tmp_path, 3, "--resume", str(tmp_path / "elsewhere.pt")) == 0
     assert "resuming at epoch 0, step 2" in capsys.readouterr().out
 
 
@@ -833,10 +773,10 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_afresh_with_the_sa
 def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_refused(
     tmp_path, capsys, refused
 ):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     older = tmp_path / "older.pt"
     older.write_bytes((tmp_path / CKPT).read_bytes())
-    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 4) == 0
     capsys.readouterr()
     refused(
         tmp_path,
@@ -844,22 +784,7 @@ def test_resume_of_an_older_checkpoint_into_the_folder_holding_a_later_one_is_re
         f"--resume {older} is at step 2, but {tmp_path / CKPT} is at the later step 4, which resuming here would "
         "replace; to go on from step 2, pass --run-name for a new folder",
     )
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "3",
-                "--out-dir",
-                str(tmp_path),
-                "--resume",
-                str(older),
-                "--run-name",
-                "b",
-            ]
-        )
-        == 0
-    )
+    assert train_steps(tmp_path, 3, "--resume", str(older), "--run-name", "b") == 0
     assert runtime.load_checkpoint(tmp_path / "b" / "checkpoint.pt").step == 3
 
 
@@ -895,11 +820,11 @@ def test_resume_after_the_image_folder_changed_size_is_one_sentence(
 
 
 def test_a_checkpoint_written_before_it_recorded_its_dataset_size_still_resumes(tmp_path, capsys):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     state = torch.load(tmp_path / CKPT, weights_only=True)
     assert state.pop("images") == 512
     torch.save(state, tmp_path / CKPT)
-    assert train.main([*RUN, "--max-steps", "3", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 3) == 0
     assert "resuming at epoch 0, step 2" in capsys.readouterr().out
 
 
@@ -976,7 +901,7 @@ def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_an
     tmp_path, monkeypatch, capsys
 ):
     """An immutable (chattr +i) or read-only checkpoint.pt: the rename onto it fails with EPERM / EACCES."""
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     good = (tmp_path / CKPT).read_bytes()
     real_replace = os.replace
 
@@ -986,7 +911,7 @@ def test_checkpoint_that_cannot_be_replaced_is_one_sentence_keeps_the_old_one_an
         return real_replace(src, dst)
 
     monkeypatch.setattr(runtime.os, "replace", immutable_checkpoint)
-    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 2
+    assert train_steps(tmp_path, 4) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
         err
@@ -1047,20 +972,8 @@ def _damage(run_dir, how, other_ckpt):
 def test_run_folder_files_damaged_between_two_runs_are_one_sentence_and_nothing_changes(
     tmp_path, capsys, how, expect, refused
 ):
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
-    assert (
-        train.main(
-            [
-                *RUN,
-                "--max-steps",
-                "2",
-                "--out-dir",
-                str(tmp_path),
-                *"--run-name other --mask-ratio 0.5".split(),
-            ]
-        )
-        == 0
-    )
+    assert train_steps(tmp_path, 2) == 0
+    assert train_steps(tmp_path, 2, *"--run-name other --mask-ratio 0.5".split()) == 0
     capsys.readouterr()
     _damage(tmp_path / "a2mim_resnet18_fake", how, tmp_path / "other" / "checkpoint.pt")
     refused(tmp_path, ["--max-steps", "3"], expect)
@@ -1214,14 +1127,7 @@ def test_a_run_of_2_processes_resumed_on_1_names_2_and_the_torchrun_command_not_
     state = runtime.load_checkpoint(out / CKPT)
     # Without config.json the checkpoint says the same.
     (out / "a2mim_resnet18_fake" / "config.json").unlink()
-    code = train.main(
-        [
-            *RUN,
-            "--out-dir",
-            str(out),
-            *"--workers 1 --device-data off --epochs 50 --log-every 1 --max-steps 50".split(),
-        ]
-    )
+    code = train_steps(out, 50, *"--workers 1 --device-data off --epochs 50 --log-every 1".split())
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and f"{out / CKPT} was written by 2 process(es) and resumes only on 2" in err
     assert "--overwrite" not in err and runtime.load_checkpoint(out / CKPT).step == state.step
@@ -1231,7 +1137,7 @@ def test_a_run_started_before_newer_settings_resumes_with_the_same_command(tmp_p
     """Its config.json and checkpoint lack the settings added since (warmup_ratio, init_from), hold its model
     options unresolved (null = the arch's default) and its provenance as "source" (now "origin"): the same
     command resumes it; a changed option is still refused."""
-    assert train.main([*RUN, "--max-steps", "2", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 2) == 0
     run = tmp_path / "a2mim_resnet18_fake"
 
     def as_older_code_wrote_it(config):
@@ -1246,7 +1152,7 @@ def test_a_run_started_before_newer_settings_resumes_with_the_same_command(tmp_p
     state["config"] = as_older_code_wrote_it(state["config"])
     torch.save(state, run / "checkpoint.pt")
     capsys.readouterr()
-    assert train.main([*RUN, "--max-steps", "4", "--out-dir", str(tmp_path)]) == 0
+    assert train_steps(tmp_path, 4) == 0
     assert "resuming at epoch 0, step 2" in capsys.readouterr().out
     assert train.main([*RUN, "--max-steps", "6", "--fill", "zero", "--out-dir", str(tmp_path)]) == 2
     assert "differs in fill" in capsys.readouterr().err
