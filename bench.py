@@ -42,14 +42,16 @@ BUSY_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n  
 SETTINGS = (
     Setting(name="arch", default="resnet18", help="encoder", choices=ARCHS),
     Setting(name="img_size", default=32, help="input resolution", range=AT_LEAST_1),
-    Setting(name="width", help="ResNet base width / ConvNeXt first-stage width", range=AT_LEAST_1, type=int),
+    Setting(name="width", help="ResNet base width / ConvNeXt first-stage width", range=AT_LEAST_1, type=int,
+            unset="16 up to 64 px, else the standard one"),
     Setting(name="batch_size", default=32, help="images per step", range=AT_LEAST_1),
     Setting(name="precision", default="auto", help="auto = bf16 on GPU, fp32 on CPU", choices=runtime.PRECISIONS),
     Setting(name="device", default="auto", help="auto = a CUDA GPU if torch sees one", choices=("auto", "cpu", "cuda")),
     Setting(name="warmup", default=3, help="untimed steps of each kind first", range=AT_LEAST_0),
     Setting(name="repeats", default=10, help="timed steps of each kind (the median is reported)",
             range=AT_LEAST_1),
-    Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int),
+    Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int,
+            unset="torch's own choice"),
     Setting(name="busy", default=0, help="busy-looping processes competing for the CPU while the steps are timed",
             range=AT_LEAST_0),
     Setting(name="clock", default="wall", help="cpu = this process's CPU time (steadier with --threads 1)",
@@ -58,14 +60,14 @@ SETTINGS = (
     Setting(name="memory", default=True, help="measure each step's peak memory (--no-memory: skip it)"),
     Setting(name="profile", default=False, help="also show which operators the A²MIM step spends its extra time in"),
     Setting(name="loader", help="also time this dataset's pre-training loaders (--repeats batches)",
-            choices=data.DATASETS),
-    Setting(name="data_dir", help="where --loader finds its data (see data.py)", type=str),
+            choices=data.DATASETS,
+            unset="none"),
+    Setting(name="data_dir", help="where --loader finds its data (see data.py)", type=str,
+            unset="data.py's"),
     Setting(name="download", default=False, help="let torchvision download the --loader dataset"),
-    Setting(name="workers", help="DataLoader workers for --loader", range=AT_LEAST_0, type=int),
+    Setting(name="workers", help="DataLoader workers for --loader", range=AT_LEAST_0, type=int,
+            unset="data.build_loader's"),
 )
-# What an unset setting means, where None would not say it.
-UNSET = {"width": "16 up to 64 px, else the standard one", "threads": "torch's own choice",
-         "workers": "data.build_loader's", "loader": "none", "data_dir": "data.py's"}
 # fmt: on
 
 
@@ -73,7 +75,7 @@ def get_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    runtime.add_settings(p, SETTINGS, describe_default=lambda s: UNSET.get(s.name, s.default))
+    runtime.add_settings(p, SETTINGS)
     p.add_argument(
         "--print-config", action="store_true", help="print each resolved setting and exit"
     )

@@ -69,14 +69,20 @@ MODES = ("probe", "finetune")
 
 # fmt: off
 # Settings, written once: the parser, --help, the range checks and --print-config come from this list. The
-# defaults are the small-data ones ({mode: value} where probe and fine-tuning differ; None: see UNSET).
+# defaults are the small-data ones ({mode: value} where probe and fine-tuning differ; None: see unset).
 SETTINGS = (
-    Setting(name="data", type=str, help=f"dataset: {', '.join(data.DATASETS)}"),
-    Setting(name="data_dir", type=str, help="where the dataset lives (see data.py)"),
-    Setting(name="img_size", type=int, range=POSITIVE, help="training resolution"),
-    Setting(name="test_size", type=int, range=POSITIVE, help="evaluation centre crop"),
-    Setting(name="test_resize", type=int, range=POSITIVE, help="resize before that crop (arch recipes)"),
-    Setting(name="labels_per_class", type=int, range=POSITIVE, help="train on K images per class (seeded)"),
+    Setting(name="data", type=str, help=f"dataset: {', '.join(data.DATASETS)}",
+            unset="the checkpoint's, else fashion-mnist"),
+    Setting(name="data_dir", type=str, help="where the dataset lives (see data.py)",
+            unset="data.py's place for the dataset"),
+    Setting(name="img_size", type=int, range=POSITIVE, help="training resolution",
+            unset="the encoder's"),
+    Setting(name="test_size", type=int, range=POSITIVE, help="evaluation centre crop",
+            unset="--img-size"),
+    Setting(name="test_resize", type=int, range=POSITIVE, help="resize before that crop (arch recipes)",
+            unset="--test-size / 0.875"),
+    Setting(name="labels_per_class", type=int, range=POSITIVE, help="train on K images per class (seeded)",
+            unset="every image"),
     Setting(name="subset_seed", default=0, range=SEED, help="seed of the --labels-per-class subset"),
     Setting(name="epochs", default=dict(probe=30, finetune=5), type=int, range=POSITIVE, help="training epochs"),
     Setting(name="batch_size", default=dict(probe=256, finetune=128), type=int, range=POSITIVE,
@@ -90,14 +96,17 @@ SETTINGS = (
             help="never on norms, biases, embeddings"),
     Setting(name="schedule", default="cosine", choices=("cosine", "step"),
             help="per-step cosine, or ×0.1 at each of --milestones"),
-    Setting(name="milestones", type=int, nargs="+", range=POSITIVE, help="epochs of the ×0.1 steps (schedule 'step')"),
+    Setting(name="milestones", type=int, nargs="+", range=POSITIVE, help="epochs of the ×0.1 steps (schedule 'step')",
+            unset="none"),
     Setting(name="warmup_epochs", default=dict(probe=0, finetune=1), type=float, range=AT_LEAST_0,
             help="linear lr warm-up"),
     Setting(name="min_lr", default=dict(probe=0.0, finetune=1e-6), type=float, range=AT_LEAST_0,
             help="end of the cosine"),
     Setting(name="clip_grad", default=0.0, range=AT_LEAST_0, help="max gradient norm (0 = no clipping)"),
-    Setting(name="layer_decay", type=float, range=POSITIVE, help="layer-wise lr decay, ViT fine-tuning"),
-    Setting(name="drop_path", type=float, range=FRACTION, help="stochastic depth when fine-tuning a ViT / ConvNeXt"),
+    Setting(name="layer_decay", type=float, range=POSITIVE, help="layer-wise lr decay, ViT fine-tuning",
+            unset="off; 0.65 when fine-tuning a ViT"),
+    Setting(name="drop_path", type=float, range=FRACTION, help="stochastic depth when fine-tuning a ViT / ConvNeXt",
+            unset="off; 0.1 when fine-tuning a ViT or ConvNeXt"),
     Setting(name="loss", default="ce", choices=("ce", "bce"), help="cross-entropy, or RSB's binary cross-entropy"),
     Setting(name="label_smoothing", default=dict(probe=0.0, finetune=0.1), type=float, range=FRACTION,
             help="label smoothing"),
@@ -113,8 +122,10 @@ SETTINGS = (
     Setting(name="head", default="bn", choices=("bn", "fc"),
             help="probe head: 'bn' = BatchNorm without affine + Linear (ours), 'fc' = §7's"),
     Setting(name="precision", default="auto", choices=PRECISIONS, help="auto = bf16 on GPU, fp32 on CPU"),
-    Setting(name="workers", type=int, range=AT_LEAST_0, help="data loader workers per process"),
-    Setting(name="threads", type=int, range=POSITIVE, help="torch CPU threads"),
+    Setting(name="workers", type=int, range=AT_LEAST_0, help="data loader workers per process",
+            unset="data.py's"),
+    Setting(name="threads", type=int, range=POSITIVE, help="torch CPU threads",
+            unset="torch's, but 1 for the cached probe's head"),
     Setting(name="interactions", default=0, range=AT_LEAST_0,
             help="after training, §9's J^(m) on this many val images per class (0 = off)"),
     Setting(name="interaction_pairs", default=50, range=POSITIVE,
@@ -126,15 +137,8 @@ SETTINGS = (
     Setting(name="results", default=os.path.join("out", "results.jsonl"),
             help="JSONL file each result line is appended to"),
 )
-# What a setting left unset (None) means, for --help.
-UNSET = dict(
-    data="the checkpoint's, else fashion-mnist", data_dir="data.py's place for the dataset", img_size="the encoder's",
-    test_size="--img-size", test_resize="--test-size / 0.875", labels_per_class="every image", milestones="none",
-    layer_decay="off; 0.65 when fine-tuning a ViT", drop_path="off; 0.1 when fine-tuning a ViT or ConvNeXt",
-    workers="data.py's", threads="torch's, but 1 for the cached probe's head",
-)
 # fmt: on
-# The small-data fine-tuning defaults that depend on the encoder's kind (UNSET above says them in --help).
+# The small-data fine-tuning defaults that depend on the encoder's kind (their settings' `unset` says them in --help).
 SMALL_FINETUNE = {
     "vit": dict(layer_decay=0.65, drop_path=0.1),
     "convnext": dict(drop_path=0.1),
@@ -182,15 +186,6 @@ RECIPES["finetune"] |= dict(  # per arch, over its family's: ViT-S/B/L epochs, E
     vit_small=dict(epochs=200), vit_base=dict(ema=0.99996), vit_large=dict(epochs=150, ema=0.99996),
     convnext_tiny=dict(drop_path=0.1), convnext_base=dict(drop_path=0.5))
 # fmt: on
-
-
-def describe_default(setting):
-    """--help's "(default: …)": the small-data value (of each mode), or what unset means."""
-    if isinstance(setting.default, dict):
-        return ", ".join(f"{mode} {value}" for mode, value in setting.default.items())
-    if setting.default is None:
-        return UNSET.get(setting.name, "none")
-    return setting.default
 
 
 def get_parser():
@@ -246,7 +241,7 @@ def get_parser():
         action="store_true",
         help="print each resolved setting and where it came from, then exit",
     )
-    add_settings(p, SETTINGS, describe_default)
+    add_settings(p, SETTINGS)
     return p
 
 

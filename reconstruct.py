@@ -95,21 +95,22 @@ def save_reconstructions(path, img_bchw, out, n=8):
 
 # fmt: off
 SETTINGS = (
-    Setting(name="checkpoint", help="train.py's checkpoint.pt, or a released OpenMixup *_full.pth", type=str),
+    Setting(name="checkpoint", help="train.py's checkpoint.pt, or a released OpenMixup *_full.pth", type=str,
+            unset="none; required"),
     Setting(name="out", default="recon.png", help="the PNG to write"),
     Setting(name="overwrite", default=False, help="replace --out if it exists"),
     Setting(name="seed", default=0, help="seed of the masks", range=SEED),
     Setting(name="n", default=8, help="rows: the first N images", range=AT_LEAST_1),
-    Setting(name="img_size", help="the model's input size", range=AT_LEAST_1, type=int),
+    Setting(name="img_size", help="the model's input size", range=AT_LEAST_1, type=int,
+            unset="the checkpoint's; a CNN takes others"),
     Setting(name="mask_ratio", help="fraction of the mask blocks masked", type=float,
-            range=runtime.OPEN_UNIT),
-    Setting(name="method", help="A²MIM's mask token or SimMIM's", choices=("a2mim", "simmim")),
-    Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int),
+            range=runtime.OPEN_UNIT,
+            unset="the checkpoint's, else 0.6"),
+    Setting(name="method", help="A²MIM's mask token or SimMIM's", choices=("a2mim", "simmim"),
+            unset="the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits"),
+    Setting(name="threads", help="torch CPU threads", range=AT_LEAST_1, type=int,
+            unset="torch's own choice"),
 )
-# What an unset setting means, where None would not say it.
-UNSET = {"checkpoint": "none; required", "img_size": "the checkpoint's; a CNN takes others",
-         "mask_ratio": "the checkpoint's, else 0.6", "threads": "torch's own choice",
-         "method": "the checkpoint's; a released file's: a2mim, simmim where only SimMIM's stem token fits"}
 # fmt: on
 
 
@@ -120,7 +121,7 @@ def get_parser():
     p.add_argument(
         "images", nargs="*", metavar="IMAGES_OR_FOLDER", help="image files and folders of images"
     )
-    runtime.add_settings(p, SETTINGS, describe_default=lambda s: UNSET.get(s.name, s.default))
+    runtime.add_settings(p, SETTINGS)
     return p
 
 

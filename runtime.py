@@ -132,10 +132,19 @@ class Setting:
     choices: tuple | None = None
     type: object = None  # a callable such as int; None: the type of the default
     nargs: str | None = None
+    unset: str | None = None  # what leaving it unset (a default of None) means, for --help
 
     @property
     def flag(self):
         return "--" + self.name.replace("_", "-")
+
+    def default_text(self):
+        """--help's default: the value, what leaving it unset means, or each mode's ({"probe": 30, ...})."""
+        if self.default is None and self.unset is not None:
+            return self.unset
+        if isinstance(self.default, dict):
+            return ", ".join(f"{mode} {value}" for mode, value in self.default.items())
+        return str(self.default)
 
     def parser_options(self):
         if self.type is bool or isinstance(self.default, bool):
@@ -154,10 +163,10 @@ class Setting:
 
 def add_settings(parser, settings, describe_default=None):
     """One argument per Setting. Each defaults to None, so that a script knows which values the command
-    line gave (they win over every other layer); --help shows the default (or `describe_default(s)`)
-    and the range."""
+    line gave (they win over every other layer); --help shows the default (Setting.default_text, or
+    `describe_default(s)`) and the range."""
     for s in settings:
-        shown = describe_default(s) if describe_default else s.default
+        shown = describe_default(s) if describe_default else s.default_text()
         valid = f"; valid: {s.range}" if s.range is not None else ""
         text = f"{s.help} (default: {shown}{valid})"
         parser.add_argument(s.flag, default=None, help=text, **s.parser_options())

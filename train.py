@@ -183,8 +183,8 @@ RECIPE_OF = {a: KIND_RECIPE[arch_kind(a)] for a in ARCHS} | {"vit_tiny": "ViT-S"
 def shown_default(s):
     """--help's default of a setting; the (arch, data) recipe may set another (--print-config shows it)."""
     if s.name in RECIPE_KEYS:
-        return f"{s.default}, or the recipe's"
-    return s.default
+        return f"{s.default_text()}, or the recipe's"
+    return s.default_text()
 
 
 def get_parser():
