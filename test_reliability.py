@@ -48,6 +48,13 @@ def train_steps(out_dir, steps, *argv):
     return train.main([*RUN, "--max-steps", str(steps), "--out-dir", str(out_dir), *argv])
 
 
+def train_on_folder(root, out_dir, *argv):
+    """train.main in this process on the image folder `root`, into `out_dir` → its exit code."""
+    return train.main(
+        ["--data", "folder", "--data-dir", str(root), "--out-dir", str(out_dir), *argv]
+    )
+
+
 def finish(*argv):
     proc = train_cli(*argv)
     _, err = proc.communicate(timeout=600)
@@ -201,18 +208,8 @@ def test_truncated_jpeg_is_a_clear_error_naming_the_file_even_from_a_worker(tmp_
     bad = root / "train" / "cat" / "0.jpg"
     bad.write_bytes(bad.read_bytes()[:60])
     out = tmp_path / "out"
-    code = train.main(
-        [
-            "--data",
-            "folder",
-            "--data-dir",
-            str(root),
-            *"--img-size 32 --batch-size 4 --workers 1".split(),
-            "--out-dir",
-            str(out),
-            "--epochs",
-            "1",
-        ]
+    code = train_on_folder(
+        root, out, *"--img-size 32 --batch-size 4 --workers 1".split(), "--epochs", "1"
     )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and str(bad) in err and "Traceback" not in err
@@ -275,16 +272,8 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
     root = _image_folder(tmp_path / "data")
     for out in (root / "out", root / "train" / "cat" / "runs", root):
         before = folder_state(tmp_path)
-        code = train.main(
-            [
-                "--data",
-                "folder",
-                "--data-dir",
-                str(root),
-                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1".split(),
-                "--out-dir",
-                str(out),
-            ]
+        code = train_on_folder(
+            root, out, *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1".split()
         )
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == 2 and err == (
@@ -295,22 +284,13 @@ def test_an_out_dir_inside_the_image_folder_is_refused_before_anything_is_writte
         assert folder_state(tmp_path) == before
     link = tmp_path / "link"  # the same folder through a symlink is still inside
     link.symlink_to(root)
-    assert (
-        train.main(["--data", "folder", "--data-dir", str(link), "--out-dir", str(root / "out")])
-        == 2
-    )
+    assert train_on_folder(link, root / "out") == 2
     assert "lies inside --data-dir" in capsys.readouterr().err
     assert (
-        train.main(
-            [
-                "--data",
-                "folder",
-                "--data-dir",
-                str(root),
-                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
-                "--out-dir",
-                str(tmp_path / "out"),
-            ]
+        train_on_folder(
+            root,
+            tmp_path / "out",
+            *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
         )
         == 0
     )
@@ -610,16 +590,10 @@ def test_nonexistent_data_dir_is_one_sentence_naming_it_and_the_source_is_printe
     assert not out.exists()
     root = _image_folder(tmp_path / "data")
     assert (
-        train.main(
-            [
-                "--data",
-                "folder",
-                "--data-dir",
-                str(root),
-                *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
-                "--out-dir",
-                str(out),
-            ]
+        train_on_folder(
+            root,
+            out,
+            *"--img-size 32 --batch-size 4 --workers 0 --max-steps 1 --vis-every 0".split(),
         )
         == 0
     )
